@@ -1,0 +1,448 @@
+//! `Bridge`: one loaded model with its optimiser, the object behind a C handle. Forward and
+//! loss calls share a read lock; a train step takes the write lock, so every call sees one
+//! consistent set of weights.
+
+use crate::checkpoint::{self, Checkpoint, TrainState};
+use crate::config::BridgeConfig;
+use crate::error::{Error, ErrorKind, Result};
+use crate::loss::{LossWeights, alignment_loss, pool_tokens};
+use crate::model::BridgeModel;
+use crate::optim::{AdamW, OptimConfig};
+use crate::rng::Rng;
+use candle_core::{DType, Device, Tensor, Var};
+use parking_lot::RwLock;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Precision of the body's arithmetic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ComputeDtype {
+    F32,
+    Bf16,
+}
+
+/// Everything needed to create a bridge besides its weights.
+#[derive(Clone, Debug)]
+pub struct BridgeOptions {
+    /// Model config for fresh weights (a checkpoint brings its own).
+    pub config: BridgeConfig,
+    pub loss: LossWeights,
+    pub optim: OptimConfig,
+    pub seed: u64,
+    /// -1 = CPU, n >= 0 = CUDA ordinal.
+    pub device: i32,
+    pub compute_dtype: ComputeDtype,
+}
+
+impl Default for BridgeOptions {
+    fn default() -> Self {
+        BridgeOptions {
+            config: BridgeConfig::default(),
+            loss: LossWeights::default(),
+            optim: OptimConfig::default(),
+            seed: 0,
+            device: -1,
+            compute_dtype: ComputeDtype::F32,
+        }
+    }
+}
+
+/// What one train step did.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepStats {
+    pub loss: f32,
+    /// Global gradient norm before clipping (NaN/inf when the step was skipped for it).
+    pub grad_norm: f32,
+    pub lr: f32,
+    /// Updates applied so far, this one included.
+    pub step: i64,
+    /// True when a non-finite loss or gradient skipped the update.
+    pub skipped: bool,
+}
+
+struct State {
+    params: Vec<(String, Var)>,
+    /// Built over the variables: gradients flow to them.
+    train_model: BridgeModel,
+    /// Built over detached views of the same storage: no autograd graph is recorded.
+    eval_model: BridgeModel,
+    optim: AdamW,
+    train: TrainState,
+    rng: Rng,
+}
+
+pub struct Bridge {
+    config: BridgeConfig,
+    loss: LossWeights,
+    optim_cfg: OptimConfig,
+    device: Device,
+    device_ordinal: i32,
+    state: RwLock<State>,
+}
+
+fn make_device(ordinal: i32, compute: ComputeDtype) -> Result<Device> {
+    if ordinal < -1 {
+        return Err(Error::invalid(format!(
+            "device = {ordinal}: use -1 for CPU or a CUDA ordinal >= 0"
+        )));
+    }
+    if ordinal >= 0 {
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "device = {ordinal}: this library was built without CUDA support (rebuild with `--features cuda`)"
+            ),
+        ));
+    }
+    if compute == ComputeDtype::Bf16 {
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            "compute_dtype = bf16 needs a CUDA device; the CPU computes in f32",
+        ));
+    }
+    Ok(Device::Cpu)
+}
+
+/// Fresh weights: truncated-normal (std 0.02) linears and position embedding, PyTorch's
+/// default (Kaiming-uniform) convolution kernels, zero biases, unit norm scales.
+fn init_weights(config: &BridgeConfig, seed: u64) -> Result<HashMap<String, Tensor>> {
+    let mut rng = Rng::new(seed);
+    let mut out = HashMap::new();
+    for (name, shape) in config.param_specs() {
+        let n: usize = shape.iter().product();
+        let values: Vec<f32> = if shape.len() == 4 {
+            let bound = 1.0 / ((shape[1] * shape[2] * shape[3]) as f32).sqrt();
+            (0..n)
+                .map(|_| (rng.uniform() * 2.0 - 1.0) * bound)
+                .collect()
+        } else if shape.len() >= 2 {
+            (0..n).map(|_| rng.trunc_normal(0.02)).collect()
+        } else if name.ends_with(".weight") {
+            vec![1.0; n]
+        } else {
+            vec![0.0; n]
+        };
+        out.insert(name, Tensor::from_vec(values, shape, &Device::Cpu)?);
+    }
+    Ok(out)
+}
+
+impl Bridge {
+    /// A bridge with fresh weights from `opts.config`.
+    pub fn new(opts: &BridgeOptions) -> Result<Self> {
+        opts.config.validate()?;
+        let weights = init_weights(&opts.config, opts.seed)?;
+        let ckpt = Checkpoint {
+            config: opts.config.clone(),
+            weights,
+            optim: None,
+            train_state: None,
+        };
+        Self::from_checkpoint(ckpt, opts)
+    }
+
+    /// A bridge loaded from a checkpoint (safetensors or `.pt`); the model config comes
+    /// from the file, the rest from `opts`.
+    pub fn open(path: &Path, opts: &BridgeOptions) -> Result<Self> {
+        let ckpt = checkpoint::load(path, None, Some(&opts.config))?;
+        Self::from_checkpoint(ckpt, opts)
+    }
+
+    pub fn from_checkpoint(ckpt: Checkpoint, opts: &BridgeOptions) -> Result<Self> {
+        opts.loss.validate()?;
+        opts.optim.validate()?;
+        let device = make_device(opts.device, opts.compute_dtype)?;
+        let config = ckpt.config;
+        let mut weights = ckpt.weights;
+        let mut params = Vec::new();
+        for (name, _) in config.param_specs() {
+            let t = weights
+                .remove(&name)
+                .ok_or_else(|| Error::checkpoint(format!("missing tensor `{name}`")))?;
+            params.push((
+                name,
+                Var::from_tensor(&t.to_device(&device)?.to_dtype(DType::F32)?)?,
+            ));
+        }
+        let mut optim = AdamW::new(&params)?;
+        if let Some(state) = ckpt.optim {
+            for (i, (name, _)) in params.iter().enumerate() {
+                optim.m[i] = state.m[name].to_device(&device)?;
+                optim.v[i] = state.v[name].to_device(&device)?;
+            }
+        }
+        let train = ckpt.train_state.unwrap_or(TrainState {
+            seed: opts.seed,
+            ..Default::default()
+        });
+        let rng = if train.rng_state != 0 {
+            Rng::from_state(train.rng_state)
+        } else {
+            Rng::new(train.seed)
+        };
+        let var_map: HashMap<String, Tensor> = params
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        let detached: HashMap<String, Tensor> = var_map
+            .iter()
+            .map(|(n, t)| (n.clone(), t.detach()))
+            .collect();
+        let state = State {
+            train_model: BridgeModel::load(&var_map, &config)?,
+            eval_model: BridgeModel::load(&detached, &config)?,
+            params,
+            optim,
+            train,
+            rng,
+        };
+        Ok(Bridge {
+            config,
+            loss: opts.loss,
+            optim_cfg: opts.optim.clone(),
+            device,
+            device_ordinal: opts.device,
+            state: RwLock::new(state),
+        })
+    }
+
+    pub fn config(&self) -> &BridgeConfig {
+        &self.config
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    pub fn device_ordinal(&self) -> i32 {
+        self.device_ordinal
+    }
+    pub fn loss_weights(&self) -> LossWeights {
+        self.loss
+    }
+    pub fn step(&self) -> i64 {
+        self.state.read().train.step
+    }
+    pub fn train_state(&self) -> TrainState {
+        let st = self.state.read();
+        TrainState {
+            rng_state: st.rng.state(),
+            ..st.train.clone()
+        }
+    }
+    pub fn set_epoch(&self, epoch: i64, best_metric: Option<f64>) {
+        let mut st = self.state.write();
+        st.train.epoch = epoch;
+        st.train.best_metric = best_metric;
+    }
+
+    /// The current weights by name (copies of the values, on the bridge's device).
+    pub fn weights(&self) -> Result<Vec<(String, Tensor)>> {
+        let st = self.state.read();
+        st.params
+            .iter()
+            .map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?)))
+            .collect()
+    }
+
+    fn check_latents(&self, latents: &Tensor) -> Result<usize> {
+        let c = &self.config;
+        let want = [c.in_ch, c.latent_size, c.latent_size];
+        match latents.dims() {
+            [b, rest @ ..] if *b > 0 && rest == want => Ok(*b),
+            dims => Err(Error::shape(format!(
+                "latents have shape {dims:?}; expected [B, {}, {}, {}] with B > 0",
+                c.in_ch, c.latent_size, c.latent_size
+            ))),
+        }
+    }
+
+    fn check_tokens(&self, name: &str, x: &Tensor, batch: usize, grid: usize) -> Result<()> {
+        let want = [batch, grid * grid, self.config.target_dim];
+        if x.dims() != want {
+            return Err(Error::shape(format!(
+                "{name} has shape {:?}; expected {want:?}",
+                x.dims()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Predicted DINOv2 tokens `[B, T, D]` for latents `[B, C, L, L]` (evaluation mode).
+    pub fn forward(&self, latents: &Tensor) -> Result<Tensor> {
+        self.check_latents(latents)?;
+        let st = self.state.read();
+        st.eval_model.forward(&latents.to_dtype(DType::F32)?, None)
+    }
+
+    /// REPA alignment: the loss between the caller's `pred` (`[B, g*g, D]`, pooled to the
+    /// bridge grid) and the frozen bridge's prediction for `latents`, and d loss / d pred.
+    pub fn loss_backward(
+        &self,
+        pred: &Tensor,
+        latents: &Tensor,
+        pred_grid: usize,
+    ) -> Result<(f32, Tensor)> {
+        let batch = self.check_latents(latents)?;
+        let grid = self.config.grid;
+        pool_tokens_check(pred_grid, grid)?;
+        self.check_tokens("pred", pred, batch, pred_grid)?;
+        let target = self.forward(latents)?;
+        let pred = Var::from_tensor(&pred.to_dtype(DType::F32)?)?;
+        let pooled = pool_tokens(pred.as_tensor(), pred_grid, grid)?;
+        let loss = alignment_loss(&pooled, &target, &self.loss)?;
+        let grads = loss.backward()?;
+        let grad = grads
+            .get(pred.as_tensor())
+            .cloned()
+            .unwrap_or(pred.as_tensor().zeros_like()?);
+        Ok((loss.to_scalar::<f32>()?, grad))
+    }
+
+    /// The loss between bridge(latents) and `target` (`[B, T, D]`), and its gradient with
+    /// respect to the latents through the frozen bridge.
+    pub fn latent_loss_backward(&self, latents: &Tensor, target: &Tensor) -> Result<(f32, Tensor)> {
+        let batch = self.check_latents(latents)?;
+        self.check_tokens("target", target, batch, self.config.grid)?;
+        let latents = Var::from_tensor(&latents.to_dtype(DType::F32)?)?;
+        let loss = {
+            let st = self.state.read();
+            let pred = st.eval_model.forward(latents.as_tensor(), None)?;
+            alignment_loss(&pred, &target.to_dtype(DType::F32)?, &self.loss)?
+        };
+        let grads = loss.backward()?;
+        let grad = grads
+            .get(latents.as_tensor())
+            .cloned()
+            .unwrap_or(latents.as_tensor().zeros_like()?);
+        Ok((loss.to_scalar::<f32>()?, grad))
+    }
+
+    /// The training loss on a batch and the gradient of every parameter, by name, without
+    /// updating anything (dropout on, drawn from a copy of the RNG).
+    pub fn param_grads(
+        &self,
+        latents: &Tensor,
+        targets: &Tensor,
+    ) -> Result<(f32, Vec<(String, Tensor)>)> {
+        let st = self.state.read();
+        let mut rng = st.rng.clone();
+        let (loss, grads) = Self::loss_and_grads(&st, &self.loss, latents, targets, &mut rng)?;
+        let named = st
+            .params
+            .iter()
+            .map(|(n, _)| n.clone())
+            .zip(grads)
+            .collect();
+        Ok((loss, named))
+    }
+
+    fn loss_and_grads(
+        st: &State,
+        weights: &LossWeights,
+        latents: &Tensor,
+        targets: &Tensor,
+        rng: &mut Rng,
+    ) -> Result<(f32, Vec<Tensor>)> {
+        let pred = st
+            .train_model
+            .forward(&latents.to_dtype(DType::F32)?, Some(rng))?;
+        let loss = alignment_loss(&pred, &targets.to_dtype(DType::F32)?, weights)?;
+        let loss_value = loss.to_scalar::<f32>()?;
+        if !loss_value.is_finite() {
+            return Ok((loss_value, Vec::new()));
+        }
+        let grads = loss.backward()?;
+        let grads = st
+            .params
+            .iter()
+            .map(|(_, v)| match grads.get(v.as_tensor()) {
+                Some(g) => Ok(g.clone()),
+                None => Ok(v.as_tensor().zeros_like()?),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((loss_value, grads))
+    }
+
+    /// One AdamW step on `latents` `[B, C, L, L]` and `targets` `[B, T, D]`. A non-finite
+    /// loss or gradient norm skips the update and leaves every weight untouched.
+    pub fn train_step(&self, latents: &Tensor, targets: &Tensor) -> Result<StepStats> {
+        let batch = self.check_latents(latents)?;
+        self.check_tokens("targets", targets, batch, self.config.grid)?;
+        let mut st = self.state.write();
+        let lr = self.optim_cfg.lr_at(st.train.step);
+        let mut rng = st.rng.clone();
+        let (loss, grads) = Self::loss_and_grads(&st, &self.loss, latents, targets, &mut rng)?;
+        let skipped = |grad_norm: f32| StepStats {
+            loss,
+            grad_norm,
+            lr,
+            step: st.train.step,
+            skipped: true,
+        };
+        if !loss.is_finite() {
+            return Ok(skipped(f32::NAN));
+        }
+        let grad_norm = AdamW::global_norm(&grads)?;
+        if !grad_norm.is_finite() {
+            return Ok(skipped(grad_norm));
+        }
+        let clip = self.optim_cfg.grad_clip;
+        let scale = if clip > 0.0 && grad_norm > clip {
+            clip / (grad_norm + 1e-6)
+        } else {
+            1.0
+        };
+        let t = st.train.step + 1;
+        let State { optim, params, .. } = &mut *st;
+        optim.step(&self.optim_cfg, params, &grads, lr, scale, t)?;
+        st.train.step = t;
+        st.rng = rng;
+        Ok(StepStats {
+            loss,
+            grad_norm,
+            lr,
+            step: t,
+            skipped: false,
+        })
+    }
+
+    /// Writes a training checkpoint (weights, optimiser moments, train state) atomically.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let st = self.state.read();
+        let weights: Vec<(String, Tensor)> = st
+            .params
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        let train = TrainState {
+            rng_state: st.rng.state(),
+            ..st.train.clone()
+        };
+        checkpoint::save(
+            path,
+            &self.config,
+            &weights,
+            Some((&st.optim.m, &st.optim.v)),
+            Some(&train),
+        )
+    }
+
+    /// Writes the weights only (for inference).
+    pub fn save_weights(&self, path: &Path) -> Result<()> {
+        let st = self.state.read();
+        let weights: Vec<(String, Tensor)> = st
+            .params
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        checkpoint::save(path, &self.config, &weights, None, None)
+    }
+}
+
+fn pool_tokens_check(pred_grid: usize, grid: usize) -> Result<()> {
+    if pred_grid == 0 || pred_grid % grid != 0 {
+        return Err(Error::invalid(format!(
+            "pred_grid = {pred_grid}: must be a positive multiple of the bridge grid ({grid})"
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,603 @@
+//! The C API (`include/dino_bridge.h` is generated from this module by cbindgen).
+//!
+//! Every entry point returns a status (`BRIDGE_OK` or a `BRIDGE_ERR_*` code), never
+//! panics across the boundary (`guard::ffi_call`), checks every pointer and size before
+//! use, and leaves a message for `bridge_last_error` on failure.
+
+pub mod buffers;
+pub mod guard;
+pub mod types;
+
+use crate::bridge::{Bridge, BridgeOptions, ComputeDtype};
+use crate::config::BridgeConfig;
+use crate::error::{Error, ErrorKind, Result};
+use crate::loss::LossWeights;
+use crate::optim::OptimConfig;
+use buffers::{BufDtype, check_finite, element_count, read_host, write_host};
+use candle_core::Tensor;
+use guard::{check_struct_size, ffi_call, lookup, read_versioned, write_versioned};
+use std::ffi::{CStr, c_void};
+use std::os::raw::c_char;
+use std::path::PathBuf;
+use types::*;
+
+fn defaults() -> BridgeParams {
+    let c = BridgeConfig::default();
+    let l = LossWeights::default();
+    let o = OptimConfig::default();
+    BridgeParams {
+        struct_size: std::mem::size_of::<BridgeParams>() as u32,
+        checkpoint_path: std::ptr::null(),
+        device: BRIDGE_DEVICE_CPU,
+        compute_dtype: BRIDGE_DTYPE_F32,
+        seed: 0,
+        in_ch: c.in_ch as i32,
+        latent_size: c.latent_size as i32,
+        grid: c.grid as i32,
+        target_dim: c.target_dim as i32,
+        adapter_mid_channels: c.adapter_mid_channels as i32,
+        adapter_out_channels: c.adapter_out_channels as i32,
+        adapter_depth: c.adapter_depth as i32,
+        width: c.width as i32,
+        depth: c.depth as i32,
+        heads: c.heads as i32,
+        mlp_ratio: c.mlp_ratio,
+        dropout: c.dropout,
+        latent_shift: c.latent_shift,
+        latent_scale: c.latent_scale,
+        w_cos: l.cos,
+        w_norm: l.norm,
+        w_raw: l.raw,
+        lr: o.lr,
+        weight_decay: o.weight_decay,
+        beta1: o.beta1,
+        beta2: o.beta2,
+        eps: o.eps,
+        grad_clip: o.grad_clip,
+        warmup_steps: o.warmup_steps,
+        total_steps: o.total_steps,
+    }
+}
+
+/// Smallest `BridgeParams` this library accepts: up to and including `seed`.
+const PARAMS_MIN_SIZE: usize = std::mem::offset_of!(BridgeParams, in_ch);
+/// Smallest output struct: `struct_size` and one field.
+const OUT_MIN_SIZE: usize = 8;
+
+fn dim(name: &str, v: i32) -> Result<usize> {
+    usize::try_from(v).map_err(|_| Error::invalid(format!("params.{name} = {v}: must be >= 0")))
+}
+
+fn options_from(p: &BridgeParams) -> Result<BridgeOptions> {
+    let config = BridgeConfig {
+        in_ch: dim("in_ch", p.in_ch)?,
+        latent_size: dim("latent_size", p.latent_size)?,
+        grid: dim("grid", p.grid)?,
+        target_dim: dim("target_dim", p.target_dim)?,
+        adapter_mid_channels: dim("adapter_mid_channels", p.adapter_mid_channels)?,
+        adapter_out_channels: dim("adapter_out_channels", p.adapter_out_channels)?,
+        adapter_depth: dim("adapter_depth", p.adapter_depth)?,
+        width: dim("width", p.width)?,
+        depth: dim("depth", p.depth)?,
+        heads: dim("heads", p.heads)?,
+        mlp_ratio: p.mlp_ratio,
+        dropout: p.dropout,
+        latent_shift: p.latent_shift,
+        latent_scale: p.latent_scale,
+    };
+    let compute_dtype = match p.compute_dtype {
+        BRIDGE_DTYPE_F32 => ComputeDtype::F32,
+        BRIDGE_DTYPE_BF16 => ComputeDtype::Bf16,
+        other => {
+            return Err(Error::invalid(format!(
+                "params.compute_dtype = {other}: use 0 (f32) or 2 (bf16)"
+            )));
+        }
+    };
+    Ok(BridgeOptions {
+        config,
+        loss: LossWeights {
+            cos: p.w_cos,
+            norm: p.w_norm,
+            raw: p.w_raw,
+        },
+        optim: OptimConfig {
+            lr: p.lr,
+            weight_decay: p.weight_decay,
+            beta1: p.beta1,
+            beta2: p.beta2,
+            eps: p.eps,
+            grad_clip: p.grad_clip,
+            warmup_steps: p.warmup_steps,
+            total_steps: p.total_steps,
+        },
+        seed: p.seed,
+        device: p.device,
+        compute_dtype,
+    })
+}
+
+/// # Safety
+/// `ptr` must be NULL or a NUL-terminated string.
+unsafe fn path_arg(ptr: *const c_char, name: &str) -> Result<PathBuf> {
+    if ptr.is_null() {
+        return Err(Error::invalid(format!("{name} is NULL")));
+    }
+    // SAFETY: checked non-NULL; NUL termination is the caller's contract.
+    let s = unsafe { CStr::from_ptr(ptr) }
+        .to_str()
+        .map_err(|_| Error::invalid(format!("{name} is not valid UTF-8")))?;
+    if s.is_empty() {
+        return Err(Error::invalid(format!("{name} is empty")));
+    }
+    Ok(PathBuf::from(s))
+}
+
+fn no_cuda() -> Error {
+    Error::new(
+        ErrorKind::Unsupported,
+        "this library was built without CUDA support (rebuild with `--features cuda`)",
+    )
+}
+
+/// Reads `batch` samples of `shape` (per sample) from a host buffer into a tensor on the
+/// bridge's device, rejecting non-finite values.
+///
+/// # Safety
+/// `ptr` must be NULL or hold `batch * prod(shape)` elements of `dtype`.
+unsafe fn input(
+    bridge: &Bridge,
+    ptr: *const c_void,
+    batch: i64,
+    shape: &[usize],
+    dtype: BufDtype,
+    name: &str,
+) -> Result<Tensor> {
+    let per_sample: usize = shape.iter().product();
+    let n = element_count(batch, per_sample, dtype)?;
+    // SAFETY: extent per the caller's contract.
+    let values = unsafe { read_host(ptr, n, dtype, name)? };
+    check_finite(&values, name)?;
+    let mut dims = vec![batch as usize];
+    dims.extend_from_slice(shape);
+    Ok(Tensor::from_vec(values, dims, bridge.device())?)
+}
+
+/// Checks an output pointer and its extent before any work is done.
+fn output_len(
+    ptr: *const c_void,
+    batch: i64,
+    per_sample: usize,
+    dtype: BufDtype,
+    name: &str,
+) -> Result<usize> {
+    if ptr.is_null() {
+        return Err(Error::invalid(format!("{name} is NULL")));
+    }
+    element_count(batch, per_sample, dtype)
+}
+
+fn tensor_values(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.flatten_all()?.to_vec1::<f32>()?)
+}
+
+fn finite_loss(loss: f32) -> Result<f32> {
+    if loss.is_finite() {
+        Ok(loss)
+    } else {
+        Err(Error::new(
+            ErrorKind::NonFinite,
+            format!("the loss is {loss}; nothing was written"),
+        ))
+    }
+}
+
+/// Fills `*params` with the defaults (the published configuration, CPU, f32, fresh
+/// weights). Set `params->struct_size = sizeof(BridgeParams)` first: exactly that many
+/// bytes are written, so a caller built against an older header stays safe.
+///
+/// Returns `BRIDGE_OK`, `BRIDGE_ERR_INVALID_ARGUMENT` (NULL) or `BRIDGE_ERR_ABI_MISMATCH`.
+/// Thread-safe.
+///
+/// # Safety
+/// `params` must be NULL or point to `params->struct_size` writable bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bridge_params_default(params: *mut BridgeParams) -> i32 {
+    ffi_call("bridge_params_default", || {
+        if params.is_null() {
+            return Err(Error::invalid("params is NULL"));
+        }
+        // SAFETY: non-NULL; the first field is always present.
+        let size = unsafe { std::ptr::read_unaligned(params as *const u32) };
+        let size = check_struct_size::<BridgeParams>("BridgeParams", size, PARAMS_MIN_SIZE)?;
+        let mut d = defaults();
+        d.struct_size = size as u32;
+        // SAFETY: size checked against ours; the caller guarantees it is writable.
+        unsafe { write_versioned(params, size, &d) };
+        Ok(())
+    })
+}
+
+/// The ABI version of this library (`BRIDGE_ABI_VERSION` of the header it was built
+/// with). Compare it with the header's at start-up. Thread-safe.
+#[unsafe(no_mangle)]
+pub extern "C" fn bridge_abi_version() -> u32 {
+    BRIDGE_ABI_VERSION
+}
+
+/// The message of the last failed call on this thread ("" if none). The pointer stays
+/// valid until the next failing call on the same thread; do not free it.
+#[unsafe(no_mangle)]
+pub extern "C" fn bridge_last_error() -> *const c_char {
+    guard::last_error_ptr()
+}
+
+/// Creates a bridge: loads `params->checkpoint_path` (safetensors or PyTorch `.pt`; the
+/// model config comes from the file) or initialises fresh weights from the config fields.
+/// On success `*out` owns the handle; free it with `bridge_destroy`.
+///
+/// Returns `BRIDGE_OK`, `INVALID_ARGUMENT` (NULL, bad config or settings, non-UTF-8
+/// path), `ABI_MISMATCH` (`struct_size`), `IO` (file missing or unreadable),
+/// `CHECKPOINT` (truncated, corrupt, or tensors that do not fit the config),
+/// `UNSUPPORTED` (CUDA device or bf16 compute in a CPU-only build). Thread-safe.
+///
+/// # Safety
+/// `params` must be NULL or a valid `BridgeParams` of `struct_size` bytes; `out` must be
+/// NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bridge_create(
+    params: *const BridgeParams,
+    out: *mut *mut BridgeHandle,
+) -> i32 {
+    ffi_call("bridge_create", || {
+        if params.is_null() {
+            return Err(Error::invalid("params is NULL"));
+        }
+        if out.is_null() {
+            return Err(Error::invalid("out (the handle pointer) is NULL"));
+        }
+        // SAFETY: non-NULL; struct_size is checked before more is read.
+        let size = unsafe { std::ptr::read_unaligned(params as *const u32) };
+        let size = check_struct_size::<BridgeParams>("BridgeParams", size, PARAMS_MIN_SIZE)?;
+        let p = unsafe { read_versioned(params, size, defaults()) };
+        let opts = options_from(&p)?;
+        let bridge = if p.checkpoint_path.is_null() {
+            Bridge::new(&opts)?
+        } else {
+            let path = unsafe { path_arg(p.checkpoint_path, "params.checkpoint_path")? };
+            Bridge::open(&path, &opts)?
+        };
+        // SAFETY: checked non-NULL.
+        unsafe { *out = guard::register(bridge) };
+        Ok(())
+    })
+}
+
+/// Frees a bridge. NULL is a no-op. A call still running on another thread finishes
+/// first (it holds its own reference); the handle must not be used afterwards (doing so
+/// returns `BRIDGE_ERR_INVALID_ARGUMENT`).
+///
+/// Returns `BRIDGE_OK` or `INVALID_ARGUMENT` (not a live handle).
+///
+/// # Safety
+/// `handle` is an opaque token; any value is safe to pass.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bridge_destroy(handle: *mut BridgeHandle) -> i32 {
+    ffi_call("bridge_destroy", || {
+        if handle.is_null() {
+            return Ok(());
+        }
+        guard::unregister(handle).map(drop).ok_or_else(|| {
+            Error::invalid(format!(
+                "handle {handle:p} is not a live bridge (destroyed twice?)"
+            ))
+        })
+    })
+}
+
+/// Describes the loaded bridge. Set `info->struct_size = sizeof(BridgeInfo)` first.
+///
+/// Returns `BRIDGE_OK`, `INVALID_ARGUMENT` (NULL or dead handle), `ABI_MISMATCH`.
+/// Thread-safe.
+///
+/// # Safety
+/// `info` must be NULL or point to `info->struct_size` writable bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bridge_get_info(
+    handle: *const BridgeHandle,
+    info: *mut BridgeInfo,
+) -> i32 {
+    ffi_call("bridge_get_info", || {
+        let bridge = lookup(handle)?;
+        if info.is_null() {
+            return Err(Error::invalid("info is NULL"));
+        }
+        let size = unsafe { std::ptr::read_unaligned(info as *const u32) };
+        let size = check_struct_size::<BridgeInfo>("BridgeInfo", size, OUT_MIN_SIZE)?;
+        let c = bridge.config();
+        let value = BridgeInfo {
+            struct_size: size as u32,
+            in_ch: c.in_ch as i32,
+            latent_size: c.latent_size as i32,
+            grid: c.grid as i32,
+            target_dim: c.target_dim as i32,
+            adapter_mid_channels: c.adapter_mid_channels as i32,
+            adapter_out_channels: c.adapter_out_channels as i32,
+            adapter_depth: c.adapter_depth as i32,
+            width: c.width as i32,
+            depth: c.depth as i32,
+            heads: c.heads as i32,
+            mlp_ratio: c.mlp_ratio,
+            dropout: c.dropout,
+            latent_shift: c.latent_shift,
+            latent_scale: c.latent_scale,
+            param_count: c.param_count() as i64,
+            device: bridge.device_ordinal(),
+            tokens: c.tokens() as i32,
+            step: bridge.step(),
+        };
+        unsafe { write_versioned(info, size, &value) };
+        Ok(())
+    })
+}
+
+/// Predicts DINOv2 tokens: `latents` `[batch, in_ch, latent_size, latent_size]` in,
+/// `out` `[batch, grid*grid, target_dim]` out, both host buffers of `dtype`
+/// (`BRIDGE_DTYPE_*`). Evaluation mode (no dropout).
+///
+/// Returns `BRIDGE_OK`, `INVALID_ARGUMENT` (NULL, dead handle, batch <= 0 or
+/// overflowing, unknown dtype), `NON_FINITE` (NaN/Inf in `latents`; `out` untouched),
+/// `INTERNAL`. Thread-safe: forward and loss calls on one handle run concurrently; a
+/// train step or save waits for them.
+///
+/// # Safety
+/// Buffers must be NULL or hold `batch` samples of `dtype`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bridge_forward(
+    handle: *const BridgeHandle,
+    latents: *const c_void,
+    out: *mut c_void,
+    batch: i64,
+    dtype: i32,
+) -> i32 {
+    ffi_call("bridge_forward", || {
+        let bridge = lookup(handle)?;
+        let dt = BufDtype::from_code(dtype)?;
+        let c = bridge.config().clone();
+        output_len(out, batch, c.output_numel(), dt, "out")?;
+        let x = unsafe {
+            input(
+                &bridge,
+                latents,
+                batch,
+                &[c.in_ch, c.latent_size, c.latent_size],
+                dt,
+                "latents",
+            )?
+        };
+        let y = tensor_values(&bridge.forward(&x)?)?;
+        unsafe { write_host(out, &y, dt, "out") }
+    })
+}
+
+/// `bridge_forward` on caller-owned CUDA device pointers, ordered on the caller's
+/// `cudaStream_t` `stream`. In a build without CUDA this returns
+/// `BRIDGE_ERR_UNSUPPORTED` and touches nothing.
+///
+/// # Safety
+/// Pointers must be device memory of the bridge's GPU holding `batch` samples.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bridge_forward_cuda_ptr(
+    handle: *const BridgeHandle,
+    latents: *const c_void,
+    out: *mut c_void,
+    batch: i64,
+    dtype: i32,
+    stream: *mut c_void,
+) -> i32 {
+    let _ = (latents, out, batch, stream);
+    ffi_call("bridge_forward_cuda_ptr", || {
+        lookup(handle)?;
+        BufDtype::from_code(dtype)?;
+        Err(no_cuda())
+    })
+}
+
+/// REPA alignment loss. `pred` is the caller's projection `[batch, pred_grid^2,
+/// target_dim]` (`pred_grid` a positive multiple of the bridge grid; it is average-pooled
+/// to the bridge grid), the target is the frozen bridge's prediction for `latents`.
+/// Writes the loss to `*loss` and d loss / d pred (same shape as `pred`) to `grad_pred`.
+/// On a CPU bridge the buffers are host memory and `stream` is ignored.
+///
+/// Returns `BRIDGE_OK`, `INVALID_ARGUMENT` (NULL, dead handle, batch, dtype, pred_grid),
+/// `NON_FINITE` (NaN/Inf input or loss; nothing written), `INTERNAL`. Thread-safe.
+///
+/// # Safety
+/// Buffers must be NULL or hold `batch` samples of `dtype`; `loss` NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bridge_loss_backward(
+    handle: *const BridgeHandle,
+    pred: *const c_void,
+    latents: *const c_void,
+    grad_pred: *mut c_void,
+    batch: i64,
+    pred_grid: i32,
+    dtype: i32,
+    loss: *mut f32,
+    stream: *mut c_void,
+) -> i32 {
+    let _ = stream;
+    ffi_call("bridge_loss_backward", || {
+        let bridge = lookup(handle)?;
+        let dt = BufDtype::from_code(dtype)?;
+        let c = bridge.config().clone();
+        if pred_grid <= 0 || pred_grid as usize % c.grid != 0 {
+            return Err(Error::invalid(format!(
+                "pred_grid = {pred_grid}: must be a positive multiple of the bridge grid ({})",
+                c.grid
+            )));
+        }
+        if loss.is_null() {
+            return Err(Error::invalid("loss is NULL"));
+        }
+        let g = pred_grid as usize;
+        let pred_shape = [
+            g.checked_mul(g)
+                .ok_or_else(|| Error::invalid("pred_grid overflows"))?,
+            c.target_dim,
+        ];
+        output_len(
+            grad_pred,
+            batch,
+            pred_shape[0] * pred_shape[1],
+            dt,
+            "grad_pred",
+        )?;
+        let p = unsafe { input(&bridge, pred, batch, &pred_shape, dt, "pred")? };
+        let x = unsafe {
+            input(
+                &bridge,
+                latents,
+                batch,
+                &[c.in_ch, c.latent_size, c.latent_size],
+                dt,
+                "latents",
+            )?
+        };
+        let (value, grad) = bridge.loss_backward(&p, &x, g)?;
+        let value = finite_loss(value)?;
+        unsafe { write_host(grad_pred, &tensor_values(&grad)?, dt, "grad_pred")? };
+        unsafe { *loss = value };
+        Ok(())
+    })
+}
+
+/// Loss between bridge(`latents`) and `target` `[batch, grid^2, target_dim]` and its
+/// gradient with respect to the latents through the frozen bridge, written to
+/// `grad_latents` (shape of `latents`). Returns as `bridge_loss_backward`.
+///
+/// # Safety
+/// Buffers must be NULL or hold `batch` samples of `dtype`; `loss` NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bridge_latent_loss_backward(
+    handle: *const BridgeHandle,
+    latents: *const c_void,
+    target: *const c_void,
+    grad_latents: *mut c_void,
+    batch: i64,
+    dtype: i32,
+    loss: *mut f32,
+    stream: *mut c_void,
+) -> i32 {
+    let _ = stream;
+    ffi_call("bridge_latent_loss_backward", || {
+        let bridge = lookup(handle)?;
+        let dt = BufDtype::from_code(dtype)?;
+        let c = bridge.config().clone();
+        if loss.is_null() {
+            return Err(Error::invalid("loss is NULL"));
+        }
+        output_len(grad_latents, batch, c.latent_numel(), dt, "grad_latents")?;
+        let x = unsafe {
+            input(
+                &bridge,
+                latents,
+                batch,
+                &[c.in_ch, c.latent_size, c.latent_size],
+                dt,
+                "latents",
+            )?
+        };
+        let t = unsafe {
+            input(
+                &bridge,
+                target,
+                batch,
+                &[c.tokens(), c.target_dim],
+                dt,
+                "target",
+            )?
+        };
+        let (value, grad) = bridge.latent_loss_backward(&x, &t)?;
+        let value = finite_loss(value)?;
+        unsafe { write_host(grad_latents, &tensor_values(&grad)?, dt, "grad_latents")? };
+        unsafe { *loss = value };
+        Ok(())
+    })
+}
+
+/// One AdamW step on the bridge's own weights: `latents` `[batch, in_ch, L, L]`,
+/// `targets` `[batch, grid^2, target_dim]` (DINOv2 tokens). Dropout is on. Fills
+/// `*stats` (set `stats->struct_size` first). A non-finite loss or gradient skips the
+/// update, leaves every weight and the step count unchanged, and returns `BRIDGE_OK`
+/// with `stats->skipped = 1`.
+///
+/// Returns `BRIDGE_OK`, `INVALID_ARGUMENT`, `ABI_MISMATCH`, `INTERNAL`. Takes the
+/// handle's write lock: concurrent forward/loss calls wait.
+///
+/// # Safety
+/// Buffers must be NULL or hold `batch` samples of `dtype`; `stats` NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bridge_train_step(
+    handle: *const BridgeHandle,
+    latents: *const c_void,
+    targets: *const c_void,
+    batch: i64,
+    dtype: i32,
+    stats: *mut BridgeStepStats,
+    stream: *mut c_void,
+) -> i32 {
+    let _ = stream;
+    ffi_call("bridge_train_step", || {
+        let bridge = lookup(handle)?;
+        let dt = BufDtype::from_code(dtype)?;
+        if stats.is_null() {
+            return Err(Error::invalid("stats is NULL"));
+        }
+        let size = unsafe { std::ptr::read_unaligned(stats as *const u32) };
+        let size = check_struct_size::<BridgeStepStats>("BridgeStepStats", size, OUT_MIN_SIZE)?;
+        let c = bridge.config().clone();
+        let n_lat = element_count(batch, c.latent_numel(), dt)?;
+        let n_tgt = element_count(batch, c.output_numel(), dt)?;
+        // Non-finite inputs are not an error here: they make a non-finite loss, which
+        // skips the update like any other.
+        let lat = unsafe { read_host(latents, n_lat, dt, "latents")? };
+        let tgt = unsafe { read_host(targets, n_tgt, dt, "targets")? };
+        let b = batch as usize;
+        let x = Tensor::from_vec(
+            lat,
+            (b, c.in_ch, c.latent_size, c.latent_size),
+            bridge.device(),
+        )?;
+        let t = Tensor::from_vec(tgt, (b, c.tokens(), c.target_dim), bridge.device())?;
+        let s = bridge.train_step(&x, &t)?;
+        let value = BridgeStepStats {
+            struct_size: size as u32,
+            loss: s.loss,
+            grad_norm: s.grad_norm,
+            lr: s.lr,
+            step: s.step,
+            skipped: s.skipped as i32,
+        };
+        unsafe { write_versioned(stats, size, &value) };
+        Ok(())
+    })
+}
+
+/// Writes a training checkpoint (weights, optimiser state, train state) to `path`
+/// atomically: a crash mid-save leaves the previous file intact.
+///
+/// Returns `BRIDGE_OK`, `INVALID_ARGUMENT` (NULL, empty or non-UTF-8 path), `IO`
+/// (folder missing or not writable, path is a directory), `INTERNAL`. Runs alongside
+/// forward calls; excludes train steps.
+///
+/// # Safety
+/// `path` must be NULL or a NUL-terminated string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bridge_save(handle: *const BridgeHandle, path: *const c_char) -> i32 {
+    ffi_call("bridge_save", || {
+        let bridge = lookup(handle)?;
+        let path = unsafe { path_arg(path, "path")? };
+        bridge.save(&path)
+    })
+}

@@ -1,0 +1,131 @@
+//! The C-visible types and constants. Plain integers and `#[repr(C)]` structs only: no
+//! Rust enum crosses the boundary.
+
+use std::os::raw::c_char;
+
+/// ABI version: bumped when a struct or function signature changes incompatibly.
+pub const BRIDGE_ABI_VERSION: u32 = 1;
+
+/// Success.
+pub const BRIDGE_OK: i32 = 0;
+/// An argument is NULL, out of range, or otherwise malformed (dtype code, batch, grid, path).
+pub const BRIDGE_ERR_INVALID_ARGUMENT: i32 = 1;
+/// A tensor shape does not fit the model.
+pub const BRIDGE_ERR_SHAPE: i32 = 2;
+/// A file could not be read or written.
+pub const BRIDGE_ERR_IO: i32 = 3;
+/// A checkpoint is missing, truncated, corrupt, or does not fit its config.
+pub const BRIDGE_ERR_CHECKPOINT: i32 = 4;
+/// The operation is not available in this build (e.g. CUDA in a CPU-only build).
+pub const BRIDGE_ERR_UNSUPPORTED: i32 = 5;
+/// A device (CUDA) error, or a pointer that is not device memory of the bridge's GPU.
+pub const BRIDGE_ERR_DEVICE: i32 = 6;
+/// Inputs or the loss were NaN or infinite; nothing was written.
+pub const BRIDGE_ERR_NON_FINITE: i32 = 7;
+/// A bug or resource failure inside the library (including a caught panic).
+pub const BRIDGE_ERR_INTERNAL: i32 = 8;
+/// A struct's `struct_size` does not fit this library's ABI.
+pub const BRIDGE_ERR_ABI_MISMATCH: i32 = 9;
+
+/// Buffer element type codes.
+pub const BRIDGE_DTYPE_F32: i32 = 0;
+pub const BRIDGE_DTYPE_F16: i32 = 1;
+pub const BRIDGE_DTYPE_BF16: i32 = 2;
+
+/// `BridgeParams.device` for the CPU.
+pub const BRIDGE_DEVICE_CPU: i32 = -1;
+
+/// Opaque handle to a loaded bridge. Create with `bridge_create`, free with `bridge_destroy`.
+pub struct BridgeHandle {
+    _private: [u8; 0],
+}
+
+/// How to create a bridge. Set `struct_size = sizeof(BridgeParams)`, then fill with
+/// `bridge_params_default` and change what you need.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BridgeParams {
+    pub struct_size: u32,
+    /// Checkpoint to load (`.safetensors` or PyTorch `.pt`), UTF-8; NULL = fresh weights
+    /// from the config fields below.
+    pub checkpoint_path: *const c_char,
+    /// -1 = CPU, n >= 0 = CUDA device ordinal.
+    pub device: i32,
+    /// `BRIDGE_DTYPE_F32` or `BRIDGE_DTYPE_BF16` (bf16 needs a CUDA device).
+    pub compute_dtype: i32,
+    /// Seed of fresh weights and of dropout in training.
+    pub seed: u64,
+    pub in_ch: i32,
+    pub latent_size: i32,
+    pub grid: i32,
+    pub target_dim: i32,
+    pub adapter_mid_channels: i32,
+    pub adapter_out_channels: i32,
+    pub adapter_depth: i32,
+    pub width: i32,
+    pub depth: i32,
+    pub heads: i32,
+    pub mlp_ratio: f32,
+    pub dropout: f32,
+    pub latent_shift: f32,
+    pub latent_scale: f32,
+    /// Loss weights: cosine, normalised MSE, raw MSE.
+    pub w_cos: f32,
+    pub w_norm: f32,
+    pub w_raw: f32,
+    /// AdamW settings for `bridge_train_step`.
+    pub lr: f32,
+    pub weight_decay: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// Global-norm gradient clip; 0 disables.
+    pub grad_clip: f32,
+    pub warmup_steps: i64,
+    /// Length of the cosine schedule; 0 = constant rate after warmup.
+    pub total_steps: i64,
+}
+
+/// What a handle holds (`bridge_get_info`). Set `struct_size` before the call.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BridgeInfo {
+    pub struct_size: u32,
+    pub in_ch: i32,
+    pub latent_size: i32,
+    pub grid: i32,
+    pub target_dim: i32,
+    pub adapter_mid_channels: i32,
+    pub adapter_out_channels: i32,
+    pub adapter_depth: i32,
+    pub width: i32,
+    pub depth: i32,
+    pub heads: i32,
+    pub mlp_ratio: f32,
+    pub dropout: f32,
+    pub latent_shift: f32,
+    pub latent_scale: f32,
+    pub param_count: i64,
+    /// -1 = CPU, else the CUDA ordinal.
+    pub device: i32,
+    /// grid * grid: tokens per sample.
+    pub tokens: i32,
+    /// Optimiser updates applied so far.
+    pub step: i64,
+}
+
+/// What `bridge_train_step` did. Set `struct_size` before the call.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BridgeStepStats {
+    pub struct_size: u32,
+    pub loss: f32,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f32,
+    /// Learning rate used for this step.
+    pub lr: f32,
+    /// Updates applied so far, this one included.
+    pub step: i64,
+    /// 1 when a non-finite loss or gradient skipped the update (weights unchanged).
+    pub skipped: i32,
+}

@@ -1,0 +1,22 @@
+//! dino-bridge: predicts DINOv2-base patch tokens from Stable Diffusion VAE latents, for
+//! REPA-style alignment without decoding to pixels. See `DESIGN.md` for the contract.
+//!
+//! Where things are: the forward pass in [`model`], the loss in [`loss`], the C boundary
+//! in [`ffi`], the engine behind a handle (train step, save) in [`bridge`].
+
+pub mod bridge;
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod ffi;
+pub mod loss;
+pub mod model;
+pub mod npy;
+pub mod optim;
+pub mod rng;
+
+pub use bridge::{Bridge, BridgeOptions, ComputeDtype, StepStats};
+pub use config::BridgeConfig;
+pub use error::{Error, ErrorKind, Result};
+pub use loss::LossWeights;
+pub use optim::OptimConfig;

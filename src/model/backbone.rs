@@ -1,0 +1,112 @@
+//! The transformer body: pre-norm ViT blocks over the token grid (DESIGN.md, Model step 3).
+
+use super::layers::{LayerNorm, Linear, WeightSource, dropout, softmax_last_dim};
+use crate::config::BridgeConfig;
+use crate::error::Result;
+use crate::rng::Rng;
+use candle_core::Tensor;
+
+const LN_EPS: f64 = 1e-6;
+
+#[derive(Clone)]
+pub struct Attention {
+    qkv: Linear,
+    proj: Linear,
+    heads: usize,
+}
+
+impl Attention {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, t, w) = x.dims3()?;
+        let d = w / self.heads;
+        // qkv output read as [B, T, 3, heads, d]; q, k, v in that order.
+        let qkv = self
+            .qkv
+            .forward(x)?
+            .reshape((b, t, 3, self.heads, d))?
+            .permute((2, 0, 3, 1, 4))?;
+        let q = qkv.get(0)?.contiguous()?;
+        let k = qkv.get(1)?.contiguous()?;
+        let v = qkv.get(2)?.contiguous()?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
+        let out = softmax_last_dim(&scores)?.matmul(&v)?; // [B, heads, T, d]
+        self.proj.forward(&out.transpose(1, 2)?.reshape((b, t, w))?)
+    }
+}
+
+#[derive(Clone)]
+pub struct Mlp {
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.fc2.forward(&self.fc1.forward(x)?.gelu_erf()?)
+    }
+}
+
+#[derive(Clone)]
+pub struct Block {
+    norm1: LayerNorm,
+    attn: Attention,
+    norm2: LayerNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn load(w: &dyn WeightSource, p: &str, cfg: &BridgeConfig) -> Result<Self> {
+        Ok(Block {
+            norm1: LayerNorm::load(w, &format!("{p}.norm1"), LN_EPS)?,
+            attn: Attention {
+                qkv: Linear::load(w, &format!("{p}.attn.qkv"))?,
+                proj: Linear::load(w, &format!("{p}.attn.proj"))?,
+                heads: cfg.heads,
+            },
+            norm2: LayerNorm::load(w, &format!("{p}.norm2"), LN_EPS)?,
+            mlp: Mlp {
+                fc1: Linear::load(w, &format!("{p}.mlp.fc1"))?,
+                fc2: Linear::load(w, &format!("{p}.mlp.fc2"))?,
+            },
+        })
+    }
+
+    /// `x + drop(attn(norm1(x)))`, then `x + drop(mlp(norm2(x)))`.
+    fn forward(&self, x: &Tensor, p: f32, mut rng: Option<&mut Rng>) -> Result<Tensor> {
+        let h = self.attn.forward(&self.norm1.forward(x)?)?;
+        let x = (x + dropout(&h, p, rng.as_deref_mut())?)?;
+        let h = self.mlp.forward(&self.norm2.forward(&x)?)?;
+        Ok((&x + dropout(&h, p, rng)?)?)
+    }
+}
+
+#[derive(Clone)]
+pub struct Backbone {
+    pos_embed: Tensor,
+    blocks: Vec<Block>,
+    norm: LayerNorm,
+    dropout: f32,
+}
+
+impl Backbone {
+    pub fn load(w: &dyn WeightSource, cfg: &BridgeConfig) -> Result<Self> {
+        let blocks = (0..cfg.depth)
+            .map(|i| Block::load(w, &format!("backbone.blocks.{i}"), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Backbone {
+            pos_embed: w.get("backbone.pos_embed")?,
+            blocks,
+            norm: LayerNorm::load(w, "backbone.norm", LN_EPS)?,
+            dropout: cfg.dropout,
+        })
+    }
+
+    /// `[B, T, width]` tokens through the blocks; `rng` is `Some` in training only.
+    pub fn forward(&self, tokens: &Tensor, mut rng: Option<&mut Rng>) -> Result<Tensor> {
+        let mut x = tokens.broadcast_add(&self.pos_embed)?;
+        for block in &self.blocks {
+            x = block.forward(&x, self.dropout, rng.as_deref_mut())?;
+        }
+        self.norm.forward(&x)
+    }
+}

@@ -1,0 +1,197 @@
+//! The building blocks of the bridge, written with differentiable candle ops only (no
+//! fused `softmax_last_dim` / `layer_norm`, which have no backward in candle 0.11).
+//! Activations in the adapter are channels-last (`[B, H, W, C]`), so that convolutions
+//! become one matmul over im2col patches and the token grid falls out as a reshape.
+
+use crate::error::Result;
+use crate::rng::Rng;
+use candle_core::{D, Tensor};
+
+/// Where a layer finds its weights: a map from `state_dict` names to tensors.
+pub trait WeightSource {
+    fn get(&self, name: &str) -> Result<Tensor>;
+}
+
+impl WeightSource for std::collections::HashMap<String, Tensor> {
+    fn get(&self, name: &str) -> Result<Tensor> {
+        self.get(name)
+            .cloned()
+            .ok_or_else(|| crate::error::Error::checkpoint(format!("missing tensor `{name}`")))
+    }
+}
+
+/// `y = x W^T + b` over the last dimension of any-rank `x`.
+#[derive(Clone)]
+pub struct Linear {
+    weight_t: Tensor, // [in, out] view of the [out, in] parameter
+    bias: Tensor,
+}
+
+impl Linear {
+    pub fn load(w: &dyn WeightSource, prefix: &str) -> Result<Self> {
+        let weight = w.get(&format!("{prefix}.weight"))?;
+        Ok(Linear {
+            weight_t: weight.t()?,
+            bias: w.get(&format!("{prefix}.bias"))?,
+        })
+    }
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (rows, cols) = (
+            dims[..dims.len() - 1].iter().product::<usize>(),
+            dims[dims.len() - 1],
+        );
+        let y = x
+            .reshape((rows, cols))?
+            .matmul(&self.weight_t)?
+            .broadcast_add(&self.bias)?;
+        let mut out_dims = dims;
+        *out_dims.last_mut().unwrap() = y.dim(1)?;
+        Ok(y.reshape(out_dims)?)
+    }
+}
+
+/// Normalises `x` over the dimensions `dims` (kept), `(x - mean) / sqrt(var + eps)`,
+/// with the biased variance as PyTorch uses.
+fn normalize<Ds: candle_core::shape::Dims + Copy>(
+    x: &Tensor,
+    dims: Ds,
+    eps: f64,
+) -> Result<Tensor> {
+    let mean = x.mean_keepdim(dims)?;
+    let centered = x.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(dims)?;
+    Ok(centered.broadcast_div(&(var + eps)?.sqrt()?)?)
+}
+
+/// LayerNorm over the last dimension.
+#[derive(Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn load(w: &dyn WeightSource, prefix: &str, eps: f64) -> Result<Self> {
+        Ok(LayerNorm {
+            weight: w.get(&format!("{prefix}.weight"))?,
+            bias: w.get(&format!("{prefix}.bias"))?,
+            eps,
+        })
+    }
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let xn = normalize(x, D::Minus1, self.eps)?;
+        Ok(xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
+    }
+}
+
+/// GroupNorm over a channels-last map `[B, H, W, C]`.
+#[derive(Clone)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    pub fn load(w: &dyn WeightSource, prefix: &str, groups: usize, eps: f64) -> Result<Self> {
+        Ok(GroupNorm {
+            weight: w.get(&format!("{prefix}.weight"))?,
+            bias: w.get(&format!("{prefix}.bias"))?,
+            groups,
+            eps,
+        })
+    }
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, h, wd, c) = x.dims4()?;
+        let grouped = x.reshape((b, h * wd, self.groups, c / self.groups))?;
+        let xn = normalize(&grouped, (1, 3), self.eps)?.reshape((b, h, wd, c))?;
+        Ok(xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
+    }
+}
+
+/// 3x3 convolution, padding 1, on `[B, H, W, C]`, as im2col + one matmul.
+#[derive(Clone)]
+pub struct Conv3x3 {
+    weight_t: Tensor, // [C_in * 9, C_out], row index c * 9 + ky * 3 + kx
+    bias: Tensor,
+}
+
+impl Conv3x3 {
+    pub fn load(w: &dyn WeightSource, prefix: &str) -> Result<Self> {
+        let weight = w.get(&format!("{prefix}.weight"))?;
+        let (c_out, c_in, _, _) = weight.dims4()?;
+        Ok(Conv3x3 {
+            weight_t: weight.reshape((c_out, c_in * 9))?.t()?,
+            bias: w.get(&format!("{prefix}.bias"))?,
+        })
+    }
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, h, wd, c) = x.dims4()?;
+        let padded = x.pad_with_zeros(1, 1, 1)?.pad_with_zeros(2, 1, 1)?;
+        let mut taps = Vec::with_capacity(9);
+        for ky in 0..3 {
+            for kx in 0..3 {
+                taps.push(padded.narrow(1, ky, h)?.narrow(2, kx, wd)?);
+            }
+        }
+        // [B, H, W, C, 9] -> rows of C*9 patch values, ordered as the weight's columns.
+        let cols = Tensor::stack(&taps, 4)?.reshape((b * h * wd, c * 9))?;
+        let y = cols.matmul(&self.weight_t)?.broadcast_add(&self.bias)?;
+        Ok(y.reshape((b, h, wd, ()))?)
+    }
+}
+
+/// 2x2 stride-2 convolution on `[B, H, W, C]`: a patchify, computed as reshape + matmul.
+#[derive(Clone)]
+pub struct Patchify {
+    weight_t: Tensor, // [C_in * 4, C_out], row index c * 4 + ky * 2 + kx
+    bias: Tensor,
+}
+
+impl Patchify {
+    pub fn load(w: &dyn WeightSource, prefix: &str) -> Result<Self> {
+        let weight = w.get(&format!("{prefix}.weight"))?;
+        let (c_out, c_in, _, _) = weight.dims4()?;
+        Ok(Patchify {
+            weight_t: weight.reshape((c_out, c_in * 4))?.t()?,
+            bias: w.get(&format!("{prefix}.bias"))?,
+        })
+    }
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, h, wd, c) = x.dims4()?;
+        let (h2, w2) = (h / 2, wd / 2);
+        let patches = x
+            .reshape(&[b, h2, 2, w2, 2, c][..])?
+            .permute([0usize, 1, 3, 5, 2, 4].as_slice())?
+            .contiguous()?
+            .reshape((b * h2 * w2, c * 4))?;
+        let y = patches.matmul(&self.weight_t)?.broadcast_add(&self.bias)?;
+        Ok(y.reshape((b, h2, w2, ()))?)
+    }
+}
+
+/// Softmax over the last dimension from differentiable ops. The max is detached: the
+/// result does not depend on it, so it needs no gradient.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?;
+    Ok(e.broadcast_div(&sum)?)
+}
+
+/// Inverted dropout with masks from our own RNG (so runs are reproducible and resumable).
+pub fn dropout(x: &Tensor, p: f32, rng: Option<&mut Rng>) -> Result<Tensor> {
+    let Some(rng) = rng else { return Ok(x.clone()) };
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let scale = 1.0 / (1.0 - p);
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| if rng.uniform() >= p { scale } else { 0.0 })
+        .collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?;
+    Ok(x.mul(&mask)?)
+}

@@ -1,0 +1,38 @@
+//! The bridge network: latents `[B, C, L, L]` -> adapter -> body -> head -> `[B, T, D]`.
+
+pub mod adapter;
+pub mod backbone;
+pub mod head;
+pub mod layers;
+
+use crate::config::BridgeConfig;
+use crate::error::Result;
+use crate::rng::Rng;
+use candle_core::Tensor;
+pub use layers::WeightSource;
+
+#[derive(Clone)]
+pub struct BridgeModel {
+    adapter: adapter::Adapter,
+    backbone: backbone::Backbone,
+    head: head::Head,
+}
+
+impl BridgeModel {
+    /// Builds the model over the given weights (shared, not copied: a model built over
+    /// variables trains them).
+    pub fn load(w: &dyn WeightSource, cfg: &BridgeConfig) -> Result<Self> {
+        Ok(BridgeModel {
+            adapter: adapter::Adapter::load(w, cfg)?,
+            backbone: backbone::Backbone::load(w, cfg)?,
+            head: head::Head::load(w)?,
+        })
+    }
+
+    /// `rng` is `Some` in training (dropout on), `None` in evaluation.
+    pub fn forward(&self, latents: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
+        let tokens = self.adapter.forward(latents)?;
+        let x = self.backbone.forward(&tokens, rng)?;
+        self.head.forward(&x)
+    }
+}
