@@ -446,3 +446,13 @@ fn pool_tokens_check(pred_grid: usize, grid: usize) -> Result<()> {
     }
     Ok(())
 }
+
+impl std::fmt::Debug for Bridge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bridge")
+            .field("config", &self.config)
+            .field("device", &self.device_ordinal)
+            .field("step", &self.step())
+            .finish()
+    }
+}

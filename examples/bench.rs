@@ -1,0 +1,112 @@
+//! Forward (and train-step) throughput of the bridge on the CPU.
+//!
+//!   cargo run --release --example bench -- [--batch 16] [--iters 5] [--train-iters 2] [--tiny]
+//!
+//! Prints samples/s, achieved GFLOP/s from the model's FLOP count, and peak resident memory.
+
+use candle_core::{Device, Tensor};
+use dino_bridge::rng::Rng;
+use dino_bridge::{Bridge, BridgeConfig, BridgeOptions};
+use std::time::Instant;
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(|v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{name} takes a number"))
+        })
+        .unwrap_or(default)
+}
+
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn random(shape: &[usize], rng: &mut Rng) -> Tensor {
+    let n = shape.iter().product();
+    Tensor::from_vec(
+        (0..n).map(|_| rng.normal()).collect::<Vec<f32>>(),
+        shape,
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+fn main() -> dino_bridge::Result<()> {
+    let batch = arg("--batch", 16);
+    let iters = arg("--iters", 5);
+    let train_iters = arg("--train-iters", 2);
+    let tiny = std::env::args().any(|a| a == "--tiny");
+    let config = if tiny {
+        BridgeConfig {
+            latent_size: 16,
+            grid: 4,
+            target_dim: 48,
+            adapter_mid_channels: 32,
+            adapter_out_channels: 64,
+            width: 64,
+            depth: 2,
+            heads: 4,
+            ..Default::default()
+        }
+    } else {
+        BridgeConfig::default()
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let bridge = Bridge::new(&BridgeOptions {
+        config: config.clone(),
+        ..Default::default()
+    })?;
+    let mut rng = Rng::new(1);
+    let x = random(
+        &[batch, config.in_ch, config.latent_size, config.latent_size],
+        &mut rng,
+    );
+    let t = random(&[batch, config.tokens(), config.target_dim], &mut rng);
+    let gflop = config.forward_flops() as f64 / 1e9;
+    println!(
+        "config: {} ({:.1}M params, {gflop:.2} GFLOP/sample forward), batch {batch}, f32, CPU, {threads} threads",
+        if tiny { "tiny" } else { "default" },
+        config.param_count() as f64 / 1e6
+    );
+
+    bridge.forward(&x)?; // warm-up
+    let start = Instant::now();
+    for _ in 0..iters {
+        bridge.forward(&x)?;
+    }
+    let secs = start.elapsed().as_secs_f64() / iters as f64;
+    let sps = batch as f64 / secs;
+    println!(
+        "forward:    {sps:8.2} samples/s  {:7.1} GFLOP/s  ({:.1} ms/batch)",
+        sps * gflop,
+        secs * 1e3
+    );
+
+    if train_iters > 0 {
+        bridge.train_step(&x, &t)?; // warm-up
+        let start = Instant::now();
+        for _ in 0..train_iters {
+            bridge.train_step(&x, &t)?;
+        }
+        let secs = start.elapsed().as_secs_f64() / train_iters as f64;
+        let sps = batch as f64 / secs;
+        // forward + backward ~ 3x the forward FLOPs
+        println!(
+            "train_step: {sps:8.2} samples/s  {:7.1} GFLOP/s  ({:.1} ms/batch)",
+            sps * 3.0 * gflop,
+            secs * 1e3
+        );
+    }
+    println!("peak RSS:   {:.0} MiB", peak_rss_mib());
+    Ok(())
+}
