@@ -2,7 +2,7 @@
 //! loss calls share a read lock; a train step takes the write lock, so every call sees one
 //! consistent set of weights.
 
-use crate::checkpoint::{self, Checkpoint, TrainState};
+use crate::checkpoint::{self, Checkpoint, SaveParts, TrainState};
 use crate::config::BridgeConfig;
 use crate::error::{Error, ErrorKind, Result};
 use crate::loss::{LossWeights, alignment_loss, pool_tokens};
@@ -32,6 +32,9 @@ pub struct BridgeOptions {
     /// -1 = CPU, n >= 0 = CUDA ordinal.
     pub device: i32,
     pub compute_dtype: ComputeDtype,
+    /// Parameters whose names start with one of these are not trained (e.g. `backbone.`
+    /// and `head.` to train only a new adapter).
+    pub frozen_prefixes: Vec<String>,
 }
 
 impl Default for BridgeOptions {
@@ -43,6 +46,7 @@ impl Default for BridgeOptions {
             seed: 0,
             device: -1,
             compute_dtype: ComputeDtype::F32,
+            frozen_prefixes: Vec::new(),
         }
     }
 }
@@ -62,6 +66,8 @@ pub struct StepStats {
 
 struct State {
     params: Vec<(String, Var)>,
+    /// Per parameter: false when frozen.
+    trainable: Vec<bool>,
     /// Built over the variables: gradients flow to them.
     train_model: BridgeModel,
     /// Built over detached views of the same storage: no autograd graph is recorded.
@@ -105,7 +111,7 @@ fn make_device(ordinal: i32, compute: ComputeDtype) -> Result<Device> {
 
 /// Fresh weights: truncated-normal (std 0.02) linears and position embedding, PyTorch's
 /// default (Kaiming-uniform) convolution kernels, zero biases, unit norm scales.
-fn init_weights(config: &BridgeConfig, seed: u64) -> Result<HashMap<String, Tensor>> {
+pub fn init_weights(config: &BridgeConfig, seed: u64) -> Result<HashMap<String, Tensor>> {
     let mut rng = Rng::new(seed);
     let mut out = HashMap::new();
     for (name, shape) in config.param_specs() {
@@ -136,6 +142,7 @@ impl Bridge {
             config: opts.config.clone(),
             weights,
             optim: None,
+            ema: None,
             train_state: None,
         };
         Self::from_checkpoint(ckpt, opts)
@@ -188,7 +195,17 @@ impl Bridge {
             .iter()
             .map(|(n, t)| (n.clone(), t.detach()))
             .collect();
+        let trainable = params
+            .iter()
+            .map(|(n, _)| {
+                !opts
+                    .frozen_prefixes
+                    .iter()
+                    .any(|p| n.starts_with(p.as_str()))
+            })
+            .collect();
         let state = State {
+            trainable,
             train_model: BridgeModel::load(&var_map, &config)?,
             eval_model: BridgeModel::load(&detached, &config)?,
             params,
@@ -228,10 +245,28 @@ impl Bridge {
             ..st.train.clone()
         }
     }
-    pub fn set_epoch(&self, epoch: i64, best_metric: Option<f64>) {
-        let mut st = self.state.write();
-        st.train.epoch = epoch;
-        st.train.best_metric = best_metric;
+    /// Records the trainer's progress (epoch, position, best metric) in the train state
+    /// that `save` writes.
+    pub fn update_train_state(&self, f: impl FnOnce(&mut TrainState)) {
+        f(&mut self.state.write().train);
+    }
+
+    /// `ema = decay * ema + (1 - decay) * weights`, in parameter order; an empty `ema`
+    /// starts as a copy of the weights.
+    pub fn update_ema(&self, ema: &mut Vec<Tensor>, decay: f32) -> Result<()> {
+        let st = self.state.read();
+        if ema.is_empty() {
+            *ema = st
+                .params
+                .iter()
+                .map(|(_, v)| v.as_tensor().copy())
+                .collect::<candle_core::Result<_>>()?;
+            return Ok(());
+        }
+        for (e, (_, v)) in ema.iter_mut().zip(&st.params) {
+            *e = ((&*e * decay as f64)? + (v.as_tensor().detach() * (1.0 - decay as f64))?)?;
+        }
+        Ok(())
     }
 
     /// The current weights by name (copies of the values, on the bridge's device).
@@ -381,7 +416,13 @@ impl Bridge {
         if !loss.is_finite() {
             return Ok(skipped(f32::NAN));
         }
-        let grad_norm = AdamW::global_norm(&grads)?;
+        let trained: Vec<Tensor> = grads
+            .iter()
+            .zip(&st.trainable)
+            .filter(|(_, t)| **t)
+            .map(|(g, _)| g.clone())
+            .collect();
+        let grad_norm = AdamW::global_norm(&trained)?;
         if !grad_norm.is_finite() {
             return Ok(skipped(grad_norm));
         }
@@ -392,8 +433,13 @@ impl Bridge {
             1.0
         };
         let t = st.train.step + 1;
-        let State { optim, params, .. } = &mut *st;
-        optim.step(&self.optim_cfg, params, &grads, lr, scale, t)?;
+        let State {
+            optim,
+            params,
+            trainable,
+            ..
+        } = &mut *st;
+        optim.step(&self.optim_cfg, params, trainable, &grads, lr, scale, t)?;
         st.train.step = t;
         st.rng = rng;
         Ok(StepStats {
@@ -407,6 +453,11 @@ impl Bridge {
 
     /// Writes a training checkpoint (weights, optimiser moments, train state) atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
+        self.save_training(path, None)
+    }
+
+    /// `save`, plus a moving average of the weights (in parameter order).
+    pub fn save_training(&self, path: &Path, ema: Option<&[Tensor]>) -> Result<()> {
         let st = self.state.read();
         let weights: Vec<(String, Tensor)> = st
             .params
@@ -419,10 +470,13 @@ impl Bridge {
         };
         checkpoint::save(
             path,
-            &self.config,
-            &weights,
-            Some((&st.optim.m, &st.optim.v)),
-            Some(&train),
+            &SaveParts {
+                config: &self.config,
+                weights: &weights,
+                optim: Some((&st.optim.m, &st.optim.v)),
+                ema,
+                train_state: Some(&train),
+            },
         )
     }
 
@@ -434,7 +488,7 @@ impl Bridge {
             .iter()
             .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
             .collect();
-        checkpoint::save(path, &self.config, &weights, None, None)
+        checkpoint::save(path, &SaveParts::weights(&self.config, &weights))
     }
 }
 

@@ -14,6 +14,8 @@ pub const FORMAT: &str = "dino-bridge";
 pub const FORMAT_VERSION: &str = "1";
 /// Prefix of the optimiser's tensors in a training checkpoint (`optim.m.<param>`, `optim.v.<param>`).
 pub const OPTIM_PREFIX: &str = "optim.";
+/// Prefix of the exponential moving average of the weights (`ema.<param>`).
+pub const EMA_PREFIX: &str = "ema.";
 
 /// Where a training run stands; stored as JSON metadata `train_state`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -26,6 +28,11 @@ pub struct TrainState {
     pub seed: u64,
     /// State of the dropout RNG, so a resumed run draws the same masks.
     pub rng_state: u64,
+    /// Batches consumed by the trainer (skipped ones included): where a resumed run
+    /// picks up its data order.
+    pub position: i64,
+    /// Data rows left out of training for non-finite values.
+    pub dropped_rows: i64,
 }
 
 /// Optimiser moments by parameter name.
@@ -40,7 +47,33 @@ pub struct Checkpoint {
     pub config: BridgeConfig,
     pub weights: HashMap<String, Tensor>,
     pub optim: Option<OptimState>,
+    /// Moving average of the weights, by parameter name.
+    pub ema: Option<HashMap<String, Tensor>>,
     pub train_state: Option<TrainState>,
+}
+
+/// What `save` writes: the model, and optionally the rest of a training run's state.
+pub struct SaveParts<'a> {
+    pub config: &'a BridgeConfig,
+    pub weights: &'a [(String, Tensor)],
+    /// First and second moments, in the order of `weights`.
+    pub optim: Option<(&'a [Tensor], &'a [Tensor])>,
+    /// Moving average, in the order of `weights`.
+    pub ema: Option<&'a [Tensor]>,
+    pub train_state: Option<&'a TrainState>,
+}
+
+impl<'a> SaveParts<'a> {
+    /// Weights only: an inference checkpoint.
+    pub fn weights(config: &'a BridgeConfig, weights: &'a [(String, Tensor)]) -> Self {
+        SaveParts {
+            config,
+            weights,
+            optim: None,
+            ema: None,
+            train_state: None,
+        }
+    }
 }
 
 fn ckpt_err(path: &Path, what: impl std::fmt::Display) -> Error {
@@ -77,7 +110,11 @@ pub fn load(
     }
     validate_weights(path, &ckpt.config, &ckpt.weights)?;
     if let Some(optim) = &ckpt.optim {
-        validate_optim(path, &ckpt.weights, optim)?;
+        validate_moments(path, "optim.m", &ckpt.weights, &optim.m)?;
+        validate_moments(path, "optim.v", &ckpt.weights, &optim.v)?;
+    }
+    if let Some(ema) = &ckpt.ema {
+        validate_moments(path, "ema", &ckpt.weights, ema)?;
     }
     Ok(ckpt)
 }
@@ -169,9 +206,12 @@ fn load_safetensors(path: &Path, bytes: &[u8]) -> Result<Checkpoint> {
     };
     let mut weights = HashMap::new();
     let mut optim = OptimState::default();
+    let mut ema = HashMap::new();
     for (name, view) in st.tensors() {
         let t = to_f32_tensor(path, &name, &view)?;
-        if let Some(rest) = name.strip_prefix(OPTIM_PREFIX) {
+        if let Some(p) = name.strip_prefix(EMA_PREFIX) {
+            ema.insert(p.to_string(), t);
+        } else if let Some(rest) = name.strip_prefix(OPTIM_PREFIX) {
             match rest.split_once('.') {
                 Some(("m", p)) => optim.m.insert(p.to_string(), t),
                 Some(("v", p)) => optim.v.insert(p.to_string(), t),
@@ -186,10 +226,12 @@ fn load_safetensors(path: &Path, bytes: &[u8]) -> Result<Checkpoint> {
     } else {
         Some(optim)
     };
+    let ema = if ema.is_empty() { None } else { Some(ema) };
     Ok(Checkpoint {
         config,
         weights,
         optim,
+        ema,
         train_state,
     })
 }
@@ -234,39 +276,37 @@ pub fn validate_weights(
     Ok(())
 }
 
-fn validate_optim(
+/// A group of per-parameter tensors (optimiser moments, moving average) covers every
+/// parameter with its shape.
+fn validate_moments(
     path: &Path,
+    what: &str,
     weights: &HashMap<String, Tensor>,
-    optim: &OptimState,
+    group: &HashMap<String, Tensor>,
 ) -> Result<()> {
-    for (which, moments) in [("m", &optim.m), ("v", &optim.v)] {
-        if moments.len() != weights.len() {
+    if group.len() != weights.len() {
+        return Err(ckpt_err(
+            path,
+            format!(
+                "`{what}` covers {} of {} parameters",
+                group.len(),
+                weights.len()
+            ),
+        ));
+    }
+    for (name, t) in group {
+        let w = weights
+            .get(name)
+            .ok_or_else(|| ckpt_err(path, format!("`{what}.{name}` names no parameter")))?;
+        if w.dims() != t.dims() {
             return Err(ckpt_err(
                 path,
                 format!(
-                    "optimiser state `{which}` covers {} of {} tensors",
-                    moments.len(),
-                    weights.len()
+                    "`{what}.{name}` has shape {:?}, the parameter {:?}",
+                    t.dims(),
+                    w.dims()
                 ),
             ));
-        }
-        for (name, t) in moments {
-            let w = weights.get(name).ok_or_else(|| {
-                ckpt_err(
-                    path,
-                    format!("optimiser tensor for unknown parameter `{name}`"),
-                )
-            })?;
-            if w.dims() != t.dims() {
-                return Err(ckpt_err(
-                    path,
-                    format!(
-                        "optimiser tensor `{which}.{name}` has shape {:?}, parameter {:?}",
-                        t.dims(),
-                        w.dims()
-                    ),
-                ));
-            }
         }
     }
     Ok(())
@@ -378,6 +418,7 @@ fn load_pt(path: &Path, fallback: Option<&BridgeConfig>) -> Result<Checkpoint> {
         config,
         weights,
         optim: None,
+        ema: None,
         train_state: None,
     })
 }
@@ -389,19 +430,12 @@ fn f32_bytes(t: &Tensor) -> Result<Vec<u8>> {
     Ok(v.iter().flat_map(|x| x.to_le_bytes()).collect())
 }
 
-/// Writes a checkpoint atomically. `weights` are the model tensors by name; `optim`
-/// adds the optimiser moments and `train_state` the run's position.
-pub fn save(
-    path: &Path,
-    config: &BridgeConfig,
-    weights: &[(String, Tensor)],
-    optim: Option<(&[Tensor], &[Tensor])>,
-    train_state: Option<&TrainState>,
-) -> Result<()> {
+/// Writes a checkpoint atomically.
+pub fn save(path: &Path, parts: &SaveParts<'_>) -> Result<()> {
     let mut named: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-    for (i, (name, t)) in weights.iter().enumerate() {
+    for (i, (name, t)) in parts.weights.iter().enumerate() {
         named.push((name.clone(), t.dims().to_vec(), f32_bytes(t)?));
-        if let Some((m, v)) = optim {
+        if let Some((m, v)) = parts.optim {
             named.push((
                 format!("{OPTIM_PREFIX}m.{name}"),
                 m[i].dims().to_vec(),
@@ -411,6 +445,13 @@ pub fn save(
                 format!("{OPTIM_PREFIX}v.{name}"),
                 v[i].dims().to_vec(),
                 f32_bytes(&v[i])?,
+            ));
+        }
+        if let Some(ema) = parts.ema {
+            named.push((
+                format!("{EMA_PREFIX}{name}"),
+                ema[i].dims().to_vec(),
+                f32_bytes(&ema[i])?,
             ));
         }
     }
@@ -424,8 +465,8 @@ pub fn save(
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), FORMAT.to_string());
     meta.insert("format_version".to_string(), FORMAT_VERSION.to_string());
-    meta.insert("config".to_string(), config.to_json());
-    if let Some(ts) = train_state {
+    meta.insert("config".to_string(), parts.config.to_json());
+    if let Some(ts) = parts.train_state {
         meta.insert(
             "train_state".to_string(),
             serde_json::to_string(ts).expect("train state serialises"),

@@ -53,6 +53,55 @@ impl Default for BridgeConfig {
 const MAX_DIM: usize = 1 << 16;
 
 impl BridgeConfig {
+    /// Named configurations: `default` (the published bridge), `flux` (16-channel
+    /// latents), `small` (a fast one for demos and tests), `tiny` (the fixtures' shape).
+    pub fn preset(name: &str) -> Option<Self> {
+        let d = BridgeConfig::default();
+        Some(match name {
+            "default" => d,
+            "flux" => BridgeConfig { in_ch: 16, ..d },
+            "small" => BridgeConfig {
+                adapter_mid_channels: 32,
+                adapter_out_channels: 64,
+                width: 128,
+                depth: 2,
+                heads: 4,
+                dropout: 0.0,
+                ..d
+            },
+            "tiny" => BridgeConfig {
+                latent_size: 16,
+                grid: 4,
+                target_dim: 48,
+                adapter_mid_channels: 32,
+                adapter_out_channels: 64,
+                width: 64,
+                depth: 2,
+                heads: 4,
+                dropout: 0.0,
+                latent_shift: 0.1,
+                latent_scale: 0.5,
+                ..d
+            },
+            _ => return None,
+        })
+    }
+
+    /// A preset name, or a JSON file with config fields (missing fields take defaults).
+    pub fn from_preset_or_file(spec: &str) -> Result<Self> {
+        if let Some(cfg) = Self::preset(spec) {
+            return Ok(cfg);
+        }
+        let path = std::path::Path::new(spec);
+        if !path.is_file() {
+            return Err(Error::invalid(format!(
+                "--config {spec}: neither a preset (default, flux, small, tiny) nor a file"
+            )));
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_json(&text).map_err(|e| e.context(path.display()))
+    }
+
     pub fn tokens(&self) -> usize {
         self.grid * self.grid
     }

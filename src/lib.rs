@@ -7,13 +7,18 @@
 pub mod bridge;
 pub mod checkpoint;
 pub mod config;
+pub mod data;
 pub mod error;
 pub mod ffi;
 pub mod loss;
+pub mod metrics;
 pub mod model;
 pub mod npy;
 pub mod optim;
+pub mod plot;
 pub mod rng;
+pub mod synth;
+pub mod train;
 
 pub use bridge::{Bridge, BridgeOptions, ComputeDtype, StepStats};
 pub use config::BridgeConfig;

@@ -119,6 +119,7 @@ impl AdamW {
         &mut self,
         cfg: &OptimConfig,
         params: &[(String, Var)],
+        trainable: &[bool],
         grads: &[Tensor],
         lr: f32,
         grad_scale: f32,
@@ -130,6 +131,9 @@ impl AdamW {
         let lr = lr as f64;
         let mut updates = Vec::with_capacity(params.len());
         for (i, ((name, p), g)) in params.iter().zip(grads).enumerate() {
+            if !trainable[i] {
+                continue;
+            }
             let g = if grad_scale != 1.0 {
                 (g * grad_scale as f64)?
             } else {
@@ -145,10 +149,10 @@ impl AdamW {
             } else {
                 p.clone()
             };
-            updates.push(((decayed - step)?, m, v));
+            updates.push((i, (decayed - step)?, m, v));
         }
-        for (i, ((_, p), (new_p, m, v))) in params.iter().zip(updates).enumerate() {
-            p.set(&new_p)?;
+        for (i, new_p, m, v) in updates {
+            params[i].1.set(&new_p)?;
             self.m[i] = m;
             self.v[i] = v;
         }
@@ -193,7 +197,8 @@ mod tests {
             ..Default::default()
         };
         let mut opt = AdamW::new(&params).unwrap();
-        opt.step(&cfg, &params, &[g], 0.01, 1.0, 1).unwrap();
+        opt.step(&cfg, &params, &[true], &[g], 0.01, 1.0, 1)
+            .unwrap();
         let got = p
             .as_tensor()
             .flatten_all()

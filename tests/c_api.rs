@@ -66,7 +66,11 @@ fn c_client_round_trip_and_bad_inputs() {
         .collect();
     cfg.depth += 1;
     let misfit = dir.join("misfit.safetensors");
-    dino_bridge::checkpoint::save(&misfit, &cfg, &weights, None, None).unwrap();
+    dino_bridge::checkpoint::save(
+        &misfit,
+        &dino_bridge::checkpoint::SaveParts::weights(&cfg, &weights),
+    )
+    .unwrap();
 
     let exp = expected();
     let output = Command::new(&exe)

@@ -55,7 +55,7 @@ fn tensors_that_do_not_fit_the_config_are_named() {
         .collect();
     cfg.depth = 3; // one more block than the tensors hold
     let p = dir.join("deeper.safetensors");
-    checkpoint::save(&p, &cfg, &weights, None, None).unwrap();
+    checkpoint::save(&p, &checkpoint::SaveParts::weights(&cfg, &weights)).unwrap();
     let e = open_err(&p);
     assert_eq!(e.kind, ErrorKind::Checkpoint);
     assert!(e.message.contains("backbone.blocks.2"), "{e}");
@@ -63,7 +63,7 @@ fn tensors_that_do_not_fit_the_config_are_named() {
     cfg.depth = 2;
     cfg.target_dim = 32;
     let p = dir.join("narrow.safetensors");
-    checkpoint::save(&p, &cfg, &weights, None, None).unwrap();
+    checkpoint::save(&p, &checkpoint::SaveParts::weights(&cfg, &weights)).unwrap();
     let e = open_err(&p);
     assert!(
         e.message.contains("head.weight") && e.message.contains("shape"),

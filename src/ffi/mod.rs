@@ -114,6 +114,7 @@ fn options_from(p: &BridgeParams) -> Result<BridgeOptions> {
         seed: p.seed,
         device: p.device,
         compute_dtype,
+        frozen_prefixes: Vec::new(),
     })
 }
 

@@ -1,0 +1,358 @@
+//! `bridge-train`: trains bridges from memory-mapped `.npy` data and writes the
+//! checkpoints the library loads; also evaluates, inspects and converts them.
+
+use clap::{Args, Parser, Subcommand};
+use dino_bridge::checkpoint::{self, SaveParts};
+use dino_bridge::data::Dataset;
+use dino_bridge::loss::LossWeights;
+use dino_bridge::metrics::{DEFAULT_POOL, evaluate};
+use dino_bridge::train::{TrainArgs, evaluate_rows, train};
+use dino_bridge::{Bridge, BridgeConfig, BridgeOptions, Error, Result, npy, synth};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Parser)]
+#[command(
+    name = "bridge-train",
+    version,
+    about = "Train, evaluate and convert dino-bridge checkpoints"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a bridge on DIR/latents.npy and DIR/targets.npy.
+    Train(TrainCli),
+    /// Metrics of a checkpoint on a data folder (or of saved predictions), as JSON.
+    Eval(EvalCli),
+    /// Write a synthetic data set with learnable structure.
+    Synth {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 1000)]
+        n: usize,
+        /// Preset (default, flux, small, tiny) or a JSON config file: the data's shapes.
+        #[arg(long, default_value = "default")]
+        config: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Synthetic data + a small bridge trained on it + evaluation, on the CPU (~2 minutes).
+    Demo {
+        /// Where data, checkpoints, metrics and the plot go (default: a temporary folder).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long, default_value_t = 1400)]
+        n: usize,
+        #[arg(long, default_value_t = 6)]
+        epochs: usize,
+    },
+    /// Describe a checkpoint.
+    Info { checkpoint: PathBuf },
+    /// Convert a PyTorch .pt checkpoint to safetensors.
+    Convert {
+        #[arg(long)]
+        from: PathBuf,
+        #[arg(long)]
+        to: PathBuf,
+        /// JSON object renaming tensors {"old": "new"}; keys ending in "." rename prefixes.
+        #[arg(long)]
+        key_map: Option<PathBuf>,
+        /// Config for a .pt file that carries none (preset or JSON file).
+        #[arg(long)]
+        config: Option<String>,
+    },
+}
+
+#[derive(Args)]
+struct TrainCli {
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+    /// Preset (default, flux, small, tiny) or a JSON config file.
+    #[arg(long, default_value = "default")]
+    config: String,
+    #[arg(long, default_value_t = 10)]
+    epochs: usize,
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    #[arg(long, default_value_t = 3e-4)]
+    lr: f32,
+    #[arg(long, default_value_t = 0.05)]
+    weight_decay: f32,
+    /// Warmup steps (linear), then cosine decay to zero at the end.
+    #[arg(long, default_value_t = 200)]
+    warmup: i64,
+    #[arg(long, default_value_t = 1.0)]
+    grad_clip: f32,
+    /// Rows held out for validation.
+    #[arg(long, default_value_t = 500)]
+    val_count: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// cpu or cuda:N
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Continue from OUT/latest.safetensors.
+    #[arg(long)]
+    resume: bool,
+    /// Train only the adapter (body and head from --init-backbone stay fixed).
+    #[arg(long)]
+    freeze_backbone: bool,
+    /// Take backbone.* and head.* from this checkpoint.
+    #[arg(long)]
+    init_backbone: Option<PathBuf>,
+    /// Random horizontal flips of the latent together with the target grid.
+    #[arg(long)]
+    flip_aug: bool,
+    /// Keep an exponential moving average of the weights with this decay.
+    #[arg(long)]
+    ema: Option<f32>,
+    /// Retrieval pool of the validation metrics.
+    #[arg(long, default_value_t = DEFAULT_POOL)]
+    pool: usize,
+    /// Save OUT/latest.safetensors every N batches too (0: at epoch ends only).
+    #[arg(long, default_value_t = 200)]
+    save_every: usize,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct EvalCli {
+    #[arg(long, requires = "data")]
+    checkpoint: Option<PathBuf>,
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Score saved predictions instead of running a model (needs --targets).
+    #[arg(long, requires = "targets", conflicts_with = "checkpoint")]
+    predictions: Option<PathBuf>,
+    #[arg(long)]
+    targets: Option<PathBuf>,
+    #[arg(long, default_value_t = DEFAULT_POOL)]
+    pool: usize,
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+}
+
+fn parse_device(s: &str) -> Result<i32> {
+    if s == "cpu" {
+        return Ok(-1);
+    }
+    s.strip_prefix("cuda:")
+        .and_then(|n| n.parse::<i32>().ok())
+        .filter(|n| *n >= 0)
+        .ok_or_else(|| Error::invalid(format!("--device {s}: use cpu or cuda:N")))
+}
+
+fn train_args(c: TrainCli) -> Result<TrainArgs> {
+    Ok(TrainArgs {
+        config: BridgeConfig::from_preset_or_file(&c.config)?,
+        device: parse_device(&c.device)?,
+        data: c.data,
+        out: c.out,
+        epochs: c.epochs,
+        batch: c.batch,
+        lr: c.lr,
+        weight_decay: c.weight_decay,
+        warmup: c.warmup,
+        grad_clip: c.grad_clip,
+        val_count: c.val_count,
+        seed: c.seed,
+        resume: c.resume,
+        freeze_backbone: c.freeze_backbone,
+        init_backbone: c.init_backbone,
+        flip_aug: c.flip_aug,
+        ema: c.ema,
+        pool: c.pool,
+        save_every: c.save_every,
+        loss: LossWeights::default(),
+        progress: !c.quiet,
+    })
+}
+
+fn eval(c: EvalCli) -> Result<()> {
+    let metrics = if let Some(pred) = c.predictions {
+        let targets = c.targets.expect("clap requires --targets");
+        let load = |p: &Path| -> Result<candle_core::Tensor> {
+            let (shape, data) = npy::read_f32(p)?;
+            Ok(candle_core::Tensor::from_vec(
+                data,
+                shape,
+                &candle_core::Device::Cpu,
+            )?)
+        };
+        evaluate(
+            &load(&pred)?,
+            &load(&targets)?,
+            &LossWeights::default(),
+            c.pool,
+        )?
+    } else {
+        let (Some(ckpt), Some(data)) = (c.checkpoint, c.data) else {
+            return Err(Error::invalid(
+                "eval needs --checkpoint and --data, or --predictions and --targets",
+            ));
+        };
+        let bridge = Bridge::open(&ckpt, &BridgeOptions::default())?;
+        let data = Dataset::open(&data, bridge.config())?;
+        let rows: Vec<usize> = (0..data.len).collect();
+        evaluate_rows(
+            &bridge,
+            &data,
+            &rows,
+            c.batch,
+            c.pool,
+            &bridge.loss_weights(),
+        )?
+    };
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&metrics).expect("metrics serialise")
+    );
+    Ok(())
+}
+
+fn info(path: &Path) -> Result<()> {
+    let ckpt = checkpoint::load(path, None, None)?;
+    let c = &ckpt.config;
+    println!("{}", path.display());
+    println!("  config: {}", c.to_json());
+    println!(
+        "  {:.2}M parameters in {} tensors, {:.2} GFLOP/sample forward",
+        c.param_count() as f64 / 1e6,
+        ckpt.weights.len(),
+        c.forward_flops() as f64 / 1e9
+    );
+    println!(
+        "  optimiser state: {}",
+        if ckpt.optim.is_some() { "yes" } else { "no" }
+    );
+    println!(
+        "  weight EMA: {}",
+        if ckpt.ema.is_some() { "yes" } else { "no" }
+    );
+    if let Some(ts) = ckpt.train_state {
+        println!(
+            "  train state: {}",
+            serde_json::to_string(&ts).expect("serialises")
+        );
+    }
+    Ok(())
+}
+
+fn convert(from: &Path, to: &Path, key_map: Option<PathBuf>, config: Option<String>) -> Result<()> {
+    let map: Option<HashMap<String, String>> = match key_map {
+        Some(p) => {
+            let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+            Some(
+                serde_json::from_str(&text)
+                    .map_err(|e| Error::invalid(format!("{}: {e}", p.display())))?,
+            )
+        }
+        None => None,
+    };
+    let fallback = config
+        .map(|c| BridgeConfig::from_preset_or_file(&c))
+        .transpose()?;
+    let ckpt = checkpoint::load(from, map.as_ref(), fallback.as_ref())?;
+    let weights: Vec<_> = ckpt
+        .config
+        .param_specs()
+        .into_iter()
+        .map(|(n, _)| (n.clone(), ckpt.weights[&n].clone()))
+        .collect();
+    checkpoint::save(to, &SaveParts::weights(&ckpt.config, &weights))?;
+    println!("wrote {} ({} tensors)", to.display(), weights.len());
+    Ok(())
+}
+
+fn demo(out: Option<PathBuf>, n: usize, epochs: usize) -> Result<()> {
+    let out = out.unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("dino-bridge-demo-{}", std::process::id()))
+    });
+    let config = BridgeConfig::preset("small").expect("preset");
+    let data = out.join("data");
+    let t0 = std::time::Instant::now();
+    synth::make(&data, n, &config, 0)?;
+    println!(
+        "synthetic data: {n} rows in {} ({:.1}s)",
+        data.display(),
+        t0.elapsed().as_secs_f64()
+    );
+    let args = TrainArgs {
+        data,
+        out: out.join("run"),
+        config,
+        epochs,
+        batch: 32,
+        lr: 2e-3,
+        warmup: 30,
+        val_count: 200,
+        save_every: 0,
+        ..Default::default()
+    };
+    let records = train(&args)?;
+    let (first, last) = (&records[0].val, &records[records.len() - 1].val);
+    println!("\nvalidation curve (epoch: cosine, R@1):");
+    for r in &records {
+        println!(
+            "  {:2}: {:.4}  {:.3}",
+            r.epoch, r.val.cosine, r.val.retrieval_1
+        );
+    }
+    println!(
+        "\ncosine {:.4} -> {:.4} ({:+.4}), retrieval@1 {:.3} -> {:.3}, in {:.0}s total",
+        first.cosine,
+        last.cosine,
+        last.cosine - first.cosine,
+        first.retrieval_1,
+        last.retrieval_1,
+        t0.elapsed().as_secs_f64()
+    );
+    println!(
+        "checkpoints, metrics.jsonl and metrics.png in {}",
+        args.out.display()
+    );
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Train(c) => train(&train_args(c)?).map(drop),
+        Command::Eval(c) => eval(c),
+        Command::Synth {
+            out,
+            n,
+            config,
+            seed,
+        } => {
+            synth::make(&out, n, &BridgeConfig::from_preset_or_file(&config)?, seed)?;
+            println!("wrote {n} rows to {}", out.display());
+            Ok(())
+        }
+        Command::Demo { out, n, epochs } => demo(out, n, epochs),
+        Command::Info { checkpoint } => info(&checkpoint),
+        Command::Convert {
+            from,
+            to,
+            key_map,
+            config,
+        } => convert(&from, &to, key_map, config),
+    }
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e}");
+        std::process::exit(match e.kind {
+            dino_bridge::ErrorKind::InvalidArgument | dino_bridge::ErrorKind::Shape => 2,
+            _ => 1,
+        });
+    }
+}

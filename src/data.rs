@@ -1,0 +1,202 @@
+//! Training data: a folder with `latents.npy` `[N, C, L, L]` and `targets.npy` `[N, T, D]`
+//! (float16 or float32, C order), memory-mapped and read a batch of rows at a time, so a
+//! target file larger than memory trains fine.
+
+use crate::config::BridgeConfig;
+use crate::error::{Error, ErrorKind, Result};
+use crate::npy::{self, NpyHeader};
+use crate::rng::Rng;
+use candle_core::{Device, Tensor};
+use memmap2::Mmap;
+use std::path::{Path, PathBuf};
+
+/// One memory-mapped `.npy` array.
+pub struct NpyArray {
+    path: PathBuf,
+    header: NpyHeader,
+    map: Mmap,
+}
+
+impl NpyArray {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = std::fs::File::open(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                Error::new(ErrorKind::Io, format!("{}: file not found", path.display()))
+            }
+            _ => Error::io(path, e),
+        })?;
+        // SAFETY: read-only map; a file truncated underneath us would fault, which is the
+        // usual mmap caveat for data files nobody edits while training.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let header = npy::parse_header(&map, map.len()).map_err(|e| e.context(path.display()))?;
+        Ok(NpyArray {
+            path: path.to_path_buf(),
+            header,
+            map,
+        })
+    }
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn shape(&self) -> &[usize] {
+        &self.header.shape
+    }
+    pub fn rows(&self) -> usize {
+        self.header.shape.first().copied().unwrap_or(0)
+    }
+    fn row_elems(&self) -> usize {
+        self.header.shape[1..].iter().product()
+    }
+    /// Appends row `r` as f32 to `out`.
+    pub fn read_row(&self, r: usize, out: &mut Vec<f32>) {
+        let bytes = self.row_elems() * self.header.dtype.size();
+        let start = self.header.data_offset + r * bytes;
+        npy::to_f32(self.header.dtype, &self.map[start..start + bytes], out);
+    }
+}
+
+/// A validated data folder.
+pub struct Dataset {
+    pub latents: NpyArray,
+    pub targets: NpyArray,
+    pub len: usize,
+}
+
+/// A batch ready for a train step, with the rows dropped for non-finite values.
+pub struct Batch {
+    pub latents: Tensor,
+    pub targets: Tensor,
+    pub rows: Vec<usize>,
+    pub dropped: usize,
+}
+
+impl Dataset {
+    /// Opens `dir/latents.npy` and `dir/targets.npy` and checks them against `config`.
+    pub fn open(dir: &Path, config: &BridgeConfig) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::new(
+                ErrorKind::Io,
+                format!("{}: data folder not found", dir.display()),
+            ));
+        }
+        let latents = NpyArray::open(&dir.join("latents.npy"))?;
+        let targets = NpyArray::open(&dir.join("targets.npy"))?;
+
+        let c = config;
+        let want_lat = [c.in_ch, c.latent_size, c.latent_size];
+        if latents.shape().len() != 4 || latents.shape()[1..] != want_lat {
+            return Err(Error::shape(format!(
+                "{}: shape {:?}; expected [N, {}, {}, {}]",
+                latents.path().display(),
+                latents.shape(),
+                c.in_ch,
+                c.latent_size,
+                c.latent_size
+            )));
+        }
+        let want_tgt = [c.tokens(), c.target_dim];
+        if targets.shape().len() != 3 || targets.shape()[1..] != want_tgt {
+            return Err(Error::shape(format!(
+                "{}: shape {:?}; expected [N, {}, {}]",
+                targets.path().display(),
+                targets.shape(),
+                c.tokens(),
+                c.target_dim
+            )));
+        }
+        if latents.rows() != targets.rows() {
+            return Err(Error::shape(format!(
+                "{} has {} rows but {} has {}",
+                latents.path().display(),
+                latents.rows(),
+                targets.path().display(),
+                targets.rows()
+            )));
+        }
+        if latents.rows() == 0 {
+            return Err(Error::shape(format!(
+                "{}: no rows",
+                latents.path().display()
+            )));
+        }
+        let len = latents.rows();
+        Ok(Dataset {
+            latents,
+            targets,
+            len,
+        })
+    }
+
+    /// Reads `rows` into tensors on `device`. Rows with a NaN or infinity in either file
+    /// are left out and counted in `dropped`. `flips[i]` mirrors row `i` left-right: the
+    /// latent's width axis and the columns of the target token grid together.
+    pub fn batch(&self, rows: &[usize], flips: Option<&[bool]>, device: &Device) -> Result<Batch> {
+        let (ln, tn) = (self.latents.row_elems(), self.targets.row_elems());
+        let mut lat = Vec::with_capacity(rows.len() * ln);
+        let mut tgt = Vec::with_capacity(rows.len() * tn);
+        let mut kept = Vec::with_capacity(rows.len());
+        let side = self.latents.shape()[3];
+        let (tokens, dim) = (self.targets.shape()[1], self.targets.shape()[2]);
+        let grid = (tokens as f64).sqrt() as usize;
+        for (i, &r) in rows.iter().enumerate() {
+            let (l0, t0) = (lat.len(), tgt.len());
+            self.latents.read_row(r, &mut lat);
+            self.targets.read_row(r, &mut tgt);
+            if flips.is_some_and(|f| f[i]) {
+                lat[l0..]
+                    .chunks_exact_mut(side)
+                    .for_each(|line| line.reverse());
+                flip_grid(&mut tgt[t0..], grid, dim);
+            }
+            if lat[l0..].iter().chain(&tgt[t0..]).all(|v| v.is_finite()) {
+                kept.push(r);
+            } else {
+                lat.truncate(l0);
+                tgt.truncate(t0);
+            }
+        }
+        let b = kept.len();
+        let mut lshape = vec![b];
+        lshape.extend_from_slice(&self.latents.shape()[1..]);
+        let mut tshape = vec![b];
+        tshape.extend_from_slice(&self.targets.shape()[1..]);
+        Ok(Batch {
+            latents: Tensor::from_vec(lat, lshape, device)?,
+            targets: Tensor::from_vec(tgt, tshape, device)?,
+            dropped: rows.len() - b,
+            rows: kept,
+        })
+    }
+}
+
+/// Mirrors a row-major `grid x grid` token map `[grid*grid, dim]` left-right.
+fn flip_grid(tokens: &mut [f32], grid: usize, dim: usize) {
+    for row in tokens.chunks_exact_mut(grid * dim) {
+        for c in 0..grid / 2 {
+            let (left, right) = row.split_at_mut((grid - 1 - c) * dim);
+            left[c * dim..(c + 1) * dim].swap_with_slice(&mut right[..dim]);
+        }
+    }
+}
+
+/// Deterministic split: a seeded permutation of `0..n`; the last `val_count` rows of it
+/// validate, the rest train (both returned sorted).
+pub fn split(n: usize, val_count: usize, seed: u64) -> (Vec<usize>, Vec<usize>) {
+    let mut order: Vec<usize> = (0..n).collect();
+    Rng::new(seed ^ SPLIT_SALT).shuffle(&mut order);
+    let val_count = val_count.min(n.saturating_sub(1));
+    let mut val = order.split_off(n - val_count);
+    order.sort_unstable();
+    val.sort_unstable();
+    (order, val)
+}
+
+/// The order of the training rows in `epoch`: a permutation seeded by (seed, epoch), so a
+/// resumed run sees the same batches.
+pub fn epoch_order(train_rows: &[usize], seed: u64, epoch: usize) -> Vec<usize> {
+    let mut order = train_rows.to_vec();
+    Rng::new(seed ^ (epoch as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)).shuffle(&mut order);
+    order
+}
+
+const SPLIT_SALT: u64 = 0x5917_7a11_0000_0001;

@@ -1,0 +1,491 @@
+//! The training loop behind `bridge-train train`: memory-mapped data in shuffled batches,
+//! AdamW with warmup + cosine, dropout, optional flip augmentation and weight EMA, a
+//! validation pass each epoch, and atomic checkpoints that a resumed run continues from
+//! exactly.
+
+use crate::bridge::{Bridge, BridgeOptions, init_weights};
+use crate::checkpoint::{self, Checkpoint, SaveParts};
+use crate::config::BridgeConfig;
+use crate::data::{Dataset, epoch_order, split};
+use crate::error::{Error, ErrorKind, Result};
+use crate::loss::LossWeights;
+use crate::metrics::{Metrics, evaluate};
+use crate::optim::OptimConfig;
+use crate::rng::Rng;
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Clone, Debug)]
+pub struct TrainArgs {
+    pub data: PathBuf,
+    pub out: PathBuf,
+    pub config: BridgeConfig,
+    pub epochs: usize,
+    pub batch: usize,
+    pub lr: f32,
+    pub weight_decay: f32,
+    pub warmup: i64,
+    pub grad_clip: f32,
+    pub val_count: usize,
+    pub seed: u64,
+    pub device: i32,
+    pub resume: bool,
+    pub freeze_backbone: bool,
+    pub init_backbone: Option<PathBuf>,
+    pub flip_aug: bool,
+    pub ema: Option<f32>,
+    /// Retrieval pool of the validation metrics.
+    pub pool: usize,
+    /// Also save `latest` every this many batches (0: at epoch ends only).
+    pub save_every: usize,
+    pub loss: LossWeights,
+    pub progress: bool,
+}
+
+impl Default for TrainArgs {
+    fn default() -> Self {
+        TrainArgs {
+            data: PathBuf::new(),
+            out: PathBuf::new(),
+            config: BridgeConfig::default(),
+            epochs: 10,
+            batch: 32,
+            lr: 3e-4,
+            weight_decay: 0.05,
+            warmup: 200,
+            grad_clip: 1.0,
+            val_count: 500,
+            seed: 0,
+            device: -1,
+            resume: false,
+            freeze_backbone: false,
+            init_backbone: None,
+            flip_aug: false,
+            ema: None,
+            pool: crate::metrics::DEFAULT_POOL,
+            save_every: 200,
+            loss: LossWeights::default(),
+            progress: true,
+        }
+    }
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EpochRecord {
+    /// Completed epochs (0: before training).
+    pub epoch: usize,
+    pub step: i64,
+    pub train_loss: Option<f64>,
+    pub lr: f32,
+    pub samples_per_s: Option<f64>,
+    pub seconds: f64,
+    /// Steps skipped for a non-finite loss or gradient in this epoch.
+    pub skipped_steps: usize,
+    /// Data rows left out for non-finite values in this epoch.
+    pub dropped_rows: usize,
+    pub val: Metrics,
+    pub val_ema: Option<Metrics>,
+}
+
+const PARAM_GROUP_BODY: [&str; 2] = ["backbone.", "head."];
+
+/// Predictions for `rows` in batches, then the metrics against their targets.
+pub fn evaluate_rows(
+    bridge: &Bridge,
+    data: &Dataset,
+    rows: &[usize],
+    batch: usize,
+    pool: usize,
+    weights: &LossWeights,
+) -> Result<Metrics> {
+    let mut preds = Vec::new();
+    let mut targets = Vec::new();
+    for chunk in rows.chunks(batch.max(1)) {
+        let b = data.batch(chunk, None, bridge.device())?;
+        if b.rows.is_empty() {
+            continue;
+        }
+        preds.push(bridge.forward(&b.latents)?);
+        targets.push(b.targets);
+    }
+    if preds.is_empty() {
+        return Err(Error::shape("evaluation: no finite rows to evaluate"));
+    }
+    evaluate(
+        &Tensor::cat(&preds, 0)?,
+        &Tensor::cat(&targets, 0)?,
+        weights,
+        pool,
+    )
+}
+
+fn bridge_options(args: &TrainArgs, config: BridgeConfig, total_steps: i64) -> BridgeOptions {
+    BridgeOptions {
+        config,
+        loss: args.loss,
+        optim: OptimConfig {
+            lr: args.lr,
+            weight_decay: args.weight_decay,
+            warmup_steps: args.warmup,
+            total_steps,
+            grad_clip: args.grad_clip,
+            ..Default::default()
+        },
+        seed: args.seed,
+        device: args.device,
+        frozen_prefixes: if args.freeze_backbone {
+            PARAM_GROUP_BODY.iter().map(|s| s.to_string()).collect()
+        } else {
+            Vec::new()
+        },
+        ..Default::default()
+    }
+}
+
+/// Fresh weights, with the body and head taken from `init_backbone` when given.
+fn fresh_checkpoint(args: &TrainArgs) -> Result<Checkpoint> {
+    let mut weights = init_weights(&args.config, args.seed)?;
+    if let Some(path) = &args.init_backbone {
+        let donor = checkpoint::load(path, None, None)?;
+        let mut taken = 0;
+        for (name, t) in donor.weights {
+            if PARAM_GROUP_BODY.iter().any(|p| name.starts_with(p)) {
+                let mine = weights.get(&name).ok_or_else(|| {
+                    Error::invalid(format!(
+                        "--init-backbone {}: `{name}` is not in this config",
+                        path.display()
+                    ))
+                })?;
+                if mine.dims() != t.dims() {
+                    return Err(Error::invalid(format!(
+                        "--init-backbone {}: `{name}` has shape {:?}, this config needs {:?}",
+                        path.display(),
+                        t.dims(),
+                        mine.dims()
+                    )));
+                }
+                weights.insert(name, t);
+                taken += 1;
+            }
+        }
+        println!(
+            "init-backbone: {taken} body and head tensors from {}",
+            path.display()
+        );
+    } else if args.freeze_backbone {
+        return Err(Error::invalid(
+            "--freeze-backbone needs --init-backbone (a frozen random body learns nothing)",
+        ));
+    }
+    Ok(Checkpoint {
+        config: args.config.clone(),
+        weights,
+        optim: None,
+        ema: None,
+        train_state: None,
+    })
+}
+
+/// Keeps the lines of `metrics.jsonl` up to `epoch` (a resumed run rewrites the rest).
+fn trim_metrics(path: &Path, epoch: i64) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["epoch"].as_i64())
+                .is_some_and(|e| e <= epoch)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    checkpoint::write_atomic(path, kept.as_bytes())
+}
+
+fn append_line(path: &Path, line: &str) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    writeln!(f, "{line}").map_err(|e| Error::io(path, e))
+}
+
+/// Runs the training; returns the per-epoch records (also in `OUT/metrics.jsonl`).
+pub fn train(args: &TrainArgs) -> Result<Vec<EpochRecord>> {
+    if args.batch == 0 || args.epochs == 0 {
+        return Err(Error::invalid("--batch and --epochs must be > 0"));
+    }
+    if let Some(d) = args.ema {
+        if !(0.0..1.0).contains(&d) {
+            return Err(Error::invalid(format!(
+                "--ema {d}: the decay must be in [0, 1)"
+            )));
+        }
+    }
+    std::fs::create_dir_all(&args.out).map_err(|e| Error::io(&args.out, e))?;
+    let latest = args.out.join("latest.safetensors");
+    let metrics_path = args.out.join("metrics.jsonl");
+
+    // Where we start: a resumed checkpoint or fresh weights.
+    let resumed = if args.resume {
+        if !latest.is_file() {
+            return Err(Error::new(
+                ErrorKind::Io,
+                format!("--resume: {} not found", latest.display()),
+            ));
+        }
+        Some(checkpoint::load(&latest, None, None)?)
+    } else {
+        None
+    };
+    let config = resumed
+        .as_ref()
+        .map_or_else(|| args.config.clone(), |c| c.config.clone());
+    let data = Dataset::open(&args.data, &config)?;
+    let (train_rows, val_rows) = split(data.len, args.val_count, args.seed);
+    if train_rows.is_empty() || val_rows.is_empty() {
+        return Err(Error::invalid(format!(
+            "{} rows cannot be split into training and {} validation rows",
+            data.len, args.val_count
+        )));
+    }
+    let per_epoch = train_rows.len().div_ceil(args.batch);
+    let total = (per_epoch * args.epochs) as i64;
+    let opts = bridge_options(args, config.clone(), total);
+    let (bridge, mut ema) = match resumed {
+        Some(mut ckpt) => {
+            let ema = ckpt.ema.take().map(|m| {
+                config
+                    .param_specs()
+                    .iter()
+                    .map(|(n, _)| m[n].clone())
+                    .collect::<Vec<Tensor>>()
+            });
+            let ts = ckpt.train_state.clone().unwrap_or_default();
+            trim_metrics(&metrics_path, ts.epoch)?;
+            println!(
+                "resuming from {} at epoch {}, batch {}",
+                latest.display(),
+                ts.epoch,
+                ts.position
+            );
+            (Bridge::from_checkpoint(ckpt, &opts)?, ema)
+        }
+        None => {
+            let _ = std::fs::remove_file(&metrics_path);
+            (
+                Bridge::from_checkpoint(fresh_checkpoint(args)?, &opts)?,
+                None,
+            )
+        }
+    };
+    let mut ema = ema.take().unwrap_or_default();
+    let device = bridge.device().clone();
+    println!(
+        "data: {} rows ({} train, {} val), {} batches/epoch of {}; model {:.1}M parameters",
+        data.len,
+        train_rows.len(),
+        val_rows.len(),
+        per_epoch,
+        args.batch,
+        config.param_count() as f64 / 1e6
+    );
+
+    let eval = |b: &Bridge| evaluate_rows(b, &data, &val_rows, args.batch, args.pool, &args.loss);
+    let eval_ema = |ema: &[Tensor]| -> Result<Option<Metrics>> {
+        if args.ema.is_none() || ema.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(eval(&ema_bridge(&config, ema, &opts)?)?))
+    };
+    let mut records = Vec::new();
+    let start_state = bridge.train_state();
+    let mut position = start_state.position as usize;
+    if position == 0 && start_state.epoch == 0 {
+        let t0 = Instant::now();
+        let val = eval(&bridge)?;
+        let rec = EpochRecord {
+            epoch: 0,
+            step: 0,
+            train_loss: None,
+            lr: 0.0,
+            samples_per_s: None,
+            seconds: t0.elapsed().as_secs_f64(),
+            skipped_steps: 0,
+            dropped_rows: 0,
+            val_ema: None,
+            val,
+        };
+        report(&rec);
+        append_line(&metrics_path, &serde_json::to_string(&rec).unwrap())?;
+        records.push(rec);
+    }
+
+    let mut best = start_state.best_metric;
+    while position < per_epoch * args.epochs {
+        let epoch = position / per_epoch;
+        let order = epoch_order(&train_rows, args.seed, epoch);
+        let bar = progress_bar(args.progress, per_epoch, epoch + 1, args.epochs);
+        bar.set_position((position % per_epoch) as u64);
+        let t0 = Instant::now();
+        let (mut loss_sum, mut steps, mut samples, mut skipped, mut dropped) =
+            (0f64, 0usize, 0usize, 0usize, 0usize);
+        let mut lr = 0f32;
+        for b in (position % per_epoch)..per_epoch {
+            let rows = &order[b * args.batch..((b + 1) * args.batch).min(order.len())];
+            let flips = args.flip_aug.then(|| {
+                let mut rng = Rng::new(
+                    args.seed ^ 0xf11f_0000 ^ (position as u64).wrapping_mul(0x2545_f491_4f6c_dd1d),
+                );
+                rows.iter()
+                    .map(|_| rng.uniform() < 0.5)
+                    .collect::<Vec<bool>>()
+            });
+            let batch = data.batch(rows, flips.as_deref(), &device)?;
+            dropped += batch.dropped;
+            if !batch.rows.is_empty() {
+                let s = bridge.train_step(&batch.latents, &batch.targets)?;
+                lr = s.lr;
+                if s.skipped {
+                    skipped += 1;
+                } else {
+                    loss_sum += s.loss as f64;
+                    steps += 1;
+                    samples += batch.rows.len();
+                    if let Some(decay) = args.ema {
+                        bridge.update_ema(&mut ema, decay)?;
+                    }
+                }
+                bar.set_message(format!(
+                    "loss {:.4}  {:.1} samples/s",
+                    s.loss,
+                    samples as f64 / t0.elapsed().as_secs_f64()
+                ));
+            }
+            position += 1;
+            bridge.update_train_state(|ts| {
+                ts.position = position as i64;
+                ts.dropped_rows += batch.dropped as i64;
+            });
+            bar.inc(1);
+            if args.save_every > 0 && position % args.save_every == 0 && position % per_epoch != 0 {
+                bridge.save_training(&latest, (!ema.is_empty()).then_some(ema.as_slice()))?;
+            }
+        }
+        bar.finish_and_clear();
+        let train_secs = t0.elapsed().as_secs_f64();
+        let val = eval(&bridge)?;
+        let val_ema = eval_ema(&ema)?;
+        let rec = EpochRecord {
+            epoch: epoch + 1,
+            step: bridge.step(),
+            train_loss: (steps > 0).then(|| loss_sum / steps as f64),
+            lr,
+            samples_per_s: Some(samples as f64 / train_secs),
+            seconds: t0.elapsed().as_secs_f64(),
+            skipped_steps: skipped,
+            dropped_rows: dropped,
+            val: val.clone(),
+            val_ema: val_ema.clone(),
+        };
+        report(&rec);
+        // The model that counts: the moving average when there is one.
+        let judged = val_ema.as_ref().unwrap_or(&val).loss;
+        let improved = best.is_none_or(|b| judged < b);
+        if improved {
+            best = Some(judged);
+        }
+        bridge.update_train_state(|ts| {
+            ts.epoch = (epoch + 1) as i64;
+            ts.best_metric = best;
+        });
+        let ema_slice = (!ema.is_empty()).then_some(ema.as_slice());
+        let weights_file = |path: &Path| -> Result<()> {
+            match ema_slice {
+                Some(e) => {
+                    let named: Vec<(String, Tensor)> = config
+                        .param_specs()
+                        .into_iter()
+                        .map(|(n, _)| n)
+                        .zip(e.iter().cloned())
+                        .collect();
+                    checkpoint::save(path, &SaveParts::weights(&config, &named))
+                }
+                None => bridge.save_weights(path),
+            }
+        };
+        weights_file(&args.out.join(format!("epoch_{:03}.safetensors", epoch + 1)))?;
+        if improved {
+            weights_file(&args.out.join("best.safetensors"))?;
+        }
+        append_line(&metrics_path, &serde_json::to_string(&rec).unwrap())?;
+        bridge.save_training(&latest, ema_slice)?;
+        records.push(rec);
+    }
+    if let Err(e) = crate::plot::plot_metrics(&metrics_path, &args.out.join("metrics.png")) {
+        eprintln!("warning: no plot: {e}");
+    }
+    Ok(records)
+}
+
+/// An evaluation-only bridge over the moving-average weights.
+fn ema_bridge(config: &BridgeConfig, ema: &[Tensor], opts: &BridgeOptions) -> Result<Bridge> {
+    let weights: HashMap<String, Tensor> = config
+        .param_specs()
+        .into_iter()
+        .map(|(n, _)| n)
+        .zip(ema.iter().cloned())
+        .collect();
+    let ckpt = Checkpoint {
+        config: config.clone(),
+        weights,
+        optim: None,
+        ema: None,
+        train_state: None,
+    };
+    Bridge::from_checkpoint(ckpt, opts)
+}
+
+fn progress_bar(enabled: bool, len: usize, epoch: usize, epochs: usize) -> indicatif::ProgressBar {
+    if !enabled {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "epoch {prefix} [{bar:30}] {pos}/{len} batches  {msg}  ETA {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(format!("{epoch}/{epochs}"));
+    bar
+}
+
+fn report(r: &EpochRecord) {
+    let v = r.val_ema.as_ref().unwrap_or(&r.val);
+    println!(
+        "epoch {:3}  step {:6}  train_loss {}  val_loss {:.4}  cosine {:.4}  nmse {:.4}  R@1 {:.3}  R@5 {:.3}  self_sim {:.3}{}{}",
+        r.epoch,
+        r.step,
+        r.train_loss
+            .map_or("   -   ".to_string(), |l| format!("{l:.4}")),
+        v.loss,
+        v.cosine,
+        v.nmse,
+        v.retrieval_1,
+        v.retrieval_5,
+        v.self_sim,
+        r.samples_per_s
+            .map_or(String::new(), |s| format!("  {s:.1} samples/s")),
+        if r.val_ema.is_some() { "  (EMA)" } else { "" },
+    );
+}
