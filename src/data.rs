@@ -200,3 +200,35 @@ pub fn epoch_order(train_rows: &[usize], seed: u64, epoch: usize) -> Vec<usize> 
 }
 
 const SPLIT_SALT: u64 = 0x5917_7a11_0000_0001;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flipping_mirrors_columns_and_twice_is_identity() {
+        // 2x2 grid of 1-dim tokens: [a b; c d] -> [b a; d c]
+        let mut t = vec![1.0, 2.0, 3.0, 4.0];
+        flip_grid(&mut t, 2, 1);
+        assert_eq!(t, [2.0, 1.0, 4.0, 3.0]);
+        let orig: Vec<f32> = (0..3 * 3 * 2).map(|v| v as f32).collect();
+        let mut t = orig.clone();
+        flip_grid(&mut t, 3, 2);
+        assert_eq!(&t[..6], &[4.0, 5.0, 2.0, 3.0, 0.0, 1.0]);
+        flip_grid(&mut t, 3, 2);
+        assert_eq!(t, orig);
+    }
+
+    #[test]
+    fn split_is_deterministic_and_disjoint() {
+        let (a, b) = split(100, 10, 3);
+        assert_eq!((a.len(), b.len()), (90, 10));
+        assert!(b.iter().all(|r| !a.contains(r)));
+        assert_eq!(split(100, 10, 3), (a, b.clone()));
+        assert_ne!(split(100, 10, 4).1, b);
+        assert_ne!(
+            epoch_order(&(0..50).collect::<Vec<_>>(), 1, 0),
+            epoch_order(&(0..50).collect::<Vec<_>>(), 1, 1)
+        );
+    }
+}

@@ -44,6 +44,8 @@ pub struct TrainArgs {
     pub save_every: usize,
     pub loss: LossWeights,
     pub progress: bool,
+    /// Stop each epoch after this many batches (smoke tests, benchmarks).
+    pub limit_batches: Option<usize>,
 }
 
 impl Default for TrainArgs {
@@ -70,6 +72,7 @@ impl Default for TrainArgs {
             save_every: 200,
             loss: LossWeights::default(),
             progress: true,
+            limit_batches: None,
         }
     }
 }
@@ -231,6 +234,7 @@ pub fn train(args: &TrainArgs) -> Result<Vec<EpochRecord>> {
         }
     }
     std::fs::create_dir_all(&args.out).map_err(|e| Error::io(&args.out, e))?;
+    remove_stale_temporaries(&args.out);
     let latest = args.out.join("latest.safetensors");
     let metrics_path = args.out.join("metrics.jsonl");
 
@@ -257,7 +261,10 @@ pub fn train(args: &TrainArgs) -> Result<Vec<EpochRecord>> {
             data.len, args.val_count
         )));
     }
-    let per_epoch = train_rows.len().div_ceil(args.batch);
+    let per_epoch = train_rows
+        .len()
+        .div_ceil(args.batch)
+        .min(args.limit_batches.unwrap_or(usize::MAX).max(1));
     let total = (per_epoch * args.epochs) as i64;
     let opts = bridge_options(args, config.clone(), total);
     let (bridge, mut ema) = match resumed {
@@ -434,6 +441,19 @@ pub fn train(args: &TrainArgs) -> Result<Vec<EpochRecord>> {
         eprintln!("warning: no plot: {e}");
     }
     Ok(records)
+}
+
+/// Temporary files of saves that a killed run left behind (`.NAME.tmp-PID-N`).
+fn remove_stale_temporaries(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && name.contains(".tmp-") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 /// An evaluation-only bridge over the moving-average weights.

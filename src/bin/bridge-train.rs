@@ -121,6 +121,9 @@ struct TrainCli {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Stop each epoch after N batches (smoke tests, benchmarks).
+    #[arg(long)]
+    limit_batches: Option<usize>,
 }
 
 #[derive(Args)]
@@ -173,6 +176,7 @@ fn train_args(c: TrainCli) -> Result<TrainArgs> {
         save_every: c.save_every,
         loss: LossWeights::default(),
         progress: !c.quiet,
+        limit_batches: c.limit_batches,
     })
 }
 

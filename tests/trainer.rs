@@ -1,0 +1,451 @@
+//! `bridge-train` as a user runs it: eval on the fixtures, resume after `kill -9`, kills
+//! during checkpoint writes, bad data folders, and the adapter-only (frozen body) mode.
+
+mod common;
+
+use common::*;
+use dino_bridge::checkpoint;
+use dino_bridge::npy::header_bytes;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_bridge-train"))
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap();
+    out
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn synth(dir: &Path, n: usize, config: &str) {
+    let out = run(bin()
+        .args(["synth", "--n", &n.to_string(), "--config", config, "--out"])
+        .arg(dir));
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+fn train_cmd(data: &Path, out: &Path, extra: &[&str]) -> Command {
+    train_cmd_with("tiny", data, out, extra)
+}
+
+fn train_cmd_with(config: &str, data: &Path, out: &Path, extra: &[&str]) -> Command {
+    let mut cmd = bin();
+    cmd.args([
+        "train",
+        "--config",
+        config,
+        "--quiet",
+        "--batch",
+        "8",
+        "--val-count",
+        "40",
+        "--pool",
+        "40",
+    ])
+    .args(["--seed", "5", "--warmup", "5", "--lr", "1e-3", "--data"])
+    .arg(data)
+    .arg("--out")
+    .arg(out)
+    .args(extra);
+    cmd
+}
+
+/// Every tensor of a checkpoint (weights, optimiser, EMA) as raw values, by name.
+fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut all: Vec<(String, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.data().to_vec()))
+        .collect();
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    all
+}
+
+fn epochs_logged(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn eval_reproduces_the_fixture_metrics() {
+    let fx = fixtures();
+    for (pool, key) in [
+        ("2200", "eval_metrics_pool2200"),
+        ("5", "eval_metrics_pool5"),
+    ] {
+        let out = run(bin()
+            .args(["eval", "--pool", pool, "--predictions"])
+            .arg(fx.join("eval_pred.npy"))
+            .arg("--targets")
+            .arg(fx.join("eval_target.npy")));
+        assert!(out.status.success(), "{}", text(&out));
+        let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let want = &expected()[key];
+        for name in ["cosine", "nmse", "self_sim"] {
+            assert_scalar(
+                name,
+                got[name].as_f64().unwrap(),
+                want[name].as_f64().unwrap(),
+            );
+        }
+        for name in ["retrieval@1", "retrieval@5", "retrieval@10"] {
+            assert_eq!(got[name], want[name], "{key}.{name}");
+        }
+    }
+    // The f16 data folder holds the fixture model's own outputs as targets.
+    let out = run(bin()
+        .args(["eval", "--checkpoint"])
+        .arg(fx.join("model.safetensors"))
+        .arg("--data")
+        .arg(fx.join("data_f16")));
+    assert!(out.status.success(), "{}", text(&out));
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(got["cosine"].as_f64().unwrap() > 0.9999, "{got}");
+    assert_eq!(got["retrieval@1"].as_f64().unwrap(), 1.0);
+}
+
+#[test]
+fn a_run_killed_mid_epoch_resumes_to_the_same_weights() {
+    let dir = tmp_dir("kill-resume");
+    let data = dir.join("data");
+    synth(&data, 1000, "tiny");
+    let extra = [
+        "--epochs",
+        "2",
+        "--save-every",
+        "3",
+        "--flip-aug",
+        "--ema",
+        "0.9",
+    ];
+
+    let straight = dir.join("straight");
+    let out = run(&mut train_cmd(&data, &straight, &extra));
+    assert!(out.status.success(), "{}", text(&out));
+
+    let killed = dir.join("killed");
+    let mut child = train_cmd(&data, &killed, &extra)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !killed.join("latest.safetensors").exists() {
+        assert!(Instant::now() < deadline, "no checkpoint appeared");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the run finished before it could be killed"
+    );
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let state = checkpoint::load(&killed.join("latest.safetensors"), None, None)
+        .unwrap()
+        .train_state
+        .unwrap();
+    assert!(
+        state.epoch == 0 && state.position > 0,
+        "killed at {state:?}: not mid-epoch"
+    );
+
+    let out = run(&mut train_cmd(
+        &data,
+        &killed,
+        &[&extra[..], &["--resume"]].concat(),
+    ));
+    assert!(
+        out.status.success() && text(&out).contains("resuming"),
+        "{}",
+        text(&out)
+    );
+
+    let (a, b) = (
+        tensors(&straight.join("latest.safetensors")),
+        tensors(&killed.join("latest.safetensors")),
+    );
+    assert_eq!(a.len(), b.len());
+    assert!(
+        a.iter().any(|(n, _)| n.starts_with("ema."))
+            && a.iter().any(|(n, _)| n.starts_with("optim."))
+    );
+    for ((na, va), (nb, vb)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        assert!(
+            va == vb,
+            "{na} differs between the straight and the resumed run"
+        );
+    }
+    let (la, lb) = (epochs_logged(&straight), epochs_logged(&killed));
+    assert_eq!(la.len(), 3);
+    assert_eq!(lb.len(), 3, "resumed metrics.jsonl: {lb:?}");
+    assert_eq!(la[2]["val"], lb[2]["val"]);
+    assert!(straight.join("metrics.png").is_file() && straight.join("best.safetensors").is_file());
+    assert!(straight.join("epoch_002.safetensors").is_file());
+}
+
+#[test]
+fn kills_during_checkpoint_writes_never_leave_a_broken_latest() {
+    let dir = tmp_dir("kill-save");
+    let data = dir.join("data");
+    synth(&data, 300, "small");
+    let out_dir = dir.join("run");
+    let mut seen = 0;
+    for i in 0..12u64 {
+        let mut cmd = bin();
+        cmd.args([
+            "train",
+            "--config",
+            "small",
+            "--quiet",
+            "--batch",
+            "2",
+            "--val-count",
+            "20",
+            "--pool",
+            "20",
+        ])
+        .args(["--epochs", "50", "--save-every", "1", "--data"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&out_dir)
+        .stdout(std::process::Stdio::null());
+        if out_dir.join("latest.safetensors").exists() {
+            cmd.arg("--resume");
+        }
+        let mut child = cmd.spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(700 + 97 * (i % 7)));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let latest = out_dir.join("latest.safetensors");
+        if latest.exists() {
+            seen += 1;
+            let ckpt = checkpoint::load(&latest, None, None)
+                .unwrap_or_else(|e| panic!("kill {i}: latest does not load: {e}"));
+            assert!(ckpt.optim.is_some() && ckpt.train_state.is_some());
+        }
+    }
+    assert!(seen >= 6, "only {seen} kills came after a first checkpoint");
+}
+
+fn write_npy(path: &Path, descr: &str, shape: &[usize], fortran: bool, bytes_per: usize) {
+    let mut header = header_bytes(descr, shape);
+    if fortran {
+        let at = header.windows(5).position(|w| w == b"False").unwrap();
+        header[at..at + 5].copy_from_slice(b"True ");
+    }
+    let n: usize = shape.iter().product();
+    header.extend(vec![0u8; n * bytes_per]);
+    std::fs::write(path, header).unwrap();
+}
+
+fn bad_data_error(name: &str, setup: impl FnOnce(&Path)) -> String {
+    let dir = tmp_dir(&format!("bad-data-{name}"));
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    setup(&data);
+    let out = run(&mut train_cmd(&data, &dir.join("run"), &["--epochs", "1"]));
+    assert!(!out.status.success(), "{name}: training accepted bad data");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!err.contains("panicked"), "{name}: {err}");
+    err
+}
+
+#[test]
+fn bad_data_gets_an_error_naming_the_file_and_the_problem() {
+    let lat =
+        |d: &Path, n: usize| write_npy(&d.join("latents.npy"), "<f4", &[n, 4, 16, 16], false, 4);
+    let tgt = |d: &Path, n: usize| write_npy(&d.join("targets.npy"), "<f2", &[n, 16, 48], false, 2);
+    let cases: Vec<(&str, Box<dyn FnOnce(&Path)>, &str)> = vec![
+        (
+            "missing",
+            Box::new(move |d: &Path| lat(d, 50)),
+            "targets.npy: file not found",
+        ),
+        (
+            "rows",
+            Box::new(move |d: &Path| {
+                lat(d, 50);
+                tgt(d, 49)
+            }),
+            "has 50 rows but",
+        ),
+        (
+            "shape",
+            Box::new(move |d: &Path| {
+                write_npy(&d.join("latents.npy"), "<f4", &[50, 4, 8, 8], false, 4);
+                tgt(d, 50)
+            }),
+            "latents.npy: shape [50, 4, 8, 8]; expected [N, 4, 16, 16]",
+        ),
+        (
+            "dtype",
+            Box::new(move |d: &Path| {
+                lat(d, 50);
+                write_npy(&d.join("targets.npy"), "<i4", &[50, 16, 48], false, 4)
+            }),
+            "targets.npy: not a supported .npy file: dtype '<i4'",
+        ),
+        (
+            "fortran",
+            Box::new(move |d: &Path| {
+                write_npy(&d.join("latents.npy"), "<f4", &[50, 4, 16, 16], true, 4);
+                tgt(d, 50)
+            }),
+            "latents.npy: not a supported .npy file: Fortran order",
+        ),
+        (
+            "truncated",
+            Box::new(move |d: &Path| {
+                lat(d, 50);
+                tgt(d, 50);
+                let p = d.join("targets.npy");
+                let len = std::fs::metadata(&p).unwrap().len();
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&p)
+                    .unwrap()
+                    .set_len(len - 100)
+                    .unwrap();
+            }),
+            "targets.npy: not a supported .npy file: truncated",
+        ),
+    ];
+    for (name, setup, want) in cases {
+        let err = bad_data_error(name, setup);
+        assert!(
+            err.contains(want),
+            "{name}: error was {err:?}, want {want:?}"
+        );
+    }
+}
+
+#[test]
+fn non_finite_rows_are_skipped_and_counted() {
+    let dir = tmp_dir("nan-rows");
+    let data = dir.join("data");
+    synth(&data, 200, "tiny");
+    // Poison rows 3 and 7 of the targets (float16 NaN = 0x7e00).
+    let p = data.join("targets.npy");
+    let mut bytes = std::fs::read(&p).unwrap();
+    let header = dino_bridge::npy::parse_header(&bytes, bytes.len()).unwrap();
+    for row in [3usize, 7] {
+        let at = header.data_offset + row * 16 * 48 * 2 + 10;
+        bytes[at..at + 2].copy_from_slice(&[0x00, 0x7e]);
+    }
+    std::fs::write(&p, &bytes).unwrap();
+    let (train_rows, _) = dino_bridge::data::split(200, 40, 5);
+    let poisoned_in_train = [3usize, 7]
+        .iter()
+        .filter(|r| train_rows.contains(r))
+        .count();
+    let run_dir = dir.join("run");
+    let out = run(&mut train_cmd(&data, &run_dir, &["--epochs", "2"]));
+    assert!(out.status.success(), "{}", text(&out));
+    let log = epochs_logged(&run_dir);
+    for rec in &log[1..] {
+        assert_eq!(
+            rec["dropped_rows"].as_u64().unwrap() as usize,
+            poisoned_in_train,
+            "{rec}"
+        );
+        assert!(rec["val"]["loss"].as_f64().unwrap().is_finite());
+        assert!(rec["train_loss"].as_f64().unwrap().is_finite());
+    }
+}
+
+#[test]
+fn a_new_adapter_trains_against_a_frozen_body() {
+    let dir = tmp_dir("freeze");
+    let data4 = dir.join("data4");
+    synth(&data4, 200, "tiny");
+    let donor_dir = dir.join("donor");
+    let out = run(&mut train_cmd(&data4, &donor_dir, &["--epochs", "1"]));
+    assert!(out.status.success(), "{}", text(&out));
+    let donor = donor_dir.join("best.safetensors");
+
+    // A 16-channel version of the tiny config (the FLUX case).
+    let cfg = serde_json::json!({"in_ch": 16, "latent_size": 16, "grid": 4, "target_dim": 48,
+        "adapter_mid_channels": 32, "adapter_out_channels": 64, "width": 64, "depth": 2, "heads": 4,
+        "dropout": 0.0});
+    let cfg_path = dir.join("flux-tiny.json");
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let data16 = dir.join("data16");
+    let out = run(bin()
+        .args(["synth", "--n", "200", "--config"])
+        .arg(&cfg_path)
+        .arg("--out")
+        .arg(&data16));
+    assert!(out.status.success(), "{}", text(&out));
+    let run_dir = dir.join("adapter");
+    let mut cmd = train_cmd_with(
+        cfg_path.to_str().unwrap(),
+        &data16,
+        &run_dir,
+        &["--epochs", "1", "--freeze-backbone", "--init-backbone"],
+    );
+    cmd.arg(&donor);
+    let out = run(&mut cmd);
+    assert!(out.status.success(), "{}", text(&out));
+
+    let before = checkpoint::load(&donor, None, None).unwrap().weights;
+    let after = checkpoint::load(&run_dir.join("latest.safetensors"), None, None).unwrap();
+    assert_eq!(after.config.in_ch, 16);
+    for (name, t) in &after.weights {
+        if name.starts_with("backbone.") || name.starts_with("head.") {
+            assert_eq!(
+                values(t),
+                values(&before[name]),
+                "{name} moved although frozen"
+            );
+        }
+    }
+    let log = epochs_logged(&run_dir);
+    let (c0, c1) = (
+        log[0]["val"]["cosine"].as_f64().unwrap(),
+        log[1]["val"]["cosine"].as_f64().unwrap(),
+    );
+    assert!(c1 > c0, "the adapter did not learn: cosine {c0} -> {c1}");
+}
+
+#[test]
+fn info_and_convert() {
+    let dir = tmp_dir("convert");
+    let to: PathBuf = dir.join("model.safetensors");
+    let map = dir.join("map.json");
+    std::fs::write(&map, r#"{"head.weight": "head.weight"}"#).unwrap();
+    let out = run(bin()
+        .args(["convert", "--from"])
+        .arg(fixtures().join("model.pt"))
+        .arg("--to")
+        .arg(&to)
+        .arg("--key-map")
+        .arg(&map));
+    assert!(out.status.success(), "{}", text(&out));
+    let out = run(bin().arg("info").arg(&to));
+    assert!(
+        out.status.success() && text(&out).contains("\"width\":64"),
+        "{}",
+        text(&out)
+    );
+    let out = run(bin()
+        .args(["eval", "--data"])
+        .arg(fixtures().join("data_f16"))
+        .arg("--checkpoint")
+        .arg(&to));
+    assert!(out.status.success(), "{}", text(&out));
+}
