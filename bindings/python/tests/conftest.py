@@ -1,0 +1,34 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture(scope="session")
+def fx() -> Path:
+    base = Path(os.environ.get("DINO_BRIDGE_FIXTURES", ROOT.parent / "shared" / "fixtures"))
+    path = base / "tiny"
+    assert (path / "model.safetensors").is_file(), f"fixtures not found at {path}"
+    return path
+
+
+@pytest.fixture(scope="session")
+def expected(fx):
+    import json
+
+    return json.loads((fx / "expected.json").read_text())
+
+
+def load(fx: Path, name: str) -> np.ndarray:
+    return np.load(fx / name)
+
+
+def assert_close(got, want, what=""):
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape, f"{what}: shape {got.shape} vs {want.shape}"
+    scale = np.abs(want).max()
+    err = np.abs(got - want).max()
+    assert err <= 1e-4 * scale, f"{what}: max error {err} > 1e-4 * {scale}"
