@@ -30,6 +30,7 @@ fn compile(src: &Path, out: &Path, lib_dir: &Path, compiler: &str, std: &str) {
         .arg(format!("-std={std}"))
         .args(["-Wall", "-Wextra", "-Werror", "-O1"])
         .arg(format!("-I{}", root.join("include").display()))
+        .arg(format!("-I{}", root.join("bindings/cpp").display()))
         .arg(src)
         .arg("-o")
         .arg(out)
@@ -117,4 +118,68 @@ fn the_readme_c_example_builds_and_runs() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(text.contains("tokens [2, 16, 48]"), "{text}");
+}
+
+#[test]
+fn cpp_wrapper_round_trip_and_exceptions() {
+    let lib_dir = build_cdylib();
+    let dir = tmp_dir("cpp");
+    let exe = dir.join("test_cpp");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    compile(
+        &root.join("tests/cpp/test_cpp.cpp"),
+        &exe,
+        &lib_dir,
+        "g++",
+        "c++17",
+    );
+    let output = Command::new(&exe)
+        .arg(fixtures())
+        .arg(&dir)
+        .arg(expected()["loss_grid8"].to_string())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.status.success() && text.contains("all checks passed"),
+        "C++ client failed:\n{text}"
+    );
+}
+
+#[test]
+fn the_cpp_trainer_example_aligns_its_projector() {
+    let lib_dir = build_cdylib();
+    let dir = tmp_dir("cpp-trainer");
+    let exe = dir.join("trainer");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    compile(
+        &root.join("examples/trainer.cpp"),
+        &exe,
+        &lib_dir,
+        "g++",
+        "c++17",
+    );
+    let output = Command::new(&exe)
+        .arg(fixtures().join("model.safetensors"))
+        .arg("40")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).to_string();
+    assert!(
+        output.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let losses: Vec<f32> = text
+        .lines()
+        .filter_map(|l| l.split("loss ").nth(1)?.trim().parse().ok())
+        .collect();
+    assert!(
+        losses.len() >= 2 && losses[losses.len() - 1] < 0.8 * losses[0],
+        "{text}"
+    );
 }

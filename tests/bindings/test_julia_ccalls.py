@@ -1,0 +1,79 @@
+"""Julia cannot be installed here, so the Julia bindings are checked against the header:
+every `ccall` names a function of `include/dino_bridge.h` with the right number and C
+types of arguments and the right return type, and every mirrored struct has the header's
+fields in the header's order with matching types."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+HEADER = (ROOT / "include" / "dino_bridge.h").read_text()
+JULIA = (ROOT / "bindings" / "julia" / "DinoBridge.jl").read_text()
+
+
+def canon_c(t: str) -> str:
+    t = re.sub(r"\b(const|struct)\b", " ", t)
+    return re.sub(r"\s+", "", t)
+
+
+def c_functions() -> dict:
+    funcs = {}
+    for ret, name, args in re.findall(r"^([\w ][\w *]*?)(bridge_\w+)\((.*?)\);$", HEADER, re.M):
+        types = []
+        if args.strip() != "void":
+            for a in args.split(","):
+                a = a.strip()
+                m = re.match(r"(.*?)(\w+)$", a)
+                types.append(canon_c(m.group(1)))
+        funcs[name] = (canon_c(ret), types)
+    return funcs
+
+
+SCALARS = {"Int32": "int32_t", "Int64": "int64_t", "UInt32": "uint32_t", "UInt64": "uint64_t", "Float32": "float",
+           "Cstring": "char*", "Cint": "int32_t"}
+
+
+def julia_to_c(t: str) -> set:
+    t = t.strip()
+    if t in SCALARS:
+        return {SCALARS[t]}
+    if t == "Ptr{Cvoid}":
+        return {"void*", "BridgeHandle*"}
+    if t == "Ptr{UInt8}":
+        return {"char*"}
+    m = re.fullmatch(r"Ref\{(.+)\}", t)
+    if m:
+        return {x + "*" for x in julia_to_c(m.group(1))} | ({m.group(1) + "*"} if m.group(1).startswith("Bridge") else set())
+    if t.startswith("Bridge"):
+        return {t}
+    raise AssertionError(f"unmapped Julia type {t}")
+
+
+def julia_ccalls():
+    pattern = r"ccall\(\(:(\w+),\s*LIB\),\s*([\w{}]+),\s*\(([^)]*)\)"
+    return re.findall(pattern, JULIA, re.S)
+
+
+def test_every_ccall_matches_a_header_function():
+    funcs = c_functions()
+    calls = julia_ccalls()
+    assert len(funcs) == 12, sorted(funcs)
+    assert {name for name, _, _ in calls} == set(funcs), "functions without a Julia wrapper or unknown to the header"
+    for name, ret, args in calls:
+        c_ret, c_args = funcs[name]
+        jl_args = [a for a in (x.strip() for x in args.split(",")) if a]
+        assert len(jl_args) == len(c_args), f"{name}: {len(jl_args)} Julia arguments, {len(c_args)} in C"
+        for i, (j, c) in enumerate(zip(jl_args, c_args)):
+            assert c in julia_to_c(j), f"{name} argument {i}: Julia {j} does not pass C {c}"
+        assert c_ret in julia_to_c(ret), f"{name}: returns {c_ret} in C, Julia says {ret}"
+
+
+def test_mirrored_structs_match_the_header():
+    for struct in ("BridgeParams", "BridgeInfo", "BridgeStepStats"):
+        body = re.search(r"typedef struct %s \{(.*?)\} %s;" % (struct, struct), HEADER, re.S).group(1)
+        c_fields = [(m.group(2), canon_c(m.group(1))) for m in re.finditer(r"^\s*([\w][\w *]*?)(\w+);$", body, re.M)]
+        jl_body = re.search(r"mutable struct %s\n(.*?)\nend" % struct, JULIA, re.S).group(1)
+        jl_fields = re.findall(r"^\s*(\w+)::([\w{}]+)", jl_body, re.M)
+        assert [n for n, _ in jl_fields] == [n for n, _ in c_fields], struct
+        for (name, jt), (_, ct) in zip(jl_fields, c_fields):
+            assert ct in julia_to_c(jt), f"{struct}.{name}: C {ct}, Julia {jt}"
