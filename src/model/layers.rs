@@ -4,6 +4,7 @@
 //! become one matmul over im2col patches and the token grid falls out as a reshape.
 
 use crate::error::Result;
+use crate::kernels::matmul;
 use crate::rng::Rng;
 use candle_core::{D, Tensor};
 
@@ -139,7 +140,7 @@ impl Conv3x3 {
         }
         // [B, H, W, C, 9] -> rows of C*9 patch values, ordered as the weight's columns.
         let cols = Tensor::stack(&taps, 4)?.reshape((b * h * wd, c * 9))?;
-        let y = cols.matmul(&self.weight_t)?.broadcast_add(&self.bias)?;
+        let y = matmul(&cols, &self.weight_t)?.broadcast_add(&self.bias)?;
         Ok(y.reshape((b, h, wd, ()))?)
     }
 }
@@ -168,7 +169,7 @@ impl Patchify {
             .permute([0usize, 1, 3, 5, 2, 4].as_slice())?
             .contiguous()?
             .reshape((b * h2 * w2, c * 4))?;
-        let y = patches.matmul(&self.weight_t)?.broadcast_add(&self.bias)?;
+        let y = matmul(&patches, &self.weight_t)?.broadcast_add(&self.bias)?;
         Ok(y.reshape((b, h2, w2, ()))?)
     }
 }

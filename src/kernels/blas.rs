@@ -1,0 +1,239 @@
+//! 2-D f32 matrix products through a system BLAS (`cblas_sgemm`), loaded at run time.
+//!
+//! candle's own CPU matmul (the `gemm` crate, AVX2 on stable Rust) reaches about a third
+//! of what OpenBLAS does on AVX-512 machines, and matmuls are most of the bridge's work.
+//! Loading the BLAS with `dlopen` keeps the build free of system libraries: where no BLAS
+//! is installed (or `DINO_BRIDGE_BLAS=off`), `matmul` is candle's. The op has a backward
+//! (two more matmuls), so training uses it too.
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use once_cell::sync::Lazy;
+use std::ffi::{CString, c_int, c_void};
+
+type Sgemm = unsafe extern "C" fn(
+    layout: c_int,
+    trans_a: c_int,
+    trans_b: c_int,
+    m: c_int,
+    n: c_int,
+    k: c_int,
+    alpha: f32,
+    a: *const f32,
+    lda: c_int,
+    b: *const f32,
+    ldb: c_int,
+    beta: f32,
+    c: *mut f32,
+    ldc: c_int,
+);
+
+const ROW_MAJOR: c_int = 101;
+const NO_TRANS: c_int = 111;
+const TRANS: c_int = 112;
+
+/// Libraries tried in order when `DINO_BRIDGE_BLAS` names none.
+const CANDIDATES: [&str; 4] = [
+    "libopenblas.so.0",
+    "libopenblas.so",
+    "libmkl_rt.so.2",
+    "libblis.so.4",
+];
+
+struct Blas {
+    sgemm: Sgemm,
+    name: String,
+}
+
+static BLAS: Lazy<Option<Blas>> = Lazy::new(|| {
+    let choice = std::env::var("DINO_BRIDGE_BLAS").unwrap_or_default();
+    if choice == "off" || choice == "0" {
+        return None;
+    }
+    let names: Vec<String> = if choice.is_empty() {
+        CANDIDATES.iter().map(|s| s.to_string()).collect()
+    } else {
+        vec![choice]
+    };
+    names.into_iter().find_map(|name| {
+        let cname = CString::new(name.clone()).ok()?;
+        // SAFETY: dlopen/dlsym with valid C strings; the handle is kept for the process.
+        unsafe {
+            let handle = libc::dlopen(cname.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL);
+            if handle.is_null() {
+                return None;
+            }
+            let sym = libc::dlsym(handle, c"cblas_sgemm".as_ptr());
+            if sym.is_null() {
+                libc::dlclose(handle);
+                return None;
+            }
+            Some(Blas {
+                sgemm: std::mem::transmute::<*mut c_void, Sgemm>(sym),
+                name,
+            })
+        }
+    })
+});
+
+/// The BLAS in use, if any (for benchmarks and logs).
+pub fn blas_name() -> Option<&'static str> {
+    BLAS.as_ref().map(|b| b.name.as_str())
+}
+
+/// How one operand's last two dimensions lie in memory, as BLAS wants to hear it.
+fn operand(layout: &Layout) -> Option<(c_int, usize, usize)> {
+    let (&[rows, cols], &[sr, sc]) = (layout.dims(), layout.stride()) else {
+        return None;
+    };
+    if sc == 1 && sr >= cols.max(1) {
+        Some((NO_TRANS, sr, layout.start_offset()))
+    } else if sr == 1 && sc >= rows.max(1) {
+        Some((TRANS, sc, layout.start_offset()))
+    } else {
+        None
+    }
+}
+
+struct BlasMatmul;
+
+impl CustomOp2 for BlasMatmul {
+    fn name(&self) -> &'static str {
+        "blas-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let blas = BLAS
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg("no BLAS loaded".into()))?;
+        let (m, k) = l1.shape().dims2()?;
+        let (k2, n) = l2.shape().dims2()?;
+        if k != k2 {
+            candle_core::bail!("blas-matmul: inner dimensions {k} and {k2} differ");
+        }
+        let (ta, lda, oa) =
+            operand(l1).ok_or_else(|| candle_core::Error::Msg("blas-matmul: bad layout".into()))?;
+        let (tb, ldb, ob) =
+            operand(l2).ok_or_else(|| candle_core::Error::Msg("blas-matmul: bad layout".into()))?;
+        let (a, b) = (s1.as_slice::<f32>()?, s2.as_slice::<f32>()?);
+        let mut c: Vec<f32> = Vec::with_capacity(m * n);
+        if m > 0 && n > 0 {
+            // SAFETY: the layouts were checked to address inside the storages; beta = 0
+            // means C is written, never read, so the uninitialised capacity is fine.
+            unsafe {
+                (blas.sgemm)(
+                    ROW_MAJOR,
+                    ta,
+                    tb,
+                    m as c_int,
+                    n as c_int,
+                    k as c_int,
+                    1.0,
+                    a[oa..].as_ptr(),
+                    lda as c_int,
+                    b[ob..].as_ptr(),
+                    ldb as c_int,
+                    0.0,
+                    c.as_mut_ptr(),
+                    n as c_int,
+                );
+                c.set_len(m * n);
+            }
+        }
+        Ok((CpuStorage::F32(c), Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let ga = matmul(grad, &b.t()?).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let gb = matmul(&a.t()?, grad).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        Ok((Some(ga), Some(gb)))
+    }
+}
+
+/// `a @ b` for 2-D f32 tensors: BLAS on the CPU when one is loaded, else candle.
+pub fn matmul(a: &Tensor, b: &Tensor) -> crate::Result<Tensor> {
+    let usable = BLAS.is_some()
+        && a.device().is_cpu()
+        && a.dtype() == candle_core::DType::F32
+        && b.dtype() == candle_core::DType::F32
+        && a.rank() == 2
+        && b.rank() == 2
+        && i32::try_from(a.elem_count().max(b.elem_count())).is_ok();
+    if !usable {
+        return Ok(a.matmul(b)?);
+    }
+    let fit = |t: &Tensor| -> crate::Result<Tensor> {
+        let (storage, layout) = t.storage_and_layout();
+        let ok = operand(layout).is_some()
+            && matches!(&*storage, candle_core::Storage::Cpu(CpuStorage::F32(_)));
+        drop(storage);
+        Ok(if ok { t.clone() } else { t.contiguous()? })
+    };
+    Ok(fit(a)?.apply_op2(&fit(b)?, BlasMatmul)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn agrees_with_candle_forward_and_backward_for_every_layout() {
+        if blas_name().is_none() {
+            eprintln!("no system BLAS here: matmul is candle's own, nothing to compare");
+            return;
+        }
+        let dev = Device::Cpu;
+        let a = Var::from_tensor(&Tensor::randn(0f32, 1.0, (37, 19), &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, (23, 19), &dev).unwrap()).unwrap();
+        let bt = b.as_tensor().t().unwrap(); // transposed view: [19, 23]
+        let ours = matmul(a.as_tensor(), &bt).unwrap();
+        let theirs = a.as_tensor().matmul(&bt).unwrap();
+        let diff = (&ours - &theirs)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-4, "{diff}");
+        let g1 = ours.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = theirs.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&a, &b] {
+            let d = (g1.get(v.as_tensor()).unwrap() - g2.get(v.as_tensor()).unwrap())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < 1e-3, "{d}");
+        }
+        // A narrowed (offset) operand and a non-BLAS layout (copied first).
+        let wide = Tensor::randn(0f32, 1.0, (19, 40), &dev).unwrap();
+        let view = wide.narrow(1, 5, 23).unwrap();
+        let d = (matmul(a.as_tensor(), &view).unwrap()
+            - a.as_tensor().matmul(&view.contiguous().unwrap()).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+        assert!(d < 1e-4, "{d}");
+    }
+}
