@@ -79,32 +79,64 @@ fn main() -> dino_bridge::Result<()> {
         config.param_count() as f64 / 1e6
     );
 
+    println!(
+        "BLAS: {}",
+        dino_bridge::kernels::blas::blas_name().unwrap_or("none (candle matmul)")
+    );
+    // Fused kernels on and off, interleaved in this one process: the ratio is what counts
+    // on a noisy machine.
     bridge.forward(&x)?; // warm-up
-    let start = Instant::now();
+    let (mut on, mut off) = (Vec::new(), Vec::new());
     for _ in 0..iters {
-        bridge.forward(&x)?;
+        for (enabled, times) in [(true, &mut on), (false, &mut off)] {
+            dino_bridge::kernels::set_enabled(enabled);
+            let start = Instant::now();
+            bridge.forward(&x)?;
+            times.push(start.elapsed().as_secs_f64());
+        }
     }
-    let secs = start.elapsed().as_secs_f64() / iters as f64;
+    dino_bridge::kernels::set_enabled(true);
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    let (secs, plain) = (median(&mut on), median(&mut off));
     let sps = batch as f64 / secs;
     println!(
-        "forward:    {sps:8.2} samples/s  {:7.1} GFLOP/s  ({:.1} ms/batch)",
+        "forward:    {sps:8.2} samples/s  {:7.1} GFLOP/s  ({:.1} ms/batch, median of {iters})",
         sps * gflop,
         secs * 1e3
+    );
+    println!(
+        "            plain candle ops: {:.2} samples/s; kernels speed-up {:.2}x",
+        batch as f64 / plain,
+        plain / secs
     );
 
     if train_iters > 0 {
         bridge.train_step(&x, &t)?; // warm-up
-        let start = Instant::now();
+        let (mut on, mut off) = (Vec::new(), Vec::new());
         for _ in 0..train_iters {
-            bridge.train_step(&x, &t)?;
+            for (enabled, times) in [(true, &mut on), (false, &mut off)] {
+                dino_bridge::kernels::set_enabled(enabled);
+                let start = Instant::now();
+                bridge.train_step(&x, &t)?;
+                times.push(start.elapsed().as_secs_f64());
+            }
         }
-        let secs = start.elapsed().as_secs_f64() / train_iters as f64;
+        dino_bridge::kernels::set_enabled(true);
+        let (secs, plain) = (median(&mut on), median(&mut off));
         let sps = batch as f64 / secs;
         // forward + backward ~ 3x the forward FLOPs
         println!(
-            "train_step: {sps:8.2} samples/s  {:7.1} GFLOP/s  ({:.1} ms/batch)",
+            "train_step: {sps:8.2} samples/s  {:7.1} GFLOP/s  ({:.1} ms/batch, median of {train_iters})",
             sps * 3.0 * gflop,
             secs * 1e3
+        );
+        println!(
+            "            plain candle ops: {:.2} samples/s; kernels speed-up {:.2}x",
+            batch as f64 / plain,
+            plain / secs
         );
     }
     println!("peak RSS:   {:.0} MiB", peak_rss_mib());

@@ -8,6 +8,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use once_cell::sync::Lazy;
+use rayon::prelude::*;
 use std::ffi::{CString, c_int, c_void};
 
 type Sgemm = unsafe extern "C" fn(
@@ -80,17 +81,32 @@ pub fn blas_name() -> Option<&'static str> {
     BLAS.as_ref().map(|b| b.name.as_str())
 }
 
-/// How one operand's last two dimensions lie in memory, as BLAS wants to hear it.
-fn operand(layout: &Layout) -> Option<(c_int, usize, usize)> {
-    let (&[rows, cols], &[sr, sc]) = (layout.dims(), layout.stride()) else {
-        return None;
+/// How one operand lies in memory, as BLAS wants to hear it: (transpose flag, leading
+/// dimension, start offset, batch stride) for a 2-D matrix or a 3-D batch of them.
+fn operand(layout: &Layout) -> Option<(c_int, usize, usize, usize)> {
+    let (dims, strides) = (layout.dims(), layout.stride());
+    let (batch_stride, rows, cols, sr, sc) = match (dims, strides) {
+        (&[rows, cols], &[sr, sc]) => (0, rows, cols, sr, sc),
+        (&[_, rows, cols], &[bs, sr, sc]) => (bs, rows, cols, sr, sc),
+        _ => return None,
     };
     if sc == 1 && sr >= cols.max(1) {
-        Some((NO_TRANS, sr, layout.start_offset()))
+        Some((NO_TRANS, sr, layout.start_offset(), batch_stride))
     } else if sr == 1 && sc >= rows.max(1) {
-        Some((TRANS, sc, layout.start_offset()))
+        Some((TRANS, sc, layout.start_offset(), batch_stride))
     } else {
         None
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: used only to hand disjoint blocks of one buffer to rayon's threads.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
     }
 }
 
@@ -111,41 +127,89 @@ impl CustomOp2 for BlasMatmul {
         let blas = BLAS
             .as_ref()
             .ok_or_else(|| candle_core::Error::Msg("no BLAS loaded".into()))?;
-        let (m, k) = l1.shape().dims2()?;
-        let (k2, n) = l2.shape().dims2()?;
-        if k != k2 {
-            candle_core::bail!("blas-matmul: inner dimensions {k} and {k2} differ");
+        let (d1, d2) = (l1.dims(), l2.dims());
+        let rank = d1.len();
+        let batch = if rank == 3 { d1[0] } else { 1 };
+        let (m, k) = (d1[rank - 2], d1[rank - 1]);
+        let (k2, n) = (d2[rank - 2], d2[rank - 1]);
+        if k != k2 || d2.len() != rank || (rank == 3 && d2[0] != batch) {
+            candle_core::bail!("blas-matmul: shapes {d1:?} and {d2:?} do not multiply");
         }
-        let (ta, lda, oa) =
-            operand(l1).ok_or_else(|| candle_core::Error::Msg("blas-matmul: bad layout".into()))?;
-        let (tb, ldb, ob) =
-            operand(l2).ok_or_else(|| candle_core::Error::Msg("blas-matmul: bad layout".into()))?;
+        let bad = || candle_core::Error::Msg("blas-matmul: bad layout".into());
+        let (ta, lda, oa, sa) = operand(l1).ok_or_else(bad)?;
+        let (tb, ldb, ob, sb) = operand(l2).ok_or_else(bad)?;
         let (a, b) = (s1.as_slice::<f32>()?, s2.as_slice::<f32>()?);
-        let mut c: Vec<f32> = Vec::with_capacity(m * n);
-        if m > 0 && n > 0 {
-            // SAFETY: the layouts were checked to address inside the storages; beta = 0
-            // means C is written, never read, so the uninitialised capacity is fine.
-            unsafe {
-                (blas.sgemm)(
-                    ROW_MAJOR,
-                    ta,
-                    tb,
-                    m as c_int,
-                    n as c_int,
-                    k as c_int,
-                    1.0,
-                    a[oa..].as_ptr(),
-                    lda as c_int,
-                    b[ob..].as_ptr(),
-                    ldb as c_int,
-                    0.0,
-                    c.as_mut_ptr(),
-                    n as c_int,
-                );
-                c.set_len(m * n);
-            }
+        let mut c: Vec<f32> = Vec::with_capacity(batch * m * n);
+        if batch * m * n > 0 {
+            let (pa, pb, pc) = (
+                SendPtr(a[oa..].as_ptr() as *mut f32),
+                SendPtr(b[ob..].as_ptr() as *mut f32),
+                SendPtr(c.as_mut_ptr()),
+            );
+            // Work items: each batch entry, and within a 2-D product one block per thread
+            // of the larger output side (at least 64 rows or columns per block).
+            let split_rows = m >= n;
+            let side = if split_rows { m } else { n };
+            let parts = if batch > 1 {
+                1
+            } else {
+                rayon::current_num_threads().min(side.div_ceil(64)).max(1)
+            };
+            let step = side.div_ceil(parts);
+            (0..batch * parts).into_par_iter().for_each(|item| {
+                let (i, p) = (item / parts, item % parts);
+                let (lo, hi) = (p * step, ((p + 1) * step).min(side));
+                if lo >= hi {
+                    return;
+                }
+                let (a_off, b_off, c_off, mm, nn) = if split_rows {
+                    (
+                        if ta == NO_TRANS { lo * lda } else { lo },
+                        0,
+                        lo * n,
+                        hi - lo,
+                        n,
+                    )
+                } else {
+                    (
+                        0,
+                        if tb == NO_TRANS { lo } else { lo * ldb },
+                        lo,
+                        m,
+                        hi - lo,
+                    )
+                };
+                // SAFETY: the layouts were checked to address inside the storages, items
+                // write disjoint parts of C, and beta = 0 means C is written, never read,
+                // so its uninitialised capacity is fine.
+                unsafe {
+                    (blas.sgemm)(
+                        ROW_MAJOR,
+                        ta,
+                        tb,
+                        mm as c_int,
+                        nn as c_int,
+                        k as c_int,
+                        1.0,
+                        pa.get().add(i * sa + a_off),
+                        lda as c_int,
+                        pb.get().add(i * sb + b_off),
+                        ldb as c_int,
+                        0.0,
+                        pc.get().add(i * m * n + c_off),
+                        n as c_int,
+                    )
+                };
+            });
+            // SAFETY: every element of C was written by exactly one item.
+            unsafe { c.set_len(batch * m * n) };
         }
-        Ok((CpuStorage::F32(c), Shape::from((m, n))))
+        let shape = if rank == 3 {
+            Shape::from((batch, m, n))
+        } else {
+            Shape::from((m, n))
+        };
+        Ok((CpuStorage::F32(c), shape))
     }
 
     fn bwd(
@@ -161,14 +225,16 @@ impl CustomOp2 for BlasMatmul {
     }
 }
 
-/// `a @ b` for 2-D f32 tensors: BLAS on the CPU when one is loaded, else candle.
+/// `a @ b` for 2-D f32 tensors or 3-D batches of them: BLAS on the CPU when one is
+/// loaded, else candle.
 pub fn matmul(a: &Tensor, b: &Tensor) -> crate::Result<Tensor> {
     let usable = BLAS.is_some()
+        && super::enabled()
         && a.device().is_cpu()
         && a.dtype() == candle_core::DType::F32
         && b.dtype() == candle_core::DType::F32
-        && a.rank() == 2
-        && b.rank() == 2
+        && a.rank() == b.rank()
+        && (a.rank() == 2 || (a.rank() == 3 && a.dim(0).ok() == b.dim(0).ok()))
         && i32::try_from(a.elem_count().max(b.elem_count())).is_ok();
     if !usable {
         return Ok(a.matmul(b)?);

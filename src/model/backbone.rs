@@ -3,6 +3,7 @@
 use super::layers::{LayerNorm, Linear, WeightSource, dropout, softmax_last_dim};
 use crate::config::BridgeConfig;
 use crate::error::Result;
+use crate::kernels::{Activation, activation, matmul};
 use crate::rng::Rng;
 use candle_core::Tensor;
 
@@ -28,8 +29,14 @@ impl Attention {
         let q = qkv.get(0)?.contiguous()?;
         let k = qkv.get(1)?.contiguous()?;
         let v = qkv.get(2)?.contiguous()?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
-        let out = softmax_last_dim(&scores)?.matmul(&v)?; // [B, heads, T, d]
+        let bh = b * self.heads;
+        let (q, k, v) = (
+            q.reshape((bh, t, d))?,
+            k.reshape((bh, t, d))?,
+            v.reshape((bh, t, d))?,
+        );
+        let scores = (matmul(&q, &k.t()?)? * (1.0 / (d as f64).sqrt()))?;
+        let out = matmul(&softmax_last_dim(&scores)?, &v)?.reshape((b, self.heads, t, d))?;
         self.proj.forward(&out.transpose(1, 2)?.reshape((b, t, w))?)
     }
 }
@@ -42,7 +49,8 @@ pub struct Mlp {
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&self.fc1.forward(x)?.gelu_erf()?)
+        self.fc2
+            .forward(&activation(&self.fc1.forward(x)?, Activation::Gelu)?)
     }
 }
 

@@ -4,7 +4,7 @@
 //! become one matmul over im2col patches and the token grid falls out as a reshape.
 
 use crate::error::Result;
-use crate::kernels::matmul;
+use crate::kernels::{self, matmul};
 use crate::rng::Rng;
 use candle_core::{D, Tensor};
 
@@ -42,10 +42,7 @@ impl Linear {
             dims[..dims.len() - 1].iter().product::<usize>(),
             dims[dims.len() - 1],
         );
-        let y = x
-            .reshape((rows, cols))?
-            .matmul(&self.weight_t)?
-            .broadcast_add(&self.bias)?;
+        let y = matmul(&x.reshape((rows, cols))?, &self.weight_t)?.broadcast_add(&self.bias)?;
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = y.dim(1)?;
         Ok(y.reshape(out_dims)?)
@@ -82,6 +79,9 @@ impl LayerNorm {
         })
     }
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = kernels::norm::layer_norm(x, &self.weight, &self.bias, self.eps as f32)? {
+            return Ok(y);
+        }
         let xn = normalize(x, D::Minus1, self.eps)?;
         Ok(xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
     }
@@ -106,6 +106,11 @@ impl GroupNorm {
         })
     }
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) =
+            kernels::norm::group_norm(x, &self.weight, &self.bias, self.groups, self.eps as f32)?
+        {
+            return Ok(y);
+        }
         let (b, h, wd, c) = x.dims4()?;
         let grouped = x.reshape((b, h * wd, self.groups, c / self.groups))?;
         let xn = normalize(&grouped, (1, 3), self.eps)?.reshape((b, h, wd, c))?;

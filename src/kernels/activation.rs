@@ -1,0 +1,168 @@
+//! GELU (exact, erf) and SiLU as CPU ops with a backward: parallel over threads, SIMD
+//! within, where candle's unary maps run on one thread with scalar `erf`.
+
+use super::simd::{erf, exp, simd_fn};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+const CHUNK: usize = 1 << 14;
+const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+const INV_SQRT_2PI: f32 = 0.398_942_3;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    Gelu,
+    Silu,
+}
+
+simd_fn!(
+    fn gelu_fwd(x: &[f32], y: &mut [f32]) {
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = 0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2));
+        }
+    }
+);
+
+simd_fn!(
+    fn gelu_bwd(x: &[f32], g: &[f32], dx: &mut [f32]) {
+        for ((d, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+            let cdf = 0.5 * (1.0 + erf(x * FRAC_1_SQRT_2));
+            *d = g * (cdf + x * INV_SQRT_2PI * exp(-0.5 * x * x));
+        }
+    }
+);
+
+simd_fn!(
+    fn silu_fwd(x: &[f32], y: &mut [f32]) {
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = x / (1.0 + exp(-x));
+        }
+    }
+);
+
+simd_fn!(
+    fn silu_bwd(x: &[f32], g: &[f32], dx: &mut [f32]) {
+        for ((d, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+            let s = 1.0 / (1.0 + exp(-x));
+            *d = g * s * (1.0 + x * (1.0 - s));
+        }
+    }
+);
+
+/// The contiguous f32 slice behind a layout (callers make inputs contiguous first).
+pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    let (start, end) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("kernel input must be contiguous".into()))?;
+    Ok(&s.as_slice::<f32>()?[start..end])
+}
+
+struct ActFwd(Activation);
+struct ActBwd(Activation);
+
+impl CustomOp1 for ActFwd {
+    fn name(&self) -> &'static str {
+        match self.0 {
+            Activation::Gelu => "gelu-erf-fused",
+            Activation::Silu => "silu-fused",
+        }
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s, l)?;
+        let mut y = vec![0f32; x.len()];
+        let f = match self.0 {
+            Activation::Gelu => gelu_fwd,
+            Activation::Silu => silu_fwd,
+        };
+        y.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .for_each(|(y, x)| f(x, y));
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(arg.apply_op2(&grad.contiguous()?, ActBwd(self.0))?))
+    }
+}
+
+impl CustomOp2 for ActBwd {
+    fn name(&self) -> &'static str {
+        "activation-backward"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, g) = (slice(s1, l1)?, slice(s2, l2)?);
+        let mut dx = vec![0f32; x.len()];
+        let f = match self.0 {
+            Activation::Gelu => gelu_bwd,
+            Activation::Silu => silu_bwd,
+        };
+        dx.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+            .for_each(|(d, (x, g))| f(x, g, d));
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// Whether the fused CPU kernels apply to `x` (f32 on the CPU).
+pub(crate) fn on_cpu_f32(x: &Tensor) -> bool {
+    super::enabled() && x.device().is_cpu() && x.dtype() == candle_core::DType::F32
+}
+
+/// `gelu(x)` with the exact (erf) form, or `silu(x)`.
+pub fn activation(x: &Tensor, kind: Activation) -> crate::Result<Tensor> {
+    if !on_cpu_f32(x) {
+        return Ok(match kind {
+            Activation::Gelu => x.gelu_erf()?,
+            Activation::Silu => x.silu()?,
+        });
+    }
+    Ok(x.contiguous()?.apply_op1(ActFwd(kind))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn match_candle_forward_and_backward() {
+        let x = Var::from_tensor(&(Tensor::randn(0f32, 3.0, (3, 4099), &Device::Cpu).unwrap()))
+            .unwrap();
+        for kind in [Activation::Gelu, Activation::Silu] {
+            let ours = activation(x.as_tensor(), kind).unwrap();
+            let theirs = match kind {
+                Activation::Gelu => x.as_tensor().gelu_erf().unwrap(),
+                Activation::Silu => x.as_tensor().silu().unwrap(),
+            };
+            let max = |t: Tensor| {
+                t.abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            };
+            assert!(max((&ours - &theirs).unwrap()) < 1e-5, "{kind:?} forward");
+            let w = Tensor::randn(0f32, 1.0, (3, 4099), &Device::Cpu).unwrap();
+            let g1 = (ours * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (theirs * &w)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let d = max((g1.get(x.as_tensor()).unwrap() - g2.get(x.as_tensor()).unwrap()).unwrap());
+            assert!(d < 1e-5, "{kind:?} backward {d}");
+        }
+    }
+}

@@ -1,0 +1,542 @@
+//! LayerNorm over the last dimension and GroupNorm over channels-last maps, as fused CPU
+//! ops with their backward (candle's fused versions have none, and composing them from
+//! mean/sub/div ops costs five passes over memory).
+
+use super::activation::{on_cpu_f32, slice};
+use super::simd::simd_fn;
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+const LANES: usize = 16;
+
+#[inline(always)]
+fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] += c[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[inline(always)]
+fn sum_sq_dev(x: &[f32], mean: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail: f32 = chunks
+        .remainder()
+        .iter()
+        .map(|v| (v - mean) * (v - mean))
+        .sum();
+    for c in chunks {
+        for i in 0..LANES {
+            let d = c[i] - mean;
+            acc[i] += d * d;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// The fused norms are used where no gradient is asked for (inference and the frozen
+/// bridge's targets): their backward measured slower than candle's composed ops in a
+/// train step (0.8x), so training keeps the composed ones until that is fixed.
+fn needs_grad(ts: &[&Tensor]) -> bool {
+    ts.iter().any(|t| t.track_op())
+}
+
+// ---- LayerNorm --------------------------------------------------------------------
+
+simd_fn!(
+    fn ln_rows(x: &[f32], w: &[f32], b: &[f32], y: &mut [f32], eps: f32) {
+        let d = w.len();
+        for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
+            let mean = sum(xr) / d as f32;
+            let rstd = 1.0 / (sum_sq_dev(xr, mean) / d as f32 + eps).sqrt();
+            for i in 0..d {
+                yr[i] = (xr[i] - mean) * rstd * w[i] + b[i];
+            }
+        }
+    }
+);
+
+// Rows of dx, and this chunk's sums of dy * xhat and dy (for dw, db).
+simd_fn!(
+    fn ln_rows_bwd(
+        x: &[f32],
+        w: &[f32],
+        dy: &[f32],
+        dx: &mut [f32],
+        dw: &mut [f32],
+        db: &mut [f32],
+        eps: f32,
+    ) {
+        let d = w.len();
+        let mut xhat = vec![0f32; d];
+        let mut gw = vec![0f32; d];
+        for ((xr, gr), dr) in x
+            .chunks_exact(d)
+            .zip(dy.chunks_exact(d))
+            .zip(dx.chunks_exact_mut(d))
+        {
+            let mean = sum(xr) / d as f32;
+            let rstd = 1.0 / (sum_sq_dev(xr, mean) / d as f32 + eps).sqrt();
+            for i in 0..d {
+                xhat[i] = (xr[i] - mean) * rstd;
+                gw[i] = gr[i] * w[i];
+                dw[i] += gr[i] * xhat[i];
+                db[i] += gr[i];
+            }
+            let m1 = sum(&gw) / d as f32;
+            let mut acc = [0f32; LANES];
+            for (c, h) in gw.chunks_exact(LANES).zip(xhat.chunks_exact(LANES)) {
+                for i in 0..LANES {
+                    acc[i] += c[i] * h[i];
+                }
+            }
+            let tail: f32 = (d - d % LANES..d).map(|i| gw[i] * xhat[i]).sum();
+            let m2 = (acc.iter().sum::<f32>() + tail) / d as f32;
+            for i in 0..d {
+                dr[i] = rstd * (gw[i] - m1 - xhat[i] * m2);
+            }
+        }
+    }
+);
+
+struct LayerNormOp {
+    eps: f32,
+}
+struct LayerNormBwd {
+    eps: f32,
+}
+
+fn rows_per_task(rows: usize) -> usize {
+    rows.div_ceil(4 * rayon::current_num_threads()).max(1)
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "layer-norm-fused"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let d = w.len();
+        let mut y = vec![0f32; x.len()];
+        let per = rows_per_task(x.len() / d) * d;
+        y.par_chunks_mut(per)
+            .zip(x.par_chunks(per))
+            .for_each(|(y, x)| ln_rows(x, w, b, y, self.eps));
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let packed = x.apply_op3(w, &grad.contiguous()?, LayerNormBwd { eps: self.eps })?;
+        let (n, d) = (x.elem_count(), w.elem_count());
+        Ok((
+            Some(packed.narrow(0, 0, n)?.reshape(x.shape())?),
+            Some(packed.narrow(0, n, d)?),
+            Some(packed.narrow(0, n + d, d)?),
+        ))
+    }
+}
+
+impl CustomOp3 for LayerNormBwd {
+    fn name(&self) -> &'static str {
+        "layer-norm-fused-backward"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, w, dy) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let d = w.len();
+        let mut dx = vec![0f32; x.len()];
+        let per = rows_per_task(x.len() / d) * d;
+        let partial = dx
+            .par_chunks_mut(per)
+            .zip(x.par_chunks(per).zip(dy.par_chunks(per)))
+            .map(|(dx, (x, dy))| {
+                let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
+                ln_rows_bwd(x, w, dy, dx, &mut dw, &mut db, self.eps);
+                (dw, db)
+            })
+            .reduce(|| (vec![0f32; d], vec![0f32; d]), add_pairs);
+        dx.extend(partial.0);
+        dx.extend(partial.1);
+        let n = dx.len();
+        Ok((CpuStorage::F32(dx), Shape::from(n)))
+    }
+}
+
+fn add_pairs(mut a: (Vec<f32>, Vec<f32>), b: (Vec<f32>, Vec<f32>)) -> (Vec<f32>, Vec<f32>) {
+    a.0.iter_mut().zip(&b.0).for_each(|(x, y)| *x += y);
+    a.1.iter_mut().zip(&b.1).for_each(|(x, y)| *x += y);
+    a
+}
+
+/// LayerNorm of `x` over its last dimension with scale `w` and shift `b`.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> crate::Result<Option<Tensor>> {
+    if !on_cpu_f32(x) || needs_grad(&[x, w, b]) {
+        return Ok(None);
+    }
+    fused_layer_norm(x, w, b, eps).map(Some)
+}
+
+fn fused_layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> crate::Result<Tensor> {
+    Ok(x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNormOp { eps })?)
+}
+
+// ---- GroupNorm (channels last) ----------------------------------------------------
+
+/// Per-channel mean and 1/std of each channel's group, for one sample `[S, C]`.
+fn group_stats(x: &[f32], c: usize, groups: usize, eps: f32) -> (Vec<f32>, Vec<f32>) {
+    let s = x.len() / c;
+    let cg = c / groups;
+    let n = (s * cg) as f32;
+    let mut csum = vec![0f32; c];
+    for row in x.chunks_exact(c) {
+        csum.iter_mut().zip(row).for_each(|(a, v)| *a += v);
+    }
+    let mut mean_c = vec![0f32; c];
+    for g in 0..groups {
+        let m = csum[g * cg..(g + 1) * cg].iter().sum::<f32>() / n;
+        mean_c[g * cg..(g + 1) * cg].fill(m);
+    }
+    let mut csq = vec![0f32; c];
+    for row in x.chunks_exact(c) {
+        for i in 0..c {
+            let d = row[i] - mean_c[i];
+            csq[i] += d * d;
+        }
+    }
+    let mut rstd_c = vec![0f32; c];
+    for g in 0..groups {
+        let var = csq[g * cg..(g + 1) * cg].iter().sum::<f32>() / n;
+        rstd_c[g * cg..(g + 1) * cg].fill(1.0 / (var + eps).sqrt());
+    }
+    (mean_c, rstd_c)
+}
+
+simd_fn!(
+    fn gn_sample(x: &[f32], w: &[f32], b: &[f32], y: &mut [f32], groups: usize, eps: f32) {
+        let c = w.len();
+        let (mean_c, rstd_c) = group_stats(x, c, groups, eps);
+        let scale: Vec<f32> = (0..c).map(|i| rstd_c[i] * w[i]).collect();
+        for (xr, yr) in x.chunks_exact(c).zip(y.chunks_exact_mut(c)) {
+            for i in 0..c {
+                yr[i] = (xr[i] - mean_c[i]) * scale[i] + b[i];
+            }
+        }
+    }
+);
+
+simd_fn!(
+    fn gn_sample_bwd(
+        x: &[f32],
+        w: &[f32],
+        dy: &[f32],
+        dx: &mut [f32],
+        dw: &mut [f32],
+        db: &mut [f32],
+        groups: usize,
+        eps: f32,
+    ) {
+        let c = w.len();
+        let cg = c / groups;
+        let n = (x.len() / c * cg) as f32;
+        let (mean_c, rstd_c) = group_stats(x, c, groups, eps);
+        // Per channel: sum of dy*w and of dy*w*xhat; then per group.
+        let (mut s1, mut s2) = (vec![0f32; c], vec![0f32; c]);
+        for (xr, gr) in x.chunks_exact(c).zip(dy.chunks_exact(c)) {
+            for i in 0..c {
+                let xhat = (xr[i] - mean_c[i]) * rstd_c[i];
+                s1[i] += gr[i] * w[i];
+                s2[i] += gr[i] * w[i] * xhat;
+                dw[i] += gr[i] * xhat;
+                db[i] += gr[i];
+            }
+        }
+        let (mut m1, mut m2) = (vec![0f32; c], vec![0f32; c]);
+        for g in 0..groups {
+            let r = g * cg..(g + 1) * cg;
+            m1[r.clone()].fill(s1[r.clone()].iter().sum::<f32>() / n);
+            m2[r.clone()].fill(s2[r].iter().sum::<f32>() / n);
+        }
+        for ((xr, gr), dr) in x
+            .chunks_exact(c)
+            .zip(dy.chunks_exact(c))
+            .zip(dx.chunks_exact_mut(c))
+        {
+            for i in 0..c {
+                let xhat = (xr[i] - mean_c[i]) * rstd_c[i];
+                dr[i] = rstd_c[i] * (gr[i] * w[i] - m1[i] - xhat * m2[i]);
+            }
+        }
+    }
+);
+
+struct GroupNormOp {
+    groups: usize,
+    eps: f32,
+}
+struct GroupNormBwd {
+    groups: usize,
+    eps: f32,
+}
+
+fn sample_len(l: &Layout) -> usize {
+    let dims = l.dims();
+    dims[1..].iter().product()
+}
+
+impl CustomOp3 for GroupNormOp {
+    fn name(&self) -> &'static str {
+        "group-norm-nhwc-fused"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let per = sample_len(l1);
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(per)
+            .zip(x.par_chunks(per))
+            .for_each(|(y, x)| gn_sample(x, w, b, y, self.groups, self.eps));
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let packed = x.apply_op3(
+            w,
+            &grad.contiguous()?,
+            GroupNormBwd {
+                groups: self.groups,
+                eps: self.eps,
+            },
+        )?;
+        let (n, c) = (x.elem_count(), w.elem_count());
+        Ok((
+            Some(packed.narrow(0, 0, n)?.reshape(x.shape())?),
+            Some(packed.narrow(0, n, c)?),
+            Some(packed.narrow(0, n + c, c)?),
+        ))
+    }
+}
+
+impl CustomOp3 for GroupNormBwd {
+    fn name(&self) -> &'static str {
+        "group-norm-nhwc-fused-backward"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, w, dy) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let c = w.len();
+        let per = sample_len(l1);
+        let mut dx = vec![0f32; x.len()];
+        let partial = dx
+            .par_chunks_mut(per)
+            .zip(x.par_chunks(per).zip(dy.par_chunks(per)))
+            .map(|(dx, (x, dy))| {
+                let (mut dw, mut db) = (vec![0f32; c], vec![0f32; c]);
+                gn_sample_bwd(x, w, dy, dx, &mut dw, &mut db, self.groups, self.eps);
+                (dw, db)
+            })
+            .reduce(|| (vec![0f32; c], vec![0f32; c]), add_pairs);
+        dx.extend(partial.0);
+        dx.extend(partial.1);
+        let n = dx.len();
+        Ok((CpuStorage::F32(dx), Shape::from(n)))
+    }
+}
+
+/// GroupNorm of a channels-last map `[B, ..., C]` (statistics per sample and group).
+pub fn group_norm(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    groups: usize,
+    eps: f32,
+) -> crate::Result<Option<Tensor>> {
+    if !on_cpu_f32(x) || needs_grad(&[x, w, b]) {
+        return Ok(None);
+    }
+    fused_group_norm(x, w, b, groups, eps).map(Some)
+}
+
+fn fused_group_norm(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    groups: usize,
+    eps: f32,
+) -> crate::Result<Tensor> {
+    Ok(x.contiguous()?.apply_op3(
+        &w.contiguous()?,
+        &b.contiguous()?,
+        GroupNormOp { groups, eps },
+    )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{D, Device, Var};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// Composed reference: normalise over `dims`, then scale and shift.
+    fn reference(
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        grouped: &[usize],
+        dims: &[usize],
+        eps: f64,
+    ) -> Tensor {
+        let g = x.reshape(grouped).unwrap();
+        let mean = g.mean_keepdim(dims.to_vec()).unwrap();
+        let c = g.broadcast_sub(&mean).unwrap();
+        let var = c.sqr().unwrap().mean_keepdim(dims.to_vec()).unwrap();
+        let xn = c
+            .broadcast_div(&(var + eps).unwrap().sqrt().unwrap())
+            .unwrap()
+            .reshape(x.shape())
+            .unwrap();
+        xn.broadcast_mul(w).unwrap().broadcast_add(b).unwrap()
+    }
+
+    fn check(x: Var, w: Var, b: Var, ours: Tensor, theirs: Tensor) {
+        assert!(max_diff(&ours, &theirs) < 1e-4, "forward");
+        let probe = Tensor::randn(0f32, 1.0, ours.shape(), &Device::Cpu).unwrap();
+        let g1 = (ours * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g2 = (theirs * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (name, v) in [("x", &x), ("w", &w), ("b", &b)] {
+            let (a, c) = (
+                g1.get(v.as_tensor()).unwrap(),
+                g2.get(v.as_tensor()).unwrap(),
+            );
+            let scale = c
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                max_diff(a, c) <= 1e-4 * scale.max(1.0),
+                "d{name}: {} vs scale {scale}",
+                max_diff(a, c)
+            );
+        }
+    }
+
+    #[test]
+    fn layer_norm_matches_the_composed_ops() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&(Tensor::randn(0.5f32, 2.0, (2, 7, 37), &dev).unwrap())).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(1f32, 0.3, 37, &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f32, 0.3, 37, &dev).unwrap()).unwrap();
+        let ours = fused_layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-6).unwrap();
+        // With gradients asked for, the public entry leaves the work to candle's ops.
+        assert!(
+            layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-6)
+                .unwrap()
+                .is_none()
+        );
+        let (xd, wd, bd) = (
+            x.as_tensor().detach(),
+            w.as_tensor().detach(),
+            b.as_tensor().detach(),
+        );
+        assert!(layer_norm(&xd, &wd, &bd, 1e-6).unwrap().is_some());
+        let theirs = reference(
+            x.as_tensor(),
+            w.as_tensor(),
+            b.as_tensor(),
+            &[2, 7, 37],
+            &[2],
+            1e-6,
+        );
+        let _ = D::Minus1;
+        check(x, w, b, ours, theirs);
+    }
+
+    #[test]
+    fn group_norm_matches_the_composed_ops() {
+        let dev = Device::Cpu;
+        let x =
+            Var::from_tensor(&(Tensor::randn(0.3f32, 1.5, (3, 5, 6, 64), &dev).unwrap())).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(1f32, 0.3, 64, &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f32, 0.3, 64, &dev).unwrap()).unwrap();
+        let ours = fused_group_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 32, 1e-5).unwrap();
+        let theirs = reference(
+            x.as_tensor(),
+            w.as_tensor(),
+            b.as_tensor(),
+            &[3, 30, 32, 2],
+            &[1, 3],
+            1e-5,
+        );
+        check(x, w, b, ours, theirs);
+    }
+}
