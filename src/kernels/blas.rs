@@ -76,6 +76,57 @@ static BLAS: Lazy<Option<Blas>> = Lazy::new(|| {
     })
 });
 
+/// `C = alpha * op(A) op(B)` on raw row-major buffers, single-threaded, when a BLAS is
+/// loaded (`false` otherwise, and nothing is written).
+///
+/// # Safety
+/// The pointers and leading dimensions must describe valid matrices of the given sizes.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn sgemm_raw(
+    trans_a: bool,
+    trans_b: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+) -> bool {
+    let Some(blas) = BLAS.as_ref() else {
+        return false;
+    };
+    let t = |x: bool| if x { TRANS } else { NO_TRANS };
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        (blas.sgemm)(
+            ROW_MAJOR,
+            t(trans_a),
+            t(trans_b),
+            m as c_int,
+            n as c_int,
+            k as c_int,
+            alpha,
+            a,
+            lda as c_int,
+            b,
+            ldb as c_int,
+            0.0,
+            c,
+            ldc as c_int,
+        )
+    };
+    true
+}
+
+/// Whether a BLAS is loaded.
+pub(crate) fn available() -> bool {
+    BLAS.is_some()
+}
+
 /// The BLAS in use, if any (for benchmarks and logs).
 pub fn blas_name() -> Option<&'static str> {
     BLAS.as_ref().map(|b| b.name.as_str())
@@ -100,12 +151,12 @@ fn operand(layout: &Layout) -> Option<(c_int, usize, usize, usize)> {
 }
 
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
+pub(crate) struct SendPtr(pub(crate) *mut f32);
 // SAFETY: used only to hand disjoint blocks of one buffer to rayon's threads.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 impl SendPtr {
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }

@@ -2,7 +2,9 @@
 //! fallback for other devices: BLAS matmul, fused activations, norms, im2col.
 
 pub mod activation;
+pub mod attention;
 pub mod blas;
+pub mod im2col;
 pub(crate) mod simd;
 
 pub use activation::{Activation, activation};

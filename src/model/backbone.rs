@@ -3,7 +3,7 @@
 use super::layers::{LayerNorm, Linear, WeightSource, dropout, softmax_last_dim};
 use crate::config::BridgeConfig;
 use crate::error::Result;
-use crate::kernels::{Activation, activation, matmul};
+use crate::kernels::{self, Activation, activation, matmul};
 use crate::rng::Rng;
 use candle_core::Tensor;
 
@@ -21,9 +21,11 @@ impl Attention {
         let (b, t, w) = x.dims3()?;
         let d = w / self.heads;
         // qkv output read as [B, T, 3, heads, d]; q, k, v in that order.
-        let qkv = self
-            .qkv
-            .forward(x)?
+        let qkv = self.qkv.forward(x)?;
+        if let Some(out) = kernels::attention::attention(&qkv, self.heads)? {
+            return self.proj.forward(&out);
+        }
+        let qkv = qkv
             .reshape((b, t, 3, self.heads, d))?
             .permute((2, 0, 3, 1, 4))?;
         let q = qkv.get(0)?.contiguous()?;

@@ -135,6 +135,17 @@ impl Conv3x3 {
         })
     }
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, h, wd, _) = x.dims4()?;
+        let cols = match kernels::im2col::im2col_3x3(x)? {
+            Some(cols) => cols,
+            None => Self::patches(x)?,
+        };
+        let y = matmul(&cols, &self.weight_t)?.broadcast_add(&self.bias)?;
+        Ok(y.reshape((b, h, wd, ()))?)
+    }
+
+    /// Patch rows from candle ops: nine shifted views of the padded map, stacked.
+    fn patches(x: &Tensor) -> Result<Tensor> {
         let (b, h, wd, c) = x.dims4()?;
         let padded = x.pad_with_zeros(1, 1, 1)?.pad_with_zeros(2, 1, 1)?;
         let mut taps = Vec::with_capacity(9);
@@ -144,9 +155,7 @@ impl Conv3x3 {
             }
         }
         // [B, H, W, C, 9] -> rows of C*9 patch values, ordered as the weight's columns.
-        let cols = Tensor::stack(&taps, 4)?.reshape((b * h * wd, c * 9))?;
-        let y = matmul(&cols, &self.weight_t)?.broadcast_add(&self.bias)?;
-        Ok(y.reshape((b, h, wd, ()))?)
+        Ok(Tensor::stack(&taps, 4)?.reshape((b * h * wd, c * 9))?)
     }
 }
 
