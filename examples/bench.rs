@@ -102,6 +102,7 @@ fn main() -> dino_bridge::Result<()> {
     };
     let (secs, plain) = (median(&mut on), median(&mut off));
     let sps = batch as f64 / secs;
+    let fwd_gflops = sps * gflop;
     println!(
         "forward:    {sps:8.2} samples/s  {:7.1} GFLOP/s  ({:.1} ms/batch, median of {iters})",
         sps * gflop,
@@ -139,6 +140,20 @@ fn main() -> dino_bridge::Result<()> {
             plain / secs
         );
     }
+    // The machine's f32 GEMM rate on the body's largest product, for scale.
+    let (m, k, n) = (2048, 768, 3072);
+    let a = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
+    let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?.t()?;
+    dino_bridge::kernels::matmul(&a, &w)?;
+    let start = Instant::now();
+    for _ in 0..5 {
+        dino_bridge::kernels::matmul(&a, &w)?;
+    }
+    let gemm = 2.0 * (m * k * n) as f64 * 5.0 / start.elapsed().as_secs_f64() / 1e9;
+    println!(
+        "GEMM [{m}x{k}]x[{k}x{n}]: {gemm:.1} GFLOP/s; forward reaches {:.0}% of it",
+        100.0 * fwd_gflops / gemm
+    );
     println!("peak RSS:   {:.0} MiB", peak_rss_mib());
     Ok(())
 }
