@@ -5,7 +5,7 @@
 use crate::checkpoint::{self, Checkpoint, SaveParts, TrainState};
 use crate::config::BridgeConfig;
 use crate::error::{Error, ErrorKind, Result};
-use crate::loss::{LossWeights, alignment_loss, pool_tokens};
+use crate::loss::{LossWeights, alignment_loss, check_pred_grid, pool_tokens};
 use crate::model::BridgeModel;
 use crate::optim::{AdamW, OptimConfig};
 use crate::rng::Rng;
@@ -318,7 +318,7 @@ impl Bridge {
     ) -> Result<(f32, Tensor)> {
         let batch = self.check_latents(latents)?;
         let grid = self.config.grid;
-        pool_tokens_check(pred_grid, grid)?;
+        check_pred_grid(pred_grid as i64, grid)?;
         self.check_tokens("pred", pred, batch, pred_grid)?;
         let target = self.forward(latents)?;
         let pred = Var::from_tensor(&pred.to_dtype(DType::F32)?)?;
@@ -490,15 +490,6 @@ impl Bridge {
             .collect();
         checkpoint::save(path, &SaveParts::weights(&self.config, &weights))
     }
-}
-
-fn pool_tokens_check(pred_grid: usize, grid: usize) -> Result<()> {
-    if pred_grid == 0 || pred_grid % grid != 0 {
-        return Err(Error::invalid(format!(
-            "pred_grid = {pred_grid}: must be a positive multiple of the bridge grid ({grid})"
-        )));
-    }
-    Ok(())
 }
 
 impl std::fmt::Debug for Bridge {

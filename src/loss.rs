@@ -90,14 +90,20 @@ pub fn alignment_loss(pred: &Tensor, target: &Tensor, w: &LossWeights) -> Result
     Ok(loss)
 }
 
+/// A caller token grid must be a positive multiple of the bridge's grid.
+pub fn check_pred_grid(pred_grid: i64, grid: usize) -> Result<usize> {
+    match usize::try_from(pred_grid) {
+        Ok(g) if g > 0 && g % grid == 0 && g <= 1 << 12 => Ok(g),
+        _ => Err(Error::invalid(format!(
+            "pred_grid = {pred_grid}: must be a positive multiple of the bridge grid ({grid})"
+        ))),
+    }
+}
+
 /// Average-pools caller tokens `[B, g*g, D]` (row-major grid `g`) to `[B, grid*grid, D]`.
 /// `g` must be a positive multiple of `grid`; the gradient spreads evenly back.
 pub fn pool_tokens(x: &Tensor, from_grid: usize, grid: usize) -> Result<Tensor> {
-    if from_grid == 0 || from_grid % grid != 0 {
-        return Err(Error::invalid(format!(
-            "pred_grid = {from_grid}: must be a positive multiple of the bridge grid ({grid})"
-        )));
-    }
+    check_pred_grid(from_grid as i64, grid)?;
     if from_grid == grid {
         return Ok(x.clone());
     }

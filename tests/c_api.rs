@@ -42,21 +42,51 @@ fn compile(src: &Path, out: &Path, lib_dir: &Path, compiler: &str, std: &str) {
     assert!(status.success(), "{compiler} failed on {}", src.display());
 }
 
-#[test]
-fn c_client_round_trip_and_bad_inputs() {
+/// Builds `src` (relative to the crate) with `compiler -std=std` into a temporary folder
+/// and runs it with `args`; returns whether it exited 0 and what it printed.
+fn build_and_run(
+    name: &str,
+    src: &str,
+    compiler: &str,
+    std: &str,
+    args: &[std::ffi::OsString],
+) -> (bool, String) {
     let lib_dir = build_cdylib();
-    let dir = tmp_dir("capi");
-    let exe = dir.join("test_capi");
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tmp_dir(name);
+    let exe = dir.join(name);
     compile(
-        &root.join("tests/c/test_capi.c"),
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join(src),
         &exe,
         &lib_dir,
-        "gcc",
-        "c11",
+        compiler,
+        std,
     );
+    let out = Command::new(&exe)
+        .args(args)
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
 
+/// The working folder `build_and_run` uses for `name` (made fresh by it).
+fn scratch(name: &str) -> PathBuf {
+    tmp_dir(&format!("{name}-files"))
+}
+
+fn os(s: impl AsRef<std::ffi::OsStr>) -> std::ffi::OsString {
+    s.as_ref().to_os_string()
+}
+
+#[test]
+fn c_client_round_trip_and_bad_inputs() {
     // A checkpoint whose config asks for one more block than its tensors hold.
+    let dir = scratch("capi");
     let ckpt =
         dino_bridge::checkpoint::load(&fixtures().join("model.safetensors"), None, None).unwrap();
     let mut cfg = ckpt.config.clone();
@@ -74,106 +104,53 @@ fn c_client_round_trip_and_bad_inputs() {
     .unwrap();
 
     let exp = expected();
-    let output = Command::new(&exe)
-        .arg(fixtures())
-        .arg(&dir)
-        .arg(exp["loss_grid8"].to_string())
-        .arg(exp["loss_latents"].to_string())
-        .arg(&misfit)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let args = [
+        os(fixtures()),
+        os(&dir),
+        os(exp["loss_grid8"].to_string()),
+        os(exp["loss_latents"].to_string()),
+        os(&misfit),
+    ];
+    let (ok, text) = build_and_run("test_capi", "tests/c/test_capi.c", "gcc", "c11", &args);
     println!("{text}");
     assert!(
-        output.status.success() && text.contains("all checks passed"),
+        ok && text.contains("all checks passed"),
         "C client failed:\n{text}"
     );
 }
 
 #[test]
 fn the_readme_c_example_builds_and_runs() {
-    let lib_dir = build_cdylib();
-    let dir = tmp_dir("forward-example");
-    let exe = dir.join("forward");
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    compile(
-        &root.join("examples/forward.c"),
-        &exe,
-        &lib_dir,
+    let (ok, text) = build_and_run(
+        "forward",
+        "examples/forward.c",
         "gcc",
         "c11",
+        &[os(fixtures().join("model.pt"))],
     );
-    let output = Command::new(&exe)
-        .arg(fixtures().join("model.pt"))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(text.contains("tokens [2, 16, 48]"), "{text}");
+    assert!(ok && text.contains("tokens [2, 16, 48]"), "{text}");
 }
 
 #[test]
 fn cpp_wrapper_round_trip_and_exceptions() {
-    let lib_dir = build_cdylib();
-    let dir = tmp_dir("cpp");
-    let exe = dir.join("test_cpp");
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    compile(
-        &root.join("tests/cpp/test_cpp.cpp"),
-        &exe,
-        &lib_dir,
-        "g++",
-        "c++17",
-    );
-    let output = Command::new(&exe)
-        .arg(fixtures())
-        .arg(&dir)
-        .arg(expected()["loss_grid8"].to_string())
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let dir = scratch("cpp");
+    let args = [
+        os(fixtures()),
+        os(&dir),
+        os(expected()["loss_grid8"].to_string()),
+    ];
+    let (ok, text) = build_and_run("test_cpp", "tests/cpp/test_cpp.cpp", "g++", "c++17", &args);
     assert!(
-        output.status.success() && text.contains("all checks passed"),
+        ok && text.contains("all checks passed"),
         "C++ client failed:\n{text}"
     );
 }
 
 #[test]
 fn the_cpp_trainer_example_aligns_its_projector() {
-    let lib_dir = build_cdylib();
-    let dir = tmp_dir("cpp-trainer");
-    let exe = dir.join("trainer");
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    compile(
-        &root.join("examples/trainer.cpp"),
-        &exe,
-        &lib_dir,
-        "g++",
-        "c++17",
-    );
-    let output = Command::new(&exe)
-        .arg(fixtures().join("model.safetensors"))
-        .arg("40")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&output.stdout).to_string();
-    assert!(
-        output.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let args = [os(fixtures().join("model.safetensors")), os("40")];
+    let (ok, text) = build_and_run("trainer", "examples/trainer.cpp", "g++", "c++17", &args);
+    assert!(ok, "{text}");
     let losses: Vec<f32> = text
         .lines()
         .filter_map(|l| l.split("loss ").nth(1)?.trim().parse().ok())

@@ -11,7 +11,7 @@ pub mod types;
 use crate::bridge::{Bridge, BridgeOptions, ComputeDtype};
 use crate::config::BridgeConfig;
 use crate::error::{Error, ErrorKind, Result};
-use crate::loss::LossWeights;
+use crate::loss::{LossWeights, check_pred_grid};
 use crate::optim::OptimConfig;
 use buffers::{BufDtype, check_finite, element_count, read_host, write_host};
 use candle_core::Tensor;
@@ -432,16 +432,10 @@ pub unsafe extern "C" fn bridge_loss_backward(
         let bridge = lookup(handle)?;
         let dt = BufDtype::from_code(dtype)?;
         let c = bridge.config().clone();
-        if pred_grid <= 0 || pred_grid as usize % c.grid != 0 {
-            return Err(Error::invalid(format!(
-                "pred_grid = {pred_grid}: must be a positive multiple of the bridge grid ({})",
-                c.grid
-            )));
-        }
+        let g = check_pred_grid(pred_grid as i64, c.grid)?;
         if loss.is_null() {
             return Err(Error::invalid("loss is NULL"));
         }
-        let g = pred_grid as usize;
         let pred_shape = [
             g.checked_mul(g)
                 .ok_or_else(|| Error::invalid("pred_grid overflows"))?,

@@ -175,9 +175,9 @@ impl CustomOp2 for BlasMatmul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let blas = BLAS
-            .as_ref()
-            .ok_or_else(|| candle_core::Error::Msg("no BLAS loaded".into()))?;
+        if !available() {
+            candle_core::bail!("blas-matmul: no BLAS loaded");
+        }
         let (d1, d2) = (l1.dims(), l2.dims());
         let rank = d1.len();
         let batch = if rank == 3 { d1[0] } else { 1 };
@@ -234,21 +234,19 @@ impl CustomOp2 for BlasMatmul {
                 // write disjoint parts of C, and beta = 0 means C is written, never read,
                 // so its uninitialised capacity is fine.
                 unsafe {
-                    (blas.sgemm)(
-                        ROW_MAJOR,
-                        ta,
-                        tb,
-                        mm as c_int,
-                        nn as c_int,
-                        k as c_int,
+                    sgemm_raw(
+                        ta == TRANS,
+                        tb == TRANS,
+                        mm,
+                        nn,
+                        k,
                         1.0,
                         pa.get().add(i * sa + a_off),
-                        lda as c_int,
+                        lda,
                         pb.get().add(i * sb + b_off),
-                        ldb as c_int,
-                        0.0,
+                        ldb,
                         pc.get().add(i * m * n + c_off),
-                        n as c_int,
+                        n,
                     )
                 };
             });

@@ -146,13 +146,11 @@ impl CustomOp3 for LayerNormOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let packed = x.apply_op3(w, &grad.contiguous()?, LayerNormBwd { eps: self.eps })?;
-        let (n, d) = (x.elem_count(), w.elem_count());
-        Ok((
-            Some(packed.narrow(0, 0, n)?.reshape(x.shape())?),
-            Some(packed.narrow(0, n, d)?),
-            Some(packed.narrow(0, n + d, d)?),
-        ))
+        unpack(
+            &x.apply_op3(w, &grad.contiguous()?, LayerNormBwd { eps: self.eps })?,
+            x,
+            w,
+        )
     }
 }
 
@@ -171,22 +169,50 @@ impl CustomOp3 for LayerNormBwd {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, w, dy) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
         let d = w.len();
-        let mut dx = vec![0f32; x.len()];
         let per = rows_per_task(x.len() / d) * d;
-        let partial = dx
-            .par_chunks_mut(per)
-            .zip(x.par_chunks(per).zip(dy.par_chunks(per)))
-            .map(|(dx, (x, dy))| {
-                let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
-                ln_rows_bwd(x, w, dy, dx, &mut dw, &mut db, self.eps);
-                (dw, db)
-            })
-            .reduce(|| (vec![0f32; d], vec![0f32; d]), add_pairs);
-        dx.extend(partial.0);
-        dx.extend(partial.1);
-        let n = dx.len();
-        Ok((CpuStorage::F32(dx), Shape::from(n)))
+        Ok(packed_backward(x, dy, d, per, |x, dy, dx, dw, db| {
+            ln_rows_bwd(x, w, dy, dx, dw, db, self.eps)
+        }))
     }
+}
+
+/// Splits a backward op's packed output `[dx..., dw..., db...]` into the three gradients.
+fn unpack(
+    packed: &Tensor,
+    x: &Tensor,
+    w: &Tensor,
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let (n, d) = (x.elem_count(), w.elem_count());
+    Ok((
+        Some(packed.narrow(0, 0, n)?.reshape(x.shape())?),
+        Some(packed.narrow(0, n, d)?),
+        Some(packed.narrow(0, n + d, d)?),
+    ))
+}
+
+/// Runs `kernel(x, dy, dx, dw, db)` over chunks of `per` elements in parallel and packs
+/// `[dx..., sum dw..., sum db...]`, the output `unpack` reads.
+fn packed_backward(
+    x: &[f32],
+    dy: &[f32],
+    d: usize,
+    per: usize,
+    kernel: impl Fn(&[f32], &[f32], &mut [f32], &mut [f32], &mut [f32]) + Sync,
+) -> (CpuStorage, Shape) {
+    let mut dx = vec![0f32; x.len()];
+    let partial = dx
+        .par_chunks_mut(per)
+        .zip(x.par_chunks(per).zip(dy.par_chunks(per)))
+        .map(|(dx, (x, dy))| {
+            let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
+            kernel(x, dy, dx, &mut dw, &mut db);
+            (dw, db)
+        })
+        .reduce(|| (vec![0f32; d], vec![0f32; d]), add_pairs);
+    dx.extend(partial.0);
+    dx.extend(partial.1);
+    let n = dx.len();
+    (CpuStorage::F32(dx), Shape::from(n))
 }
 
 fn add_pairs(mut a: (Vec<f32>, Vec<f32>), b: (Vec<f32>, Vec<f32>)) -> (Vec<f32>, Vec<f32>) {
@@ -340,20 +366,18 @@ impl CustomOp3 for GroupNormOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let packed = x.apply_op3(
+        unpack(
+            &x.apply_op3(
+                w,
+                &grad.contiguous()?,
+                GroupNormBwd {
+                    groups: self.groups,
+                    eps: self.eps,
+                },
+            )?,
+            x,
             w,
-            &grad.contiguous()?,
-            GroupNormBwd {
-                groups: self.groups,
-                eps: self.eps,
-            },
-        )?;
-        let (n, c) = (x.elem_count(), w.elem_count());
-        Ok((
-            Some(packed.narrow(0, 0, n)?.reshape(x.shape())?),
-            Some(packed.narrow(0, n, c)?),
-            Some(packed.narrow(0, n + c, c)?),
-        ))
+        )
     }
 }
 
@@ -373,20 +397,9 @@ impl CustomOp3 for GroupNormBwd {
         let (x, w, dy) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
         let c = w.len();
         let per = sample_len(l1);
-        let mut dx = vec![0f32; x.len()];
-        let partial = dx
-            .par_chunks_mut(per)
-            .zip(x.par_chunks(per).zip(dy.par_chunks(per)))
-            .map(|(dx, (x, dy))| {
-                let (mut dw, mut db) = (vec![0f32; c], vec![0f32; c]);
-                gn_sample_bwd(x, w, dy, dx, &mut dw, &mut db, self.groups, self.eps);
-                (dw, db)
-            })
-            .reduce(|| (vec![0f32; c], vec![0f32; c]), add_pairs);
-        dx.extend(partial.0);
-        dx.extend(partial.1);
-        let n = dx.len();
-        Ok((CpuStorage::F32(dx), Shape::from(n)))
+        Ok(packed_backward(x, dy, c, per, |x, dy, dx, dw, db| {
+            gn_sample_bwd(x, w, dy, dx, dw, db, self.groups, self.eps)
+        }))
     }
 }
 
