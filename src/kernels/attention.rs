@@ -62,12 +62,27 @@ impl CustomOp1 for FusedAttention {
                         w3,
                         k,
                         w3,
+                        0.0,
                         scores.as_mut_ptr(),
                         t,
                     );
                     softmax_rows(scores, t);
                     let o = dst.get().add(n * t * w + h * d);
-                    sgemm_raw(false, false, t, d, t, 1.0, scores.as_ptr(), t, v, w3, o, w);
+                    sgemm_raw(
+                        false,
+                        false,
+                        t,
+                        d,
+                        t,
+                        1.0,
+                        scores.as_ptr(),
+                        t,
+                        v,
+                        w3,
+                        0.0,
+                        o,
+                        w,
+                    );
                 }
             },
         );

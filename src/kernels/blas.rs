@@ -6,7 +6,7 @@
 //! is installed (or `DINO_BRIDGE_BLAS=off`), `matmul` is candle's. The op has a backward
 //! (two more matmuls), so training uses it too.
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use once_cell::sync::Lazy;
 use rayon::prelude::*;
 use std::ffi::{CString, c_int, c_void};
@@ -76,7 +76,7 @@ static BLAS: Lazy<Option<Blas>> = Lazy::new(|| {
     })
 });
 
-/// `C = alpha * op(A) op(B)` on raw row-major buffers, single-threaded, when a BLAS is
+/// `C = alpha * op(A) op(B) + beta * C` on raw row-major buffers, single-threaded, when a BLAS is
 /// loaded (`false` otherwise, and nothing is written).
 ///
 /// # Safety
@@ -93,6 +93,7 @@ pub(crate) unsafe fn sgemm_raw(
     lda: usize,
     b: *const f32,
     ldb: usize,
+    beta: f32,
     c: *mut f32,
     ldc: usize,
 ) -> bool {
@@ -114,7 +115,7 @@ pub(crate) unsafe fn sgemm_raw(
             lda as c_int,
             b,
             ldb as c_int,
-            0.0,
+            beta,
             c,
             ldc as c_int,
         )
@@ -161,6 +162,100 @@ impl SendPtr {
     }
 }
 
+/// `C (+)= A @ B` for 2-D operands or 3-D batches, split into work items across rayon's
+/// threads (each batch entry; within a 2-D product one block per thread of the larger
+/// output side). With `beta = 0` C is only written (it may be uninitialised memory);
+/// with `beta = 1` the product is added to what C holds.
+fn gemm_into(
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+    beta: f32,
+    c: *mut f32,
+) -> candle_core::Result<Shape> {
+    if !available() {
+        candle_core::bail!("blas-matmul: no BLAS loaded");
+    }
+    let (d1, d2) = (l1.dims(), l2.dims());
+    let rank = d1.len();
+    let batch = if rank == 3 { d1[0] } else { 1 };
+    let (m, k) = (d1[rank - 2], d1[rank - 1]);
+    let (k2, n) = (d2[rank - 2], d2[rank - 1]);
+    if k != k2 || d2.len() != rank || (rank == 3 && d2[0] != batch) {
+        candle_core::bail!("blas-matmul: shapes {d1:?} and {d2:?} do not multiply");
+    }
+    let bad = || candle_core::Error::Msg("blas-matmul: bad layout".into());
+    let (ta, lda, oa, sa) = operand(l1).ok_or_else(bad)?;
+    let (tb, ldb, ob, sb) = operand(l2).ok_or_else(bad)?;
+    let (a, b) = (s1.as_slice::<f32>()?, s2.as_slice::<f32>()?);
+    let shape = if rank == 3 {
+        Shape::from((batch, m, n))
+    } else {
+        Shape::from((m, n))
+    };
+    if batch * m * n == 0 {
+        return Ok(shape);
+    }
+    let (pa, pb, pc) = (
+        SendPtr(a[oa..].as_ptr() as *mut f32),
+        SendPtr(b[ob..].as_ptr() as *mut f32),
+        SendPtr(c),
+    );
+    let split_rows = m >= n;
+    let side = if split_rows { m } else { n };
+    let parts = if batch > 1 {
+        1
+    } else {
+        rayon::current_num_threads().min(side.div_ceil(64)).max(1)
+    };
+    let step = side.div_ceil(parts);
+    (0..batch * parts).into_par_iter().for_each(|item| {
+        let (i, p) = (item / parts, item % parts);
+        let (lo, hi) = (p * step, ((p + 1) * step).min(side));
+        if lo >= hi {
+            return;
+        }
+        let (a_off, b_off, c_off, mm, nn) = if split_rows {
+            (
+                if ta == NO_TRANS { lo * lda } else { lo },
+                0,
+                lo * n,
+                hi - lo,
+                n,
+            )
+        } else {
+            (
+                0,
+                if tb == NO_TRANS { lo } else { lo * ldb },
+                lo,
+                m,
+                hi - lo,
+            )
+        };
+        // SAFETY: the layouts were checked to address inside the storages, C holds
+        // batch * m * n elements (the caller's contract), and items write disjoint blocks.
+        unsafe {
+            sgemm_raw(
+                ta == TRANS,
+                tb == TRANS,
+                mm,
+                nn,
+                k,
+                1.0,
+                pa.get().add(i * sa + a_off),
+                lda,
+                pb.get().add(i * sb + b_off),
+                ldb,
+                beta,
+                pc.get().add(i * m * n + c_off),
+                n,
+            )
+        };
+    });
+    Ok(shape)
+}
+
 struct BlasMatmul;
 
 impl CustomOp2 for BlasMatmul {
@@ -175,89 +270,12 @@ impl CustomOp2 for BlasMatmul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        if !available() {
-            candle_core::bail!("blas-matmul: no BLAS loaded");
-        }
-        let (d1, d2) = (l1.dims(), l2.dims());
-        let rank = d1.len();
-        let batch = if rank == 3 { d1[0] } else { 1 };
-        let (m, k) = (d1[rank - 2], d1[rank - 1]);
-        let (k2, n) = (d2[rank - 2], d2[rank - 1]);
-        if k != k2 || d2.len() != rank || (rank == 3 && d2[0] != batch) {
-            candle_core::bail!("blas-matmul: shapes {d1:?} and {d2:?} do not multiply");
-        }
-        let bad = || candle_core::Error::Msg("blas-matmul: bad layout".into());
-        let (ta, lda, oa, sa) = operand(l1).ok_or_else(bad)?;
-        let (tb, ldb, ob, sb) = operand(l2).ok_or_else(bad)?;
-        let (a, b) = (s1.as_slice::<f32>()?, s2.as_slice::<f32>()?);
-        let mut c: Vec<f32> = Vec::with_capacity(batch * m * n);
-        if batch * m * n > 0 {
-            let (pa, pb, pc) = (
-                SendPtr(a[oa..].as_ptr() as *mut f32),
-                SendPtr(b[ob..].as_ptr() as *mut f32),
-                SendPtr(c.as_mut_ptr()),
-            );
-            // Work items: each batch entry, and within a 2-D product one block per thread
-            // of the larger output side (at least 64 rows or columns per block).
-            let split_rows = m >= n;
-            let side = if split_rows { m } else { n };
-            let parts = if batch > 1 {
-                1
-            } else {
-                rayon::current_num_threads().min(side.div_ceil(64)).max(1)
-            };
-            let step = side.div_ceil(parts);
-            (0..batch * parts).into_par_iter().for_each(|item| {
-                let (i, p) = (item / parts, item % parts);
-                let (lo, hi) = (p * step, ((p + 1) * step).min(side));
-                if lo >= hi {
-                    return;
-                }
-                let (a_off, b_off, c_off, mm, nn) = if split_rows {
-                    (
-                        if ta == NO_TRANS { lo * lda } else { lo },
-                        0,
-                        lo * n,
-                        hi - lo,
-                        n,
-                    )
-                } else {
-                    (
-                        0,
-                        if tb == NO_TRANS { lo } else { lo * ldb },
-                        lo,
-                        m,
-                        hi - lo,
-                    )
-                };
-                // SAFETY: the layouts were checked to address inside the storages, items
-                // write disjoint parts of C, and beta = 0 means C is written, never read,
-                // so its uninitialised capacity is fine.
-                unsafe {
-                    sgemm_raw(
-                        ta == TRANS,
-                        tb == TRANS,
-                        mm,
-                        nn,
-                        k,
-                        1.0,
-                        pa.get().add(i * sa + a_off),
-                        lda,
-                        pb.get().add(i * sb + b_off),
-                        ldb,
-                        pc.get().add(i * m * n + c_off),
-                        n,
-                    )
-                };
-            });
-            // SAFETY: every element of C was written by exactly one item.
-            unsafe { c.set_len(batch * m * n) };
-        }
-        let shape = if rank == 3 {
-            Shape::from((batch, m, n))
-        } else {
-            Shape::from((m, n))
-        };
+        let rank = l1.dims().len();
+        let len = l1.dims()[..rank - 1].iter().product::<usize>() * l2.dims()[rank - 1];
+        let mut c: Vec<f32> = Vec::with_capacity(len);
+        let shape = gemm_into(s1, l1, s2, l2, 0.0, c.as_mut_ptr())?;
+        // SAFETY: with beta = 0 every element of C was written.
+        unsafe { c.set_len(shape.elem_count()) };
         Ok((CpuStorage::F32(c), shape))
     }
 
@@ -274,28 +292,93 @@ impl CustomOp2 for BlasMatmul {
     }
 }
 
+/// `x @ w_t + bias` with the bias written into C first and the product added onto it
+/// (beta = 1), saving the separate pass of a broadcast add.
+struct BlasLinear;
+
+impl CustomOp3 for BlasLinear {
+    fn name(&self) -> &'static str {
+        "blas-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let bias = super::activation::slice(s3, l3)?;
+        let rows = l1.dims()[0];
+        if l2.dims()[1] != bias.len() {
+            candle_core::bail!(
+                "blas-linear: bias of {} for {} outputs",
+                bias.len(),
+                l2.dims()[1]
+            );
+        }
+        let mut c: Vec<f32> = Vec::with_capacity(rows * bias.len());
+        for _ in 0..rows {
+            c.extend_from_slice(bias);
+        }
+        let shape = gemm_into(s1, l1, s2, l2, 1.0, c.as_mut_ptr())?;
+        Ok((CpuStorage::F32(c), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w_t: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let msg = |e: crate::Error| candle_core::Error::Msg(e.to_string());
+        let gx = matmul(grad, &w_t.t()?).map_err(msg)?;
+        let gw = matmul(&x.t()?, grad).map_err(msg)?;
+        Ok((Some(gx), Some(gw), Some(grad.sum(0)?)))
+    }
+}
+
+/// `x @ w_t + bias` for 2-D `x` `[rows, in]`, `w_t` `[in, out]`, `bias` `[out]`.
+pub fn linear(x: &Tensor, w_t: &Tensor, bias: &Tensor) -> crate::Result<Tensor> {
+    if !(usable(x, w_t) && x.rank() == 2 && bias.dtype() == candle_core::DType::F32) {
+        return Ok(matmul(x, w_t)?.broadcast_add(bias)?);
+    }
+    Ok(fit(x)?.apply_op3(&fit(w_t)?, &bias.contiguous()?, BlasLinear)?)
+}
+
 /// `a @ b` for 2-D f32 tensors or 3-D batches of them: BLAS on the CPU when one is
 /// loaded, else candle.
 pub fn matmul(a: &Tensor, b: &Tensor) -> crate::Result<Tensor> {
-    let usable = BLAS.is_some()
+    if !usable(a, b) {
+        return Ok(a.matmul(b)?);
+    }
+    Ok(fit(a)?.apply_op2(&fit(b)?, BlasMatmul)?)
+}
+
+/// Whether the BLAS ops take these operands (f32 on the CPU, 2-D or equal 3-D batches,
+/// sizes BLAS's 32-bit integers can hold).
+fn usable(a: &Tensor, b: &Tensor) -> bool {
+    BLAS.is_some()
         && super::enabled()
         && a.device().is_cpu()
         && a.dtype() == candle_core::DType::F32
         && b.dtype() == candle_core::DType::F32
         && a.rank() == b.rank()
         && (a.rank() == 2 || (a.rank() == 3 && a.dim(0).ok() == b.dim(0).ok()))
-        && i32::try_from(a.elem_count().max(b.elem_count())).is_ok();
-    if !usable {
-        return Ok(a.matmul(b)?);
-    }
-    let fit = |t: &Tensor| -> crate::Result<Tensor> {
-        let (storage, layout) = t.storage_and_layout();
-        let ok = operand(layout).is_some()
-            && matches!(&*storage, candle_core::Storage::Cpu(CpuStorage::F32(_)));
-        drop(storage);
-        Ok(if ok { t.clone() } else { t.contiguous()? })
-    };
-    Ok(fit(a)?.apply_op2(&fit(b)?, BlasMatmul)?)
+        && i32::try_from(a.elem_count().max(b.elem_count())).is_ok()
+}
+
+/// The operand as is when BLAS can read its layout, else a contiguous copy.
+fn fit(t: &Tensor) -> crate::Result<Tensor> {
+    let (storage, layout) = t.storage_and_layout();
+    let ok = operand(layout).is_some()
+        && matches!(&*storage, candle_core::Storage::Cpu(CpuStorage::F32(_)));
+    drop(storage);
+    Ok(if ok { t.clone() } else { t.contiguous()? })
 }
 
 #[cfg(test)]
@@ -350,5 +433,51 @@ mod tests {
         .to_scalar::<f32>()
         .unwrap();
         assert!(d < 1e-4, "{d}");
+    }
+
+    #[test]
+    fn linear_with_bias_matches_matmul_plus_bias_forward_and_backward() {
+        if blas_name().is_none() {
+            eprintln!("no system BLAS here: linear is candle's own, nothing to compare");
+            return;
+        }
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (70, 33), &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (21, 33), &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, 21, &dev).unwrap()).unwrap();
+        let wt = w.as_tensor().t().unwrap();
+        let ours = linear(x.as_tensor(), &wt, b.as_tensor()).unwrap();
+        let theirs = x
+            .as_tensor()
+            .matmul(&wt)
+            .unwrap()
+            .broadcast_add(b.as_tensor())
+            .unwrap();
+        let max = |t: Tensor| {
+            t.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert!(max((&ours - &theirs).unwrap()) < 1e-4);
+        let probe = Tensor::randn(0f32, 1.0, (70, 21), &dev).unwrap();
+        let g1 = (ours * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g2 = (theirs * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&x, &w, &b] {
+            let d = max((g1.get(v.as_tensor()).unwrap() - g2.get(v.as_tensor()).unwrap()).unwrap());
+            assert!(d < 1e-3, "{d}");
+        }
     }
 }

@@ -8,7 +8,7 @@ pub mod im2col;
 pub(crate) mod simd;
 
 pub use activation::{Activation, activation};
-pub use blas::matmul;
+pub use blas::{linear, matmul};
 pub mod norm;
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -4,7 +4,7 @@
 //! become one matmul over im2col patches and the token grid falls out as a reshape.
 
 use crate::error::Result;
-use crate::kernels::{self, matmul};
+use crate::kernels;
 use crate::rng::Rng;
 use candle_core::{D, Tensor};
 
@@ -42,7 +42,7 @@ impl Linear {
             dims[..dims.len() - 1].iter().product::<usize>(),
             dims[dims.len() - 1],
         );
-        let y = matmul(&x.reshape((rows, cols))?, &self.weight_t)?.broadcast_add(&self.bias)?;
+        let y = kernels::linear(&x.reshape((rows, cols))?, &self.weight_t, &self.bias)?;
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = y.dim(1)?;
         Ok(y.reshape(out_dims)?)
@@ -140,7 +140,7 @@ impl Conv3x3 {
             Some(cols) => cols,
             None => Self::patches(x)?,
         };
-        let y = matmul(&cols, &self.weight_t)?.broadcast_add(&self.bias)?;
+        let y = kernels::linear(&cols, &self.weight_t, &self.bias)?;
         Ok(y.reshape((b, h, wd, ()))?)
     }
 
@@ -183,7 +183,7 @@ impl Patchify {
             .permute([0usize, 1, 3, 5, 2, 4].as_slice())?
             .contiguous()?
             .reshape((b * h2 * w2, c * 4))?;
-        let y = matmul(&patches, &self.weight_t)?.broadcast_add(&self.bias)?;
+        let y = kernels::linear(&patches, &self.weight_t, &self.bias)?;
         Ok(y.reshape((b, h2, w2, ()))?)
     }
 }
