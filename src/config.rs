@@ -105,9 +105,6 @@ impl BridgeConfig {
     pub fn tokens(&self) -> usize {
         self.grid * self.grid
     }
-    pub fn head_dim(&self) -> usize {
-        self.width / self.heads
-    }
     pub fn mlp_hidden(&self) -> usize {
         (self.width as f64 * self.mlp_ratio as f64).round() as usize
     }

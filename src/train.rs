@@ -267,7 +267,7 @@ pub fn train(args: &TrainArgs) -> Result<Vec<EpochRecord>> {
         .min(args.limit_batches.unwrap_or(usize::MAX).max(1));
     let total = (per_epoch * args.epochs) as i64;
     let opts = bridge_options(args, config.clone(), total);
-    let (bridge, mut ema) = match resumed {
+    let (bridge, ema) = match resumed {
         Some(mut ckpt) => {
             let ema = ckpt.ema.take().map(|m| {
                 config
@@ -294,7 +294,8 @@ pub fn train(args: &TrainArgs) -> Result<Vec<EpochRecord>> {
             )
         }
     };
-    let mut ema = ema.take().unwrap_or_default();
+    // Empty until the first update when EMA is on (it then starts as a copy).
+    let mut ema: Vec<Tensor> = ema.unwrap_or_default();
     let device = bridge.device().clone();
     println!(
         "data: {} rows ({} train, {} val), {} batches/epoch of {}; model {:.1}M parameters",

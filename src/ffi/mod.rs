@@ -164,18 +164,18 @@ unsafe fn input(
     Ok(Tensor::from_vec(values, dims, bridge.device())?)
 }
 
-/// Checks an output pointer and its extent before any work is done.
-fn output_len(
+/// Checks an output pointer and that its extent fits in memory, before any work is done.
+fn check_output(
     ptr: *const c_void,
     batch: i64,
     per_sample: usize,
     dtype: BufDtype,
     name: &str,
-) -> Result<usize> {
+) -> Result<()> {
     if ptr.is_null() {
         return Err(Error::invalid(format!("{name} is NULL")));
     }
-    element_count(batch, per_sample, dtype)
+    element_count(batch, per_sample, dtype).map(drop)
 }
 
 fn tensor_values(t: &Tensor) -> Result<Vec<f32>> {
@@ -365,7 +365,7 @@ pub unsafe extern "C" fn bridge_forward(
         let bridge = lookup(handle)?;
         let dt = BufDtype::from_code(dtype)?;
         let c = bridge.config().clone();
-        output_len(out, batch, c.output_numel(), dt, "out")?;
+        check_output(out, batch, c.output_numel(), dt, "out")?;
         let x = unsafe {
             input(
                 &bridge,
@@ -441,7 +441,7 @@ pub unsafe extern "C" fn bridge_loss_backward(
                 .ok_or_else(|| Error::invalid("pred_grid overflows"))?,
             c.target_dim,
         ];
-        output_len(
+        check_output(
             grad_pred,
             batch,
             pred_shape[0] * pred_shape[1],
@@ -492,7 +492,7 @@ pub unsafe extern "C" fn bridge_latent_loss_backward(
         if loss.is_null() {
             return Err(Error::invalid("loss is NULL"));
         }
-        output_len(grad_latents, batch, c.latent_numel(), dt, "grad_latents")?;
+        check_output(grad_latents, batch, c.latent_numel(), dt, "grad_latents")?;
         let x = unsafe {
             input(
                 &bridge,

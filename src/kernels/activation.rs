@@ -2,6 +2,7 @@
 //! within, where candle's unary maps run on one thread with scalar `erf`.
 
 use super::simd::{erf, exp, simd_fn};
+use super::{on_cpu_f32, slice};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -48,14 +49,6 @@ simd_fn!(
         }
     }
 );
-
-/// The contiguous f32 slice behind a layout (callers make inputs contiguous first).
-pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let (start, end) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("kernel input must be contiguous".into()))?;
-    Ok(&s.as_slice::<f32>()?[start..end])
-}
 
 struct ActFwd(Activation);
 struct ActBwd(Activation);
@@ -113,11 +106,6 @@ impl CustomOp2 for ActBwd {
     }
 }
 
-/// Whether the fused CPU kernels apply to `x` (f32 on the CPU).
-pub(crate) fn on_cpu_f32(x: &Tensor) -> bool {
-    super::enabled() && x.device().is_cpu() && x.dtype() == candle_core::DType::F32
-}
-
 /// `gelu(x)` with the exact (erf) form, or `silu(x)`.
 pub fn activation(x: &Tensor, kind: Activation) -> crate::Result<Tensor> {
     if !on_cpu_f32(x) {
@@ -132,36 +120,21 @@ pub fn activation(x: &Tensor, kind: Activation) -> crate::Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::testing::{grad_gaps, max_abs_diff};
     use candle_core::{Device, Var};
 
     #[test]
     fn match_candle_forward_and_backward() {
-        let x = Var::from_tensor(&(Tensor::randn(0f32, 3.0, (3, 4099), &Device::Cpu).unwrap()))
-            .unwrap();
+        let x =
+            Var::from_tensor(&Tensor::randn(0f32, 3.0, (3, 4099), &Device::Cpu).unwrap()).unwrap();
         for kind in [Activation::Gelu, Activation::Silu] {
             let ours = activation(x.as_tensor(), kind).unwrap();
             let theirs = match kind {
                 Activation::Gelu => x.as_tensor().gelu_erf().unwrap(),
                 Activation::Silu => x.as_tensor().silu().unwrap(),
             };
-            let max = |t: Tensor| {
-                t.abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-            };
-            assert!(max((&ours - &theirs).unwrap()) < 1e-5, "{kind:?} forward");
-            let w = Tensor::randn(0f32, 1.0, (3, 4099), &Device::Cpu).unwrap();
-            let g1 = (ours * &w).unwrap().sum_all().unwrap().backward().unwrap();
-            let g2 = (theirs * &w)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let d = max((g1.get(x.as_tensor()).unwrap() - g2.get(x.as_tensor()).unwrap()).unwrap());
+            assert!(max_abs_diff(&ours, &theirs) < 1e-5, "{kind:?} forward");
+            let (d, _) = grad_gaps(&ours, &theirs, &[&x])[0];
             assert!(d < 1e-5, "{kind:?} backward {d}");
         }
     }

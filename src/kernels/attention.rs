@@ -3,9 +3,9 @@
 //! views of `qkv` and the softmax in a per-thread buffer. It skips the three head-split
 //! copies, the score tensor and the five passes of a composed softmax.
 
-use super::activation::{on_cpu_f32, slice};
 use super::blas::{SendPtr, available, sgemm_raw};
 use super::simd::{exp, simd_fn};
+use super::{gradient_free, slice};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -94,7 +94,7 @@ impl CustomOp1 for FusedAttention {
 /// `qkv` `[B, T, 3W]` read as `[B, T, 3, heads, W/heads]`; `None` where gradients are
 /// needed or no BLAS is loaded (the caller then composes it from candle ops).
 pub fn attention(qkv: &Tensor, heads: usize) -> crate::Result<Option<Tensor>> {
-    if !on_cpu_f32(qkv) || qkv.track_op() || !available() {
+    if !gradient_free(&[qkv]) || !available() {
         return Ok(None);
     }
     Ok(Some(qkv.contiguous()?.apply_op1(FusedAttention { heads })?))
@@ -107,8 +107,7 @@ mod tests {
 
     #[test]
     fn matches_the_composed_attention() {
-        if !available() {
-            eprintln!("no system BLAS here: the fused attention is not used, nothing to compare");
+        if !crate::kernels::testing::blas_or_skip("the fused attention") {
             return;
         }
         let (b, t, heads, d) = (2, 9, 3, 8);

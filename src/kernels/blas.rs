@@ -310,7 +310,7 @@ impl CustomOp3 for BlasLinear {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let bias = super::activation::slice(s3, l3)?;
+        let bias = super::slice(s3, l3)?;
         let rows = l1.dims()[0];
         if l2.dims()[1] != bias.len() {
             candle_core::bail!(
@@ -384,12 +384,12 @@ fn fit(t: &Tensor) -> crate::Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::testing::{blas_or_skip, grad_gaps, max_abs_diff};
     use candle_core::{Device, Var};
 
     #[test]
     fn agrees_with_candle_forward_and_backward_for_every_layout() {
-        if blas_name().is_none() {
-            eprintln!("no system BLAS here: matmul is candle's own, nothing to compare");
+        if !blas_or_skip("matmul") {
             return;
         }
         let dev = Device::Cpu;
@@ -398,47 +398,29 @@ mod tests {
         let bt = b.as_tensor().t().unwrap(); // transposed view: [19, 23]
         let ours = matmul(a.as_tensor(), &bt).unwrap();
         let theirs = a.as_tensor().matmul(&bt).unwrap();
-        let diff = (&ours - &theirs)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs_diff(&ours, &theirs);
         assert!(diff < 1e-4, "{diff}");
-        let g1 = ours.sqr().unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = theirs.sqr().unwrap().sum_all().unwrap().backward().unwrap();
-        for v in [&a, &b] {
-            let d = (g1.get(v.as_tensor()).unwrap() - g2.get(v.as_tensor()).unwrap())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+        for (d, _) in grad_gaps(&ours, &theirs, &[&a, &b]) {
             assert!(d < 1e-3, "{d}");
         }
-        // A narrowed (offset) operand and a non-BLAS layout (copied first).
+        // A narrowed (offset) operand and a batched product with a transposed operand.
         let wide = Tensor::randn(0f32, 1.0, (19, 40), &dev).unwrap();
         let view = wide.narrow(1, 5, 23).unwrap();
-        let d = (matmul(a.as_tensor(), &view).unwrap()
-            - a.as_tensor().matmul(&view.contiguous().unwrap()).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+        let d = max_abs_diff(
+            &matmul(a.as_tensor(), &view).unwrap(),
+            &a.as_tensor().matmul(&view).unwrap(),
+        );
+        assert!(d < 1e-4, "{d}");
+        let q = Tensor::randn(0f32, 1.0, (4, 9, 5), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (4, 7, 5), &dev).unwrap();
+        let kt = k.t().unwrap();
+        let d = max_abs_diff(&matmul(&q, &kt).unwrap(), &q.matmul(&kt).unwrap());
         assert!(d < 1e-4, "{d}");
     }
 
     #[test]
     fn linear_with_bias_matches_matmul_plus_bias_forward_and_backward() {
-        if blas_name().is_none() {
-            eprintln!("no system BLAS here: linear is candle's own, nothing to compare");
+        if !blas_or_skip("linear") {
             return;
         }
         let dev = Device::Cpu;
@@ -453,30 +435,8 @@ mod tests {
             .unwrap()
             .broadcast_add(b.as_tensor())
             .unwrap();
-        let max = |t: Tensor| {
-            t.abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
-        assert!(max((&ours - &theirs).unwrap()) < 1e-4);
-        let probe = Tensor::randn(0f32, 1.0, (70, 21), &dev).unwrap();
-        let g1 = (ours * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g2 = (theirs * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for v in [&x, &w, &b] {
-            let d = max((g1.get(v.as_tensor()).unwrap() - g2.get(v.as_tensor()).unwrap()).unwrap());
+        assert!(max_abs_diff(&ours, &theirs) < 1e-4);
+        for (d, _) in grad_gaps(&ours, &theirs, &[&x, &w, &b]) {
             assert!(d < 1e-3, "{d}");
         }
     }

@@ -2,7 +2,7 @@
 //! (col2im): one pass that writes each patch row in the weight's column order, instead of
 //! nine strided views stacked and copied by candle.
 
-use super::activation::{on_cpu_f32, slice};
+use super::{on_cpu_f32, slice};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -106,6 +106,7 @@ pub fn im2col_3x3(x: &Tensor) -> crate::Result<Option<Tensor>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::testing::{grad_gaps, max_abs_diff};
     use candle_core::{Device, Var};
 
     #[test]
@@ -123,30 +124,8 @@ mod tests {
             .map(|k| p.narrow(1, k / 3, 5).unwrap().narrow(2, k % 3, 4).unwrap())
             .collect();
         let theirs = Tensor::stack(&taps, 4).unwrap().reshape((40, 27)).unwrap();
-        let max = |t: Tensor| {
-            t.abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
-        assert_eq!(max((&ours - &theirs).unwrap()), 0.0);
-        let probe = Tensor::randn(0f32, 1.0, (40, 27), &Device::Cpu).unwrap();
-        let g1 = (ours * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g2 = (theirs * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        assert!(
-            max((g1.get(x.as_tensor()).unwrap() - g2.get(x.as_tensor()).unwrap()).unwrap()) < 1e-5
-        );
+        assert_eq!(max_abs_diff(&ours, &theirs), 0.0);
+        let (d, _) = grad_gaps(&ours, &theirs, &[&x])[0];
+        assert!(d < 1e-5, "{d}");
     }
 }

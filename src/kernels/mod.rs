@@ -11,6 +11,7 @@ pub use activation::{Activation, activation};
 pub use blas::{linear, matmul};
 pub mod norm;
 
+use candle_core::{CpuStorage, Layout, Tensor};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
@@ -23,4 +24,92 @@ pub fn set_enabled(on: bool) {
 
 pub fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
+}
+
+/// Whether the CPU kernels apply to `x`: enabled, f32, on the CPU.
+pub(crate) fn on_cpu_f32(x: &Tensor) -> bool {
+    enabled() && x.device().is_cpu() && x.dtype() == candle_core::DType::F32
+}
+
+/// Whether a kernel without a (fast) backward may take these inputs: CPU f32 and no
+/// gradient asked for through any of them. The fused norms' backward measured slower
+/// than candle's composed ops in a train step (0.8x), and the fused attention has none,
+/// so training keeps the composed ops and these serve inference and frozen targets.
+pub(crate) fn gradient_free(ts: &[&Tensor]) -> bool {
+    on_cpu_f32(ts[0]) && ts.iter().all(|t| !t.track_op())
+}
+
+/// The contiguous f32 slice behind a layout (callers make inputs contiguous first).
+pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    let (start, end) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("kernel input must be contiguous".into()))?;
+    Ok(&s.as_slice::<f32>()?[start..end])
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! Comparing a kernel with candle's ops, forward and backward.
+    use candle_core::{Tensor, Var};
+
+    pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// Backpropagates `sum(ours * probe)` and `sum(theirs * probe)` for one random probe
+    /// and returns, per variable, the largest gradient difference and the reference
+    /// gradient's largest magnitude.
+    pub fn grad_gaps(ours: &Tensor, theirs: &Tensor, vars: &[&Var]) -> Vec<(f32, f32)> {
+        let probe = Tensor::randn(0f32, 1.0, ours.shape(), ours.device()).unwrap();
+        let g1 = (ours * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g2 = (theirs * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        vars.iter()
+            .map(|v| {
+                let (a, b) = (
+                    g1.get(v.as_tensor()).unwrap(),
+                    g2.get(v.as_tensor()).unwrap(),
+                );
+                (
+                    max_abs_diff(a, b),
+                    b.abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    /// Whether the BLAS-backed kernels can be compared here. CI installs OpenBLAS, so
+    /// there (CI set) a missing BLAS fails the test instead of skipping the comparison.
+    pub fn blas_or_skip(what: &str) -> bool {
+        if super::blas::blas_name().is_some() {
+            return true;
+        }
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs without a system BLAS: {what} goes untested"
+        );
+        eprintln!("no system BLAS here: {what} is candle's own, nothing to compare");
+        false
+    }
 }

@@ -2,8 +2,8 @@
 //! ops with their backward (candle's fused versions have none, and composing them from
 //! mean/sub/div ops costs five passes over memory).
 
-use super::activation::{on_cpu_f32, slice};
 use super::simd::simd_fn;
+use super::{gradient_free, slice};
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -38,13 +38,6 @@ fn sum_sq_dev(x: &[f32], mean: f32) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail
-}
-
-/// The fused norms are used where no gradient is asked for (inference and the frozen
-/// bridge's targets): their backward measured slower than candle's composed ops in a
-/// train step (0.8x), so training keeps the composed ones until that is fixed.
-fn needs_grad(ts: &[&Tensor]) -> bool {
-    ts.iter().any(|t| t.track_op())
 }
 
 // ---- LayerNorm --------------------------------------------------------------------
@@ -223,7 +216,7 @@ fn add_pairs(mut a: (Vec<f32>, Vec<f32>), b: (Vec<f32>, Vec<f32>)) -> (Vec<f32>,
 
 /// LayerNorm of `x` over its last dimension with scale `w` and shift `b`.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> crate::Result<Option<Tensor>> {
-    if !on_cpu_f32(x) || needs_grad(&[x, w, b]) {
+    if !gradient_free(&[x, w, b]) {
         return Ok(None);
     }
     fused_layer_norm(x, w, b, eps).map(Some)
@@ -411,7 +404,7 @@ pub fn group_norm(
     groups: usize,
     eps: f32,
 ) -> crate::Result<Option<Tensor>> {
-    if !on_cpu_f32(x) || needs_grad(&[x, w, b]) {
+    if !gradient_free(&[x, w, b]) {
         return Ok(None);
     }
     fused_group_norm(x, w, b, groups, eps).map(Some)
@@ -434,18 +427,8 @@ fn fused_group_norm(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{D, Device, Var};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
+    use crate::kernels::testing::{grad_gaps, max_abs_diff};
+    use candle_core::{Device, Var};
 
     /// Composed reference: normalise over `dims`, then scale and shift.
     fn reference(
@@ -469,36 +452,15 @@ mod tests {
     }
 
     fn check(x: Var, w: Var, b: Var, ours: Tensor, theirs: Tensor) {
-        assert!(max_diff(&ours, &theirs) < 1e-4, "forward");
-        let probe = Tensor::randn(0f32, 1.0, ours.shape(), &Device::Cpu).unwrap();
-        let g1 = (ours * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g2 = (theirs * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for (name, v) in [("x", &x), ("w", &w), ("b", &b)] {
-            let (a, c) = (
-                g1.get(v.as_tensor()).unwrap(),
-                g2.get(v.as_tensor()).unwrap(),
-            );
-            let scale = c
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+        assert!(max_abs_diff(&ours, &theirs) < 1e-4, "forward");
+        for (name, (gap, scale)) in
+            ["x", "w", "b"]
+                .iter()
+                .zip(grad_gaps(&ours, &theirs, &[&x, &w, &b]))
+        {
             assert!(
-                max_diff(a, c) <= 1e-4 * scale.max(1.0),
-                "d{name}: {} vs scale {scale}",
-                max_diff(a, c)
+                gap <= 1e-4 * scale.max(1.0),
+                "d{name}: {gap} vs scale {scale}"
             );
         }
     }
@@ -530,7 +492,6 @@ mod tests {
             &[2],
             1e-6,
         );
-        let _ = D::Minus1;
         check(x, w, b, ours, theirs);
     }
 

@@ -20,30 +20,17 @@ def _as_bridge(bridge_or_path, **kwargs) -> Bridge:
     return bridge_or_path if isinstance(bridge_or_path, Bridge) else Bridge(bridge_or_path, **kwargs)
 
 
-class _AlignFunction(torch.autograd.Function):
+class _BridgeLoss(torch.autograd.Function):
+    """A loss the library computes together with its gradient for the first input:
+    `call(x, other) -> (loss, grad_x)`. The library reads every buffer in one dtype, so
+    `other` follows `x`'s."""
+
     @staticmethod
-    def forward(ctx, pred, latents, bridge):
-        # The library reads every buffer in one dtype: the latents follow the prediction.
-        p = pred.detach().contiguous()
-        lat = latents.detach().to(dtype=p.dtype).contiguous()
-        loss, grad = bridge.loss_backward(p, lat)
+    def forward(ctx, x, other, call):
+        xc = x.detach().contiguous()
+        loss, grad = call(xc, other.detach().to(dtype=xc.dtype).contiguous())
         ctx.save_for_backward(grad)
-        return torch.tensor(loss, dtype=torch.float32, device=pred.device)
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_loss.to(grad.dtype), None, None
-
-
-class _LatentFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, latents, target, bridge):
-        lat = latents.detach().contiguous()
-        tgt = target.detach().to(dtype=lat.dtype).contiguous()
-        loss, grad = bridge.latent_loss_backward(lat, tgt)
-        ctx.save_for_backward(grad)
-        return torch.tensor(loss, dtype=torch.float32, device=latents.device)
+        return torch.tensor(loss, dtype=torch.float32, device=x.device)
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -60,7 +47,7 @@ class AlignLoss(torch.nn.Module):
         self.bridge = _as_bridge(bridge, **kwargs)
 
     def forward(self, pred: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        return _AlignFunction.apply(pred, latents, self.bridge)
+        return _BridgeLoss.apply(pred, latents, self.bridge.loss_backward)
 
 
 class LatentLoss(torch.nn.Module):
@@ -72,4 +59,4 @@ class LatentLoss(torch.nn.Module):
         self.bridge = _as_bridge(bridge, **kwargs)
 
     def forward(self, latents: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return _LatentFunction.apply(latents, target, self.bridge)
+        return _BridgeLoss.apply(latents, target, self.bridge.latent_loss_backward)
