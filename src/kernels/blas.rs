@@ -68,6 +68,20 @@ static BLAS: Lazy<Option<Blas>> = Lazy::new(|| {
                 libc::dlclose(handle);
                 return None;
             }
+            // Each product is split across rayon's threads and each piece runs on one
+            // thread: the library's own pool would oversubscribe the cores (its idle
+            // workers spin in sched_yield beside ours).
+            for setter in [
+                c"openblas_set_num_threads",
+                c"MKL_Set_Num_Threads",
+                c"bli_thread_set_num_threads",
+            ] {
+                let f = libc::dlsym(handle, setter.as_ptr());
+                if !f.is_null() {
+                    let set = std::mem::transmute::<*mut c_void, unsafe extern "C" fn(c_int)>(f);
+                    set(1);
+                }
+            }
             Some(Blas {
                 sgemm: std::mem::transmute::<*mut c_void, Sgemm>(sym),
                 name,
