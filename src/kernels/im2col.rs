@@ -1,12 +1,13 @@
 //! im2col for a 3x3, padding-1 convolution over a channels-last map, with its backward
-//! (col2im): one pass that writes each patch row in the weight's column order, instead of
-//! nine strided views stacked and copied by candle.
+//! (col2im): one pass that writes each patch row as nine contiguous runs of channels,
+//! instead of nine strided views stacked and copied by candle. The path for CPUs without
+//! a BLAS; `conv.rs` never builds the whole patch matrix.
 
 use super::{on_cpu_f32, slice};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-/// `[B, H, W, C]` -> `[B*H*W, C*9]`, column `c*9 + ky*3 + kx` (PyTorch's weight order).
+/// `[B, H, W, C]` -> `[B*H*W, 9*C]`, column `(ky*3 + kx)*C + c` (tap-major).
 struct Im2Col;
 /// The adjoint: `[B*H*W, C*9]` -> `[B, H, W, C]`, summing each patch entry back.
 struct Col2Im {
@@ -28,20 +29,14 @@ impl CustomOp1 for Im2Col {
                 let img = &x[n * h * w * c..(n + 1) * h * w * c];
                 for xx in 0..w {
                     let dst = &mut out[xx * c * 9..(xx + 1) * c * 9];
-                    let mut src: [Option<&[f32]>; 9] = [None; 9];
-                    for (k, s) in src.iter_mut().enumerate() {
+                    for (k, tap) in dst.chunks_exact_mut(c).enumerate() {
                         let (yy, xs) = (
                             y as isize + (k / 3) as isize - 1,
                             xx as isize + (k % 3) as isize - 1,
                         );
                         if yy >= 0 && yy < h as isize && xs >= 0 && xs < w as isize {
                             let at = (yy as usize * w + xs as usize) * c;
-                            *s = Some(&img[at..at + c]);
-                        }
-                    }
-                    for (ci, patch) in dst.chunks_exact_mut(9).enumerate() {
-                        for k in 0..9 {
-                            patch[k] = src[k].map_or(0.0, |r| r[ci]);
+                            tap.copy_from_slice(&img[at..at + c]);
                         }
                     }
                 }
@@ -83,9 +78,9 @@ impl CustomOp1 for Col2Im {
                         continue;
                     }
                     let p = (n * h + yy as usize) * w + xs as usize;
-                    let src = &cols[p * c * 9..(p + 1) * c * 9];
-                    for (ci, d) in dst.iter_mut().enumerate() {
-                        *d += src[ci * 9 + k];
+                    let src = &cols[(p * 9 + k) * c..(p * 9 + k + 1) * c];
+                    for (d, s) in dst.iter_mut().zip(src) {
+                        *d += s;
                     }
                 }
             }
@@ -123,7 +118,7 @@ mod tests {
         let taps: Vec<Tensor> = (0..9)
             .map(|k| p.narrow(1, k / 3, 5).unwrap().narrow(2, k % 3, 4).unwrap())
             .collect();
-        let theirs = Tensor::stack(&taps, 4).unwrap().reshape((40, 27)).unwrap();
+        let theirs = Tensor::stack(&taps, 3).unwrap().reshape((40, 27)).unwrap();
         assert_eq!(max_abs_diff(&ours, &theirs), 0.0);
         let (d, _) = grad_gaps(&ours, &theirs, &[&x])[0];
         assert!(d < 1e-5, "{d}");

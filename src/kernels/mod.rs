@@ -4,6 +4,7 @@
 pub mod activation;
 pub mod attention;
 pub mod blas;
+pub mod conv;
 pub mod im2col;
 pub(crate) mod simd;
 

@@ -118,29 +118,38 @@ impl GroupNorm {
     }
 }
 
-/// 3x3 convolution, padding 1, on `[B, H, W, C]`, as im2col + one matmul.
+/// 3x3 convolution, padding 1, on `[B, H, W, C]`: the fused patch-and-multiply kernel,
+/// or im2col + one matmul.
 #[derive(Clone)]
 pub struct Conv3x3 {
-    weight_t: Tensor, // [C_in * 9, C_out], row index c * 9 + ky * 3 + kx
+    weight: Tensor, // [C_out, C_in, 3, 3], PyTorch's layout
     bias: Tensor,
 }
 
 impl Conv3x3 {
     pub fn load(w: &dyn WeightSource, prefix: &str) -> Result<Self> {
-        let weight = w.get(&format!("{prefix}.weight"))?;
-        let (c_out, c_in, _, _) = weight.dims4()?;
         Ok(Conv3x3 {
-            weight_t: weight.reshape((c_out, c_in * 9))?.t()?,
+            weight: w.get(&format!("{prefix}.weight"))?,
             bias: w.get(&format!("{prefix}.bias"))?,
         })
     }
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, h, wd, _) = x.dims4()?;
+        let (b, h, wd, c) = x.dims4()?;
+        // Tap-major rows `[C_out, 9*C_in]`, column (ky*3 + kx)*C_in + c: each tap's
+        // channels are contiguous in a channels-last patch. A copy per call (2.4 MB at
+        // most), made inside the graph so that training reaches the parameter.
+        let rows = self
+            .weight
+            .permute((0, 2, 3, 1))?
+            .reshape((self.weight.dim(0)?, 9 * c))?;
+        if let Some(y) = kernels::conv::conv3x3(x, &rows, &self.bias)? {
+            return Ok(y);
+        }
         let cols = match kernels::im2col::im2col_3x3(x)? {
             Some(cols) => cols,
             None => Self::patches(x)?,
         };
-        let y = kernels::linear(&cols, &self.weight_t, &self.bias)?;
+        let y = kernels::linear(&cols, &rows.t()?, &self.bias)?;
         Ok(y.reshape((b, h, wd, ()))?)
     }
 
@@ -154,36 +163,41 @@ impl Conv3x3 {
                 taps.push(padded.narrow(1, ky, h)?.narrow(2, kx, wd)?);
             }
         }
-        // [B, H, W, C, 9] -> rows of C*9 patch values, ordered as the weight's columns.
-        Ok(Tensor::stack(&taps, 4)?.reshape((b * h * wd, c * 9))?)
+        // [B, H, W, 9, C] -> rows of 9*C patch values, ordered as the weight rows.
+        Ok(Tensor::stack(&taps, 3)?.reshape((b * h * wd, 9 * c))?)
     }
 }
 
 /// 2x2 stride-2 convolution on `[B, H, W, C]`: a patchify, computed as reshape + matmul.
 #[derive(Clone)]
 pub struct Patchify {
-    weight_t: Tensor, // [C_in * 4, C_out], row index c * 4 + ky * 2 + kx
+    weight: Tensor, // [C_out, C_in, 2, 2]
     bias: Tensor,
 }
 
 impl Patchify {
     pub fn load(w: &dyn WeightSource, prefix: &str) -> Result<Self> {
-        let weight = w.get(&format!("{prefix}.weight"))?;
-        let (c_out, c_in, _, _) = weight.dims4()?;
         Ok(Patchify {
-            weight_t: weight.reshape((c_out, c_in * 4))?.t()?,
+            weight: w.get(&format!("{prefix}.weight"))?,
             bias: w.get(&format!("{prefix}.bias"))?,
         })
     }
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, h, wd, c) = x.dims4()?;
         let (h2, w2) = (h / 2, wd / 2);
+        // Patch rows in (ky, kx, c) order: the copy moves runs of 2*C contiguous values
+        // (kx and c together), where PyTorch's (c, ky, kx) order moves single floats.
         let patches = x
-            .reshape(&[b, h2, 2, w2, 2, c][..])?
-            .permute([0usize, 1, 3, 5, 2, 4].as_slice())?
+            .reshape(&[b, h2, 2, w2, 2 * c][..])?
+            .transpose(2, 3)?
             .contiguous()?
-            .reshape((b * h2 * w2, c * 4))?;
-        let y = kernels::linear(&patches, &self.weight_t, &self.bias)?;
+            .reshape((b * h2 * w2, 4 * c))?;
+        let w_t = self
+            .weight
+            .permute((0, 2, 3, 1))?
+            .reshape((self.weight.dim(0)?, 4 * c))?
+            .t()?;
+        let y = kernels::linear(&patches, &w_t, &self.bias)?;
         Ok(y.reshape((b, h2, w2, ()))?)
     }
 }
