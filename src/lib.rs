@@ -4,6 +4,7 @@
 //! Where things are: the forward pass in [`model`], the loss in [`loss`], the C boundary
 //! in [`ffi`], the engine behind a handle (train step, save) in [`bridge`].
 
+pub mod allocator;
 pub mod bridge;
 pub mod checkpoint;
 pub mod config;
@@ -20,6 +21,11 @@ pub mod plot;
 pub mod rng;
 pub mod synth;
 pub mod train;
+
+/// Large activation buffers are recycled instead of being mapped and zeroed afresh on
+/// every call (see [`allocator`]).
+#[global_allocator]
+static GLOBAL: allocator::CachingAllocator = allocator::CachingAllocator;
 
 pub use bridge::{Bridge, BridgeOptions, ComputeDtype, StepStats};
 pub use config::BridgeConfig;
