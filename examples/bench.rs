@@ -1,8 +1,11 @@
 //! Forward (and train-step) throughput of the bridge on the CPU.
 //!
-//!   cargo run --release --example bench -- [--batch 16] [--iters 5] [--train-iters 2] [--tiny]
+//!   cargo run --release --example bench -- [--batch 16] [--iters 5] [--train-iters 2]
+//!       [--threads N] [--tiny] [--no-plain]
 //!
-//! Prints samples/s, achieved GFLOP/s from the model's FLOP count, and peak resident memory.
+//! Prints forward samples/s, `loss_backward` calls/s and train-step samples/s, achieved
+//! GFLOP/s from the model's FLOP count, the share of this run's measured GEMM rate, and
+//! peak resident memory. `--no-plain` skips the runs with candle's plain ops.
 
 use candle_core::{Device, Tensor};
 use dino_bridge::rng::Rng;
@@ -46,6 +49,8 @@ fn main() -> dino_bridge::Result<()> {
     let iters = arg("--iters", 5);
     let train_iters = arg("--train-iters", 2);
     let tiny = std::env::args().any(|a| a == "--tiny");
+    // --no-plain: skip the candle-only runs (for profiling the kernels path alone).
+    let plain_runs = !std::env::args().any(|a| a == "--no-plain");
     let config = if tiny {
         BridgeConfig {
             latent_size: 16,
@@ -61,7 +66,18 @@ fn main() -> dino_bridge::Result<()> {
     } else {
         BridgeConfig::default()
     };
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = arg(
+        "--threads",
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+    );
+    // Before any parallel work: rayon's global pool runs this crate's kernels, candle's
+    // own pool its element-wise ops (it reads CANDLE_NUM_THREADS on first use).
+    // SAFETY: no other thread exists yet.
+    unsafe { std::env::set_var("CANDLE_NUM_THREADS", threads.to_string()) };
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .expect("the thread pool is set up once");
     let bridge = Bridge::new(&BridgeOptions {
         config: config.clone(),
         ..Default::default()
@@ -89,6 +105,9 @@ fn main() -> dino_bridge::Result<()> {
     let (mut on, mut off) = (Vec::new(), Vec::new());
     for _ in 0..iters {
         for (enabled, times) in [(true, &mut on), (false, &mut off)] {
+            if !enabled && !plain_runs {
+                continue;
+            }
             dino_bridge::kernels::set_enabled(enabled);
             let start = Instant::now();
             bridge.forward(&x)?;
@@ -97,6 +116,9 @@ fn main() -> dino_bridge::Result<()> {
     }
     dino_bridge::kernels::set_enabled(true);
     let median = |v: &mut Vec<f64>| {
+        if v.is_empty() {
+            return f64::NAN;
+        }
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
         v[v.len() / 2]
     };
@@ -114,11 +136,31 @@ fn main() -> dino_bridge::Result<()> {
         plain / secs
     );
 
+    // loss_backward: the bridge's forward on the latents (the target) plus the gradient
+    // of the loss for caller predictions at the full grid.
+    let pred = random(&[batch, config.tokens(), config.target_dim], &mut rng);
+    bridge.loss_backward(&pred, &x, config.grid)?; // warm-up
+    let mut calls = Vec::new();
+    for _ in 0..iters {
+        let start = Instant::now();
+        bridge.loss_backward(&pred, &x, config.grid)?;
+        calls.push(start.elapsed().as_secs_f64());
+    }
+    let secs = median(&mut calls);
+    println!(
+        "loss_backward: {:6.2} calls/s      ({:.1} ms/call at batch {batch}, median of {iters})",
+        1.0 / secs,
+        secs * 1e3
+    );
+
     if train_iters > 0 {
         bridge.train_step(&x, &t)?; // warm-up
         let (mut on, mut off) = (Vec::new(), Vec::new());
         for _ in 0..train_iters {
             for (enabled, times) in [(true, &mut on), (false, &mut off)] {
+                if !enabled && !plain_runs {
+                    continue;
+                }
                 dino_bridge::kernels::set_enabled(enabled);
                 let start = Instant::now();
                 bridge.train_step(&x, &t)?;
