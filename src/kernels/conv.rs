@@ -243,14 +243,19 @@ impl CustomOp2 for ConvWeightGrad {
         let (x, dy) = (slice(s1, l1)?, slice(s2, l2)?);
         let o = l2.dims()[3];
         let k = 9 * d.c;
-        let dw = blocks(d)
-            .into_par_iter()
-            .fold(
-                || (vec![0f32; o * k], vec![0f32; d.rows_per_block() * k]),
-                |(mut acc, mut cols), (lo, hi)| {
+        // A fixed split into one run of blocks per thread, summed in order: the result
+        // does not depend on scheduling, so training runs repeat bit for bit.
+        let all = blocks(d);
+        let per = all.len().div_ceil(rayon::current_num_threads()).max(1);
+        let partials: Vec<Vec<f32>> = all
+            .par_chunks(per)
+            .map(|run| {
+                let mut acc = vec![0f32; o * k];
+                let mut cols = vec![0f32; d.rows_per_block() * k];
+                for &(lo, hi) in run {
                     let rows = hi - lo;
                     gather(x, d, lo, hi, &mut cols[..rows * k]);
-                    // SAFETY: sizes match the slices; acc and cols are this fold's own.
+                    // SAFETY: sizes match the slices; acc and cols are this task's own.
                     unsafe {
                         sgemm_raw(
                             true,
@@ -268,17 +273,14 @@ impl CustomOp2 for ConvWeightGrad {
                             k,
                         )
                     };
-                    (acc, cols)
-                },
-            )
-            .map(|(acc, _)| acc)
-            .reduce(
-                || vec![0f32; o * k],
-                |mut a, b| {
-                    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                    a
-                },
-            );
+                }
+                acc
+            })
+            .collect();
+        let mut dw = vec![0f32; o * k];
+        for p in &partials {
+            dw.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+        }
         Ok((CpuStorage::F32(dw), Shape::from((o, k))))
     }
 }

@@ -1,0 +1,219 @@
+//! Hostile bytes and concurrent use: mutated checkpoints and `.npy` headers must give an
+//! error (never a panic or a huge allocation), and forward/loss calls racing train steps
+//! and saves on one handle must always see one consistent set of weights.
+
+mod common;
+
+use candle_core::{Device, Tensor};
+use dino_bridge::rng::Rng;
+use dino_bridge::{Bridge, BridgeOptions, checkpoint, npy};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// One random mutation: flip bytes, overwrite with extreme values, truncate, or splice.
+fn mutate(base: &[u8], rng: &mut Rng) -> Vec<u8> {
+    let mut b = base.to_vec();
+    let pick = |rng: &mut Rng, n: usize| (rng.uniform() * n as f32) as usize % n.max(1);
+    match pick(rng, 5) {
+        0 => {
+            for _ in 0..1 + pick(rng, 8) {
+                let i = pick(rng, b.len());
+                b[i] ^= 1 << pick(rng, 8);
+            }
+        }
+        1 => {
+            // Extreme bytes where sizes and lengths live (the first 256 bytes).
+            let i = pick(rng, b.len().min(256));
+            let v = [0x00, 0xff, b'9', b'-', b'"', b'{', b'}', b','][pick(rng, 8)];
+            for j in i..(i + 1 + pick(rng, 8)).min(b.len()) {
+                b[j] = v;
+            }
+        }
+        2 => b.truncate(pick(rng, b.len())),
+        3 => {
+            let i = pick(rng, b.len());
+            let junk: Vec<u8> = (0..pick(rng, 64)).map(|_| pick(rng, 256) as u8).collect();
+            b.splice(i..i, junk);
+        }
+        _ => {
+            // Digits in the header made huge: lying sizes.
+            if let Some(i) = b.iter().take(512).position(|c| c.is_ascii_digit()) {
+                b.splice(i..i, b"99999999999".iter().copied());
+            }
+        }
+    }
+    b
+}
+
+/// Runs `f` on thousands of mutations of `base` within `budget`; fails on any panic.
+fn fuzz(name: &str, base: &[u8], budget: Duration, mut f: impl FnMut(&[u8]) -> bool) {
+    let mut rng = Rng::new(0xF022 ^ base.len() as u64);
+    let start = Instant::now();
+    let (mut runs, mut accepted) = (0, 0);
+    while start.elapsed() < budget || runs < 200 {
+        let bytes = mutate(base, &mut rng);
+        match catch_unwind(AssertUnwindSafe(|| f(&bytes))) {
+            Ok(ok) => accepted += ok as usize,
+            Err(_) => panic!("{name}: a mutated input panicked (run {runs})"),
+        }
+        runs += 1;
+    }
+    eprintln!("{name}: {runs} mutations, {accepted} still accepted");
+    assert!(runs >= 200);
+}
+
+#[test]
+fn npy_header_parser_survives_mutations() {
+    let dir = common::tmp_dir("fuzz-npy");
+    let base = std::fs::read(common::fixtures().join("target.npy")).unwrap();
+    let path = dir.join("m.npy");
+    fuzz("npy", &base, Duration::from_secs(5), |bytes| {
+        let header = npy::parse_header(bytes, bytes.len());
+        if let Ok(h) = &header {
+            // An accepted header never claims more data than the file holds.
+            assert!(h.data_len().is_some_and(|n| n <= bytes.len()));
+        }
+        std::fs::write(&path, bytes).unwrap();
+        npy::read_f32(&path).is_ok()
+    });
+}
+
+#[test]
+fn checkpoint_loaders_survive_mutations() {
+    let dir = common::tmp_dir("fuzz-ckpt");
+    for file in ["model.safetensors", "model.pt"] {
+        let base = std::fs::read(common::fixtures().join(file)).unwrap();
+        let path = dir.join(file);
+        fuzz(file, &base, Duration::from_secs(8), |bytes| {
+            std::fs::write(&path, bytes).unwrap();
+            checkpoint::load(&path, None, None).is_ok()
+        });
+    }
+}
+
+fn tiny_bridge(seed: u64) -> Bridge {
+    let ckpt = checkpoint::load(&common::fixtures().join("model.safetensors"), None, None).unwrap();
+    Bridge::from_checkpoint(
+        ckpt,
+        &BridgeOptions {
+            seed,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+fn bits(t: &Tensor) -> Vec<u32> {
+    t.flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(f32::to_bits)
+        .collect()
+}
+
+/// 8 threads run forward and loss_backward while another runs train steps and saves.
+/// Every forward must equal, bit for bit, the forward of one of the weight versions the
+/// trainer produced (never a half-updated mix), and the run must finish (no deadlock).
+#[test]
+fn concurrent_calls_see_whole_weight_versions() {
+    let dir = common::tmp_dir("concurrency");
+    let bridge = Arc::new(tiny_bridge(3));
+    let c = bridge.config().clone();
+    let x = Tensor::randn(
+        0f32,
+        1.0,
+        (2, c.in_ch, c.latent_size, c.latent_size),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let t = Tensor::randn(0f32, 1.0, (2, c.tokens(), c.target_dim), &Device::Cpu).unwrap();
+    let pred = Tensor::randn(0f32, 1.0, (2, c.tokens(), c.target_dim), &Device::Cpu).unwrap();
+    let versions = Arc::new(Mutex::new(vec![bits(&bridge.forward(&x).unwrap())]));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let steps = 12;
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let trainer = {
+        let (bridge, x, t, versions, done, dir) = (
+            bridge.clone(),
+            x.clone(),
+            t.clone(),
+            versions.clone(),
+            done.clone(),
+            dir.clone(),
+        );
+        std::thread::spawn(move || {
+            for i in 0..steps {
+                bridge.train_step(&x, &t).unwrap();
+                // A forward by the trainer right after its own step, before the next one:
+                // the outputs of this weight version.
+                versions
+                    .lock()
+                    .unwrap()
+                    .push(bits(&bridge.forward(&x).unwrap()));
+                bridge
+                    .save(&dir.join(format!("s{}.safetensors", i % 2)))
+                    .unwrap();
+            }
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+        })
+    };
+    let readers: Vec<_> = (0..8)
+        .map(|r| {
+            let (bridge, x, pred, seen, done) = (
+                bridge.clone(),
+                x.clone(),
+                pred.clone(),
+                seen.clone(),
+                done.clone(),
+            );
+            std::thread::spawn(move || {
+                let mut n = 0;
+                while !done.load(std::sync::atomic::Ordering::SeqCst) || n < 2 {
+                    if r % 2 == 0 {
+                        let y = bits(&bridge.forward(&x).unwrap());
+                        seen.lock().unwrap().push(y);
+                    } else {
+                        let (loss, grad) = bridge.loss_backward(&pred, &x, c.grid).unwrap();
+                        assert!(loss.is_finite());
+                        assert_eq!(grad.dims(), pred.dims());
+                    }
+                    n += 1;
+                }
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    trainer.join().unwrap();
+    for r in readers {
+        r.join().unwrap();
+    }
+    assert!(Instant::now() < deadline, "took too long (deadlock?)");
+    let versions = versions.lock().unwrap();
+    let seen = seen.lock().unwrap();
+    assert_eq!(versions.len(), steps + 1);
+    assert!(seen.len() >= 8, "readers made too few calls");
+    for (i, y) in seen.iter().enumerate() {
+        assert!(
+            versions.contains(y),
+            "forward {i} matches none of the {} weight versions: a half-updated read",
+            versions.len()
+        );
+    }
+    // Both saved files load, and the run repeats: a fresh bridge trained the same way
+    // ends at the same weights (readers do not disturb training).
+    let again = tiny_bridge(3);
+    for _ in 0..steps {
+        again.train_step(&x, &t).unwrap();
+    }
+    assert_eq!(
+        bits(&again.forward(&x).unwrap()),
+        *versions.last().unwrap(),
+        "the concurrent run did not repeat"
+    );
+    for f in ["s0.safetensors", "s1.safetensors"] {
+        checkpoint::load(&dir.join(f), None, None).unwrap();
+    }
+}
