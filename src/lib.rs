@@ -8,6 +8,8 @@ pub mod allocator;
 pub mod bridge;
 pub mod checkpoint;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod data;
 pub mod error;
 pub mod ffi;

@@ -1,0 +1,217 @@
+//! Caller-owned CUDA memory and streams (only with the `cuda` feature).
+//!
+//! The bridge computes on candle's own stream in the device's primary context (the one
+//! PyTorch uses too). A call on caller pointers goes:
+//!   1. an event recorded on the caller's stream, which candle's stream waits for;
+//!   2. device-to-device copies from the caller's buffers into tensors candle owns;
+//!   3. the work, then device-to-device copies into the caller's output buffers;
+//!   4. an event recorded on candle's stream, which the caller's stream waits for.
+//! No host synchronisation, and no tensor ever wraps foreign memory (candle would free it).
+
+use crate::error::{Error, ErrorKind, Result};
+use candle_core::{DType, Device, Shape, Storage, Tensor};
+use cudarc::driver::{DevicePtr, sys};
+use std::ffi::c_void;
+
+fn driver(r: sys::CUresult, what: &str) -> Result<()> {
+    if r == sys::CUresult::CUDA_SUCCESS {
+        Ok(())
+    } else {
+        Err(Error::new(
+            ErrorKind::Internal,
+            format!("CUDA driver call {what} failed: {r:?}"),
+        ))
+    }
+}
+
+fn cuda_device(device: &Device) -> Result<&candle_core::CudaDevice> {
+    device
+        .as_cuda_device()
+        .map_err(|_| Error::invalid("this bridge runs on the CPU: pass host buffers"))
+}
+
+/// The caller's stream for one call, with candle's stream and the context bound.
+pub struct CallerStream {
+    caller: sys::CUstream,
+    ours: sys::CUstream,
+    ordinal: i32,
+}
+
+impl CallerStream {
+    /// Binds the bridge's context to this thread and orders candle's stream after
+    /// everything already queued on `stream` (NULL: the legacy default stream).
+    pub fn begin(device: &Device, ordinal: i32, stream: *mut c_void) -> Result<Self> {
+        let dev = cuda_device(device)?;
+        let ours = dev.cuda_stream();
+        ours.context().bind_to_thread().map_err(|e| {
+            Error::new(
+                ErrorKind::Internal,
+                format!("binding the CUDA context: {e}"),
+            )
+        })?;
+        let s = CallerStream {
+            caller: stream as sys::CUstream,
+            ours: ours.cu_stream(),
+            ordinal,
+        };
+        s.order(s.caller, s.ours)?;
+        Ok(s)
+    }
+
+    /// `waiter` waits for the work queued on `first` so far.
+    fn order(&self, first: sys::CUstream, waiter: sys::CUstream) -> Result<()> {
+        if first == waiter {
+            return Ok(());
+        }
+        let mut event: sys::CUevent = std::ptr::null_mut();
+        // SAFETY: plain driver calls on live streams; the event is released once recorded
+        // and waited on (the driver keeps it until the wait resolves).
+        unsafe {
+            driver(
+                sys::cuEventCreate(
+                    &mut event,
+                    sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32,
+                ),
+                "cuEventCreate",
+            )?;
+            let r = sys::cuEventRecord(event, first);
+            let r = if r == sys::CUresult::CUDA_SUCCESS {
+                sys::cuStreamWaitEvent(waiter, event, 0)
+            } else {
+                r
+            };
+            sys::cuEventDestroy_v2(event);
+            driver(r, "cuEventRecord/cuStreamWaitEvent")
+        }
+    }
+
+    /// The caller's stream waits for everything queued on candle's stream (the output
+    /// copies included).
+    pub fn finish(&self) -> Result<()> {
+        self.order(self.ours, self.caller)
+    }
+
+    /// Checks that `[ptr, ptr + bytes)` is device memory of the bridge's GPU.
+    pub fn check_device_ptr(&self, ptr: *const c_void, bytes: usize, name: &str) -> Result<()> {
+        if ptr.is_null() {
+            return Err(Error::invalid(format!("{name} is NULL")));
+        }
+        let p = ptr as sys::CUdeviceptr;
+        let attr = |a: sys::CUpointer_attribute, out: *mut c_void| {
+            // SAFETY: `out` points at storage of the attribute's type (u32, i32 or u64).
+            unsafe { sys::cuPointerGetAttribute(out, a, p) }
+        };
+        let mut mem_type: u32 = 0;
+        let r = attr(
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
+            &mut mem_type as *mut u32 as *mut c_void,
+        );
+        let device_memory = r == sys::CUresult::CUDA_SUCCESS
+            && (mem_type == sys::CUmemorytype::CU_MEMORYTYPE_DEVICE as u32
+                || mem_type == sys::CUmemorytype::CU_MEMORYTYPE_UNIFIED as u32);
+        if !device_memory {
+            return Err(Error::invalid(format!(
+                "{name} is not CUDA device memory (a host pointer?)"
+            )));
+        }
+        let mut ordinal: i32 = -1;
+        attr(
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+            &mut ordinal as *mut i32 as *mut c_void,
+        );
+        if ordinal != self.ordinal {
+            return Err(Error::invalid(format!(
+                "{name} is memory of CUDA device {ordinal}; this bridge runs on device {}",
+                self.ordinal
+            )));
+        }
+        let (mut start, mut size): (u64, u64) = (0, 0);
+        let r1 = attr(
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_START_ADDR,
+            &mut start as *mut u64 as *mut c_void,
+        );
+        let r2 = attr(
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_SIZE,
+            &mut size as *mut u64 as *mut c_void,
+        );
+        if r1 == sys::CUresult::CUDA_SUCCESS
+            && r2 == sys::CUresult::CUDA_SUCCESS
+            && (p as u64).saturating_add(bytes as u64) > start.saturating_add(size)
+        {
+            return Err(Error::invalid(format!(
+                "{name} needs {bytes} bytes but its allocation ends {} bytes after it",
+                start.saturating_add(size).saturating_sub(p as u64)
+            )));
+        }
+        Ok(())
+    }
+
+    /// A tensor candle owns, filled from the caller's device buffer by a copy on
+    /// candle's stream.
+    pub fn read(
+        &self,
+        device: &Device,
+        ptr: *const c_void,
+        shape: Shape,
+        dtype: DType,
+        name: &str,
+    ) -> Result<Tensor> {
+        let bytes = shape.elem_count() * dtype.size_in_bytes();
+        self.check_device_ptr(ptr, bytes, name)?;
+        // SAFETY: every element is written by the copy below before any use.
+        let t = unsafe { Tensor::empty(shape, dtype, device)? };
+        let dst = device_ptr(&t)?;
+        // SAFETY: both ranges are `bytes` long device memory (checked / just allocated).
+        driver(
+            unsafe { sys::cuMemcpyDtoDAsync_v2(dst, ptr as sys::CUdeviceptr, bytes, self.ours) },
+            "cuMemcpyDtoDAsync (input)",
+        )?;
+        Ok(t)
+    }
+
+    /// Copies `t` (cast to `dtype`) into the caller's device buffer on candle's stream.
+    pub fn write(&self, t: &Tensor, ptr: *mut c_void, dtype: DType, name: &str) -> Result<()> {
+        let t = t.to_dtype(dtype)?.contiguous()?;
+        let bytes = t.elem_count() * dtype.size_in_bytes();
+        self.check_device_ptr(ptr, bytes, name)?;
+        let src = device_ptr(&t)?;
+        // SAFETY: as in `read`. `t` may be dropped right after: candle frees its memory in
+        // stream order, after this copy.
+        driver(
+            unsafe { sys::cuMemcpyDtoDAsync_v2(ptr as sys::CUdeviceptr, src, bytes, self.ours) },
+            "cuMemcpyDtoDAsync (output)",
+        )
+    }
+}
+
+/// The device address of a contiguous CUDA tensor's first element.
+fn device_ptr(t: &Tensor) -> Result<sys::CUdeviceptr> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(cs) = &*storage else {
+        return Err(Error::new(ErrorKind::Internal, "expected a CUDA tensor"));
+    };
+    let stream = cs.device.cuda_stream();
+    let offset = (layout.start_offset() * t.dtype().size_in_bytes()) as u64;
+    let base = match t.dtype() {
+        DType::F32 => cs.as_cuda_slice::<f32>()?.device_ptr(&stream).0,
+        DType::BF16 => cs.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0,
+        DType::F16 => cs.as_cuda_slice::<half::f16>()?.device_ptr(&stream).0,
+        other => {
+            return Err(Error::new(
+                ErrorKind::Internal,
+                format!("no device copies for {other:?}"),
+            ));
+        }
+    };
+    Ok(base + offset)
+}
+
+/// A CUDA device for `ordinal`, with a clear error where there is none.
+pub fn new_device(ordinal: i32) -> Result<Device> {
+    Device::new_cuda(ordinal as usize).map_err(|e| {
+        Error::new(
+            ErrorKind::InvalidArgument,
+            format!("device = {ordinal}: no usable CUDA device ({e})"),
+        )
+    })
+}
