@@ -223,19 +223,32 @@ int32_t bridge_get_info(const struct BridgeHandle *handle, struct BridgeInfo *in
 // Buffers must be NULL or hold `batch` samples of `dtype`.
 int32_t bridge_forward(const struct BridgeHandle *handle, const void *latents, void *out, int64_t batch, int32_t dtype);
 
-// `bridge_forward` on caller-owned CUDA device pointers, ordered on the caller's
-// `cudaStream_t` `stream`. In a build without CUDA this returns
-// `BRIDGE_ERR_UNSUPPORTED` and touches nothing.
+// `bridge_forward` on caller-owned CUDA device pointers of the bridge's GPU, ordered on
+// the caller's `cudaStream_t` `stream` (NULL: the legacy default stream). The bridge
+// waits for the work already queued on `stream` (an event, no host sync), copies
+// `latents` device-to-device, computes on its own stream, copies into `out` and makes
+// `stream` wait for that copy: `out` is ready for work queued on `stream` afterwards.
+// The caller keeps ownership of both buffers; nothing is retained after the call.
+// Device input is not scanned for NaN/Inf (that would need a host sync).
+//
+// Returns `BRIDGE_OK`, `INVALID_ARGUMENT` (NULL, dead handle, batch, dtype, a host
+// pointer or another device's memory, a buffer smaller than `batch` samples, a CPU
+// bridge), `UNSUPPORTED` (a build without CUDA; nothing touched), `INTERNAL` (a CUDA
+// driver error, named in the message). Thread-safe like `bridge_forward`.
 //
 // # Safety
-// Pointers must be device memory of the bridge's GPU holding `batch` samples.
+// Pointers must be NULL or device addresses; sizes are checked against the driver's
+// record of the allocation.
 int32_t bridge_forward_cuda_ptr(const struct BridgeHandle *handle, const void *latents, void *out, int64_t batch, int32_t dtype, void *stream);
 
 // REPA alignment loss. `pred` is the caller's projection `[batch, pred_grid^2,
 // target_dim]` (`pred_grid` a positive multiple of the bridge grid; it is average-pooled
 // to the bridge grid), the target is the frozen bridge's prediction for `latents`.
 // Writes the loss to `*loss` and d loss / d pred (same shape as `pred`) to `grad_pred`.
-// On a CPU bridge the buffers are host memory and `stream` is ignored.
+// On a CPU bridge the buffers are host memory and `stream` is ignored; on a CUDA bridge
+// they are device memory of its GPU, ordered on `stream` as in
+// `bridge_forward_cuda_ptr`, and the loss value is read back to the host (one sync).
+// The caller owns every buffer; nothing is retained.
 //
 // Returns `BRIDGE_OK`, `INVALID_ARGUMENT` (NULL, dead handle, batch, dtype, pred_grid),
 // `NON_FINITE` (NaN/Inf input or loss; nothing written), `INTERNAL`. Thread-safe.

@@ -83,6 +83,8 @@ pub struct Bridge {
     optim_cfg: OptimConfig,
     device: Device,
     device_ordinal: i32,
+    /// The body's dtype: F32, or BF16 on CUDA (f32 master weights, f32 loss).
+    compute: DType,
     state: RwLock<State>,
 }
 
@@ -93,6 +95,9 @@ fn make_device(ordinal: i32, compute: ComputeDtype) -> Result<Device> {
         )));
     }
     if ordinal >= 0 {
+        #[cfg(feature = "cuda")]
+        return crate::cuda::new_device(ordinal);
+        #[cfg(not(feature = "cuda"))]
         return Err(Error::new(
             ErrorKind::Unsupported,
             format!(
@@ -219,6 +224,10 @@ impl Bridge {
             optim_cfg: opts.optim.clone(),
             device,
             device_ordinal: opts.device,
+            compute: match opts.compute_dtype {
+                ComputeDtype::F32 => DType::F32,
+                ComputeDtype::Bf16 => DType::BF16,
+            },
             state: RwLock::new(state),
         })
     }
@@ -305,7 +314,42 @@ impl Bridge {
     pub fn forward(&self, latents: &Tensor) -> Result<Tensor> {
         self.check_latents(latents)?;
         let st = self.state.read();
-        st.eval_model.forward(&latents.to_dtype(DType::F32)?, None)
+        self.run(&st, false, latents, None)
+    }
+
+    /// The model on `latents` in the compute dtype, f32 out. In f32 the prebuilt models
+    /// run; in bf16 a model is built over bf16 casts of the f32 weights (the casts are
+    /// differentiable, so training still updates the f32 masters).
+    fn run(
+        &self,
+        st: &State,
+        train: bool,
+        latents: &Tensor,
+        rng: Option<&mut Rng>,
+    ) -> Result<Tensor> {
+        let x = latents.to_dtype(self.compute)?;
+        if self.compute == DType::F32 {
+            let model = if train {
+                &st.train_model
+            } else {
+                &st.eval_model
+            };
+            return model.forward(&x, rng);
+        }
+        let cast: HashMap<String, Tensor> = st
+            .params
+            .iter()
+            .map(|(n, v)| {
+                let t = if train {
+                    v.as_tensor().clone()
+                } else {
+                    v.as_tensor().detach()
+                };
+                Ok((n.clone(), t.to_dtype(self.compute)?))
+            })
+            .collect::<Result<_>>()?;
+        let model = BridgeModel::load(&cast, &self.config)?;
+        Ok(model.forward(&x, rng)?.to_dtype(DType::F32)?)
     }
 
     /// REPA alignment: the loss between the caller's `pred` (`[B, g*g, D]`, pooled to the
@@ -340,7 +384,7 @@ impl Bridge {
         let latents = Var::from_tensor(&latents.to_dtype(DType::F32)?)?;
         let loss = {
             let st = self.state.read();
-            let pred = st.eval_model.forward(latents.as_tensor(), None)?;
+            let pred = self.run(&st, false, latents.as_tensor(), None)?;
             alignment_loss(&pred, &target.to_dtype(DType::F32)?, &self.loss)?
         };
         let grads = loss.backward()?;
@@ -360,7 +404,7 @@ impl Bridge {
     ) -> Result<(f32, Vec<(String, Tensor)>)> {
         let st = self.state.read();
         let mut rng = st.rng.clone();
-        let (loss, grads) = Self::loss_and_grads(&st, &self.loss, latents, targets, &mut rng)?;
+        let (loss, grads) = self.loss_and_grads(&st, &self.loss, latents, targets, &mut rng)?;
         let named = st
             .params
             .iter()
@@ -371,15 +415,14 @@ impl Bridge {
     }
 
     fn loss_and_grads(
+        &self,
         st: &State,
         weights: &LossWeights,
         latents: &Tensor,
         targets: &Tensor,
         rng: &mut Rng,
     ) -> Result<(f32, Vec<Tensor>)> {
-        let pred = st
-            .train_model
-            .forward(&latents.to_dtype(DType::F32)?, Some(rng))?;
+        let pred = self.run(st, true, latents, Some(rng))?;
         let loss = alignment_loss(&pred, &targets.to_dtype(DType::F32)?, weights)?;
         let loss_value = loss.to_scalar::<f32>()?;
         if !loss_value.is_finite() {
@@ -405,7 +448,7 @@ impl Bridge {
         let mut st = self.state.write();
         let lr = self.optim_cfg.lr_at(st.train.step);
         let mut rng = st.rng.clone();
-        let (loss, grads) = Self::loss_and_grads(&st, &self.loss, latents, targets, &mut rng)?;
+        let (loss, grads) = self.loss_and_grads(&st, &self.loss, latents, targets, &mut rng)?;
         let skipped = |grad_norm: f32| StepStats {
             loss,
             grad_norm,

@@ -23,6 +23,15 @@ impl BufDtype {
             ))),
         }
     }
+    /// The candle dtype of the same layout.
+    pub fn candle(self) -> candle_core::DType {
+        match self {
+            BufDtype::F32 => candle_core::DType::F32,
+            BufDtype::F16 => candle_core::DType::F16,
+            BufDtype::Bf16 => candle_core::DType::BF16,
+        }
+    }
+
     pub fn size(self) -> usize {
         match self {
             BufDtype::F32 => 4,

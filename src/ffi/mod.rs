@@ -134,11 +134,98 @@ unsafe fn path_arg(ptr: *const c_char, name: &str) -> Result<PathBuf> {
     Ok(PathBuf::from(s))
 }
 
+#[cfg(not(feature = "cuda"))]
 fn no_cuda() -> Error {
     Error::new(
         ErrorKind::Unsupported,
         "this library was built without CUDA support (rebuild with `--features cuda`)",
     )
+}
+
+/// Where the caller's buffers live for one call: host memory on a CPU bridge; on a CUDA
+/// bridge, device memory of its GPU, with the work ordered after the caller's `stream`.
+enum Io {
+    Host,
+    #[cfg(feature = "cuda")]
+    Cuda(crate::cuda::CallerStream),
+}
+
+impl Io {
+    fn new(bridge: &Bridge, stream: *mut c_void) -> Result<Io> {
+        #[cfg(feature = "cuda")]
+        if bridge.device().is_cuda() {
+            return Ok(Io::Cuda(crate::cuda::CallerStream::begin(
+                bridge.device(),
+                bridge.device_ordinal(),
+                stream,
+            )?));
+        }
+        let _ = (bridge, stream);
+        Ok(Io::Host)
+    }
+
+    /// `batch` samples of `shape` from the caller's buffer. Host input is checked for
+    /// NaN/Inf when `finite` is set; device input is not (that would need a host sync).
+    ///
+    /// # Safety
+    /// As `input`, for the buffer's kind of memory.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn read(
+        &self,
+        bridge: &Bridge,
+        ptr: *const c_void,
+        batch: i64,
+        shape: &[usize],
+        dtype: BufDtype,
+        name: &str,
+        finite: bool,
+    ) -> Result<Tensor> {
+        match self {
+            Io::Host if finite => unsafe { input(bridge, ptr, batch, shape, dtype, name) },
+            Io::Host => {
+                let n = element_count(batch, shape.iter().product(), dtype)?;
+                let values = unsafe { read_host(ptr, n, dtype, name)? };
+                let mut dims = vec![batch as usize];
+                dims.extend_from_slice(shape);
+                Ok(Tensor::from_vec(values, dims, bridge.device())?)
+            }
+            #[cfg(feature = "cuda")]
+            Io::Cuda(s) => {
+                element_count(batch, shape.iter().product(), dtype)?;
+                let mut dims = vec![batch as usize];
+                dims.extend_from_slice(shape);
+                let t = s.read(bridge.device(), ptr, dims.into(), dtype.candle(), name)?;
+                Ok(t.to_dtype(candle_core::DType::F32)?)
+            }
+        }
+    }
+
+    /// Writes `t` into the caller's output buffer in `dtype`.
+    ///
+    /// # Safety
+    /// `ptr` must be NULL or hold `t`'s elements in `dtype`.
+    unsafe fn write(
+        &self,
+        ptr: *mut c_void,
+        t: &Tensor,
+        dtype: BufDtype,
+        name: &str,
+    ) -> Result<()> {
+        match self {
+            Io::Host => unsafe { write_host(ptr, &tensor_values(t)?, dtype, name) },
+            #[cfg(feature = "cuda")]
+            Io::Cuda(s) => s.write(t, ptr, dtype.candle(), name),
+        }
+    }
+
+    /// Makes the caller's stream wait for the results (device buffers only).
+    fn finish(&self) -> Result<()> {
+        match self {
+            Io::Host => Ok(()),
+            #[cfg(feature = "cuda")]
+            Io::Cuda(s) => s.finish(),
+        }
+    }
 }
 
 /// Reads `batch` samples of `shape` (per sample) from a host buffer into a tensor on the
@@ -381,12 +468,22 @@ pub unsafe extern "C" fn bridge_forward(
     })
 }
 
-/// `bridge_forward` on caller-owned CUDA device pointers, ordered on the caller's
-/// `cudaStream_t` `stream`. In a build without CUDA this returns
-/// `BRIDGE_ERR_UNSUPPORTED` and touches nothing.
+/// `bridge_forward` on caller-owned CUDA device pointers of the bridge's GPU, ordered on
+/// the caller's `cudaStream_t` `stream` (NULL: the legacy default stream). The bridge
+/// waits for the work already queued on `stream` (an event, no host sync), copies
+/// `latents` device-to-device, computes on its own stream, copies into `out` and makes
+/// `stream` wait for that copy: `out` is ready for work queued on `stream` afterwards.
+/// The caller keeps ownership of both buffers; nothing is retained after the call.
+/// Device input is not scanned for NaN/Inf (that would need a host sync).
+///
+/// Returns `BRIDGE_OK`, `INVALID_ARGUMENT` (NULL, dead handle, batch, dtype, a host
+/// pointer or another device's memory, a buffer smaller than `batch` samples, a CPU
+/// bridge), `UNSUPPORTED` (a build without CUDA; nothing touched), `INTERNAL` (a CUDA
+/// driver error, named in the message). Thread-safe like `bridge_forward`.
 ///
 /// # Safety
-/// Pointers must be device memory of the bridge's GPU holding `batch` samples.
+/// Pointers must be NULL or device addresses; sizes are checked against the driver's
+/// record of the allocation.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn bridge_forward_cuda_ptr(
     handle: *const BridgeHandle,
@@ -396,11 +493,38 @@ pub unsafe extern "C" fn bridge_forward_cuda_ptr(
     dtype: i32,
     stream: *mut c_void,
 ) -> i32 {
-    let _ = (latents, out, batch, stream);
     ffi_call("bridge_forward_cuda_ptr", || {
-        lookup(handle)?;
-        BufDtype::from_code(dtype)?;
-        Err(no_cuda())
+        let bridge = lookup(handle)?;
+        let dt = BufDtype::from_code(dtype)?;
+        #[cfg(feature = "cuda")]
+        {
+            if !bridge.device().is_cuda() {
+                return Err(Error::invalid(
+                    "this bridge runs on the CPU: use bridge_forward with host buffers",
+                ));
+            }
+            let c = bridge.config().clone();
+            element_count(batch, c.output_numel(), dt)?;
+            let io = Io::new(&bridge, stream)?;
+            let x = unsafe {
+                io.read(
+                    &bridge,
+                    latents,
+                    batch,
+                    &[c.in_ch, c.latent_size, c.latent_size],
+                    dt,
+                    "latents",
+                    false,
+                )?
+            };
+            unsafe { io.write(out, &bridge.forward(&x)?, dt, "out")? };
+            io.finish()
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (bridge, dt, latents, out, batch, stream);
+            Err(no_cuda())
+        }
     })
 }
 
@@ -408,7 +532,10 @@ pub unsafe extern "C" fn bridge_forward_cuda_ptr(
 /// target_dim]` (`pred_grid` a positive multiple of the bridge grid; it is average-pooled
 /// to the bridge grid), the target is the frozen bridge's prediction for `latents`.
 /// Writes the loss to `*loss` and d loss / d pred (same shape as `pred`) to `grad_pred`.
-/// On a CPU bridge the buffers are host memory and `stream` is ignored.
+/// On a CPU bridge the buffers are host memory and `stream` is ignored; on a CUDA bridge
+/// they are device memory of its GPU, ordered on `stream` as in
+/// `bridge_forward_cuda_ptr`, and the loss value is read back to the host (one sync).
+/// The caller owns every buffer; nothing is retained.
 ///
 /// Returns `BRIDGE_OK`, `INVALID_ARGUMENT` (NULL, dead handle, batch, dtype, pred_grid),
 /// `NON_FINITE` (NaN/Inf input or loss; nothing written), `INTERNAL`. Thread-safe.
@@ -427,7 +554,6 @@ pub unsafe extern "C" fn bridge_loss_backward(
     loss: *mut f32,
     stream: *mut c_void,
 ) -> i32 {
-    let _ = stream;
     ffi_call("bridge_loss_backward", || {
         let bridge = lookup(handle)?;
         let dt = BufDtype::from_code(dtype)?;
@@ -448,20 +574,25 @@ pub unsafe extern "C" fn bridge_loss_backward(
             dt,
             "grad_pred",
         )?;
-        let p = unsafe { input(&bridge, pred, batch, &pred_shape, dt, "pred")? };
+        let io = Io::new(&bridge, stream)?;
+        let p = unsafe { io.read(&bridge, pred, batch, &pred_shape, dt, "pred", true)? };
         let x = unsafe {
-            input(
+            io.read(
                 &bridge,
                 latents,
                 batch,
                 &[c.in_ch, c.latent_size, c.latent_size],
                 dt,
                 "latents",
+                true,
             )?
         };
+        // The loss value is read back to the host (one sync on a GPU): it is both the
+        // output and the NaN check.
         let (value, grad) = bridge.loss_backward(&p, &x, g)?;
         let value = finite_loss(value)?;
-        unsafe { write_host(grad_pred, &tensor_values(&grad)?, dt, "grad_pred")? };
+        unsafe { io.write(grad_pred, &grad, dt, "grad_pred")? };
+        io.finish()?;
         unsafe { *loss = value };
         Ok(())
     })
@@ -484,7 +615,6 @@ pub unsafe extern "C" fn bridge_latent_loss_backward(
     loss: *mut f32,
     stream: *mut c_void,
 ) -> i32 {
-    let _ = stream;
     ffi_call("bridge_latent_loss_backward", || {
         let bridge = lookup(handle)?;
         let dt = BufDtype::from_code(dtype)?;
@@ -493,29 +623,33 @@ pub unsafe extern "C" fn bridge_latent_loss_backward(
             return Err(Error::invalid("loss is NULL"));
         }
         check_output(grad_latents, batch, c.latent_numel(), dt, "grad_latents")?;
+        let io = Io::new(&bridge, stream)?;
         let x = unsafe {
-            input(
+            io.read(
                 &bridge,
                 latents,
                 batch,
                 &[c.in_ch, c.latent_size, c.latent_size],
                 dt,
                 "latents",
+                true,
             )?
         };
         let t = unsafe {
-            input(
+            io.read(
                 &bridge,
                 target,
                 batch,
                 &[c.tokens(), c.target_dim],
                 dt,
                 "target",
+                true,
             )?
         };
         let (value, grad) = bridge.latent_loss_backward(&x, &t)?;
         let value = finite_loss(value)?;
-        unsafe { write_host(grad_latents, &tensor_values(&grad)?, dt, "grad_latents")? };
+        unsafe { io.write(grad_latents, &grad, dt, "grad_latents")? };
+        io.finish()?;
         unsafe { *loss = value };
         Ok(())
     })
@@ -542,7 +676,6 @@ pub unsafe extern "C" fn bridge_train_step(
     stats: *mut BridgeStepStats,
     stream: *mut c_void,
 ) -> i32 {
-    let _ = stream;
     ffi_call("bridge_train_step", || {
         let bridge = lookup(handle)?;
         let dt = BufDtype::from_code(dtype)?;
@@ -552,20 +685,33 @@ pub unsafe extern "C" fn bridge_train_step(
         let size = unsafe { std::ptr::read_unaligned(stats as *const u32) };
         let size = check_struct_size::<BridgeStepStats>("BridgeStepStats", size, OUT_MIN_SIZE)?;
         let c = bridge.config().clone();
-        let n_lat = element_count(batch, c.latent_numel(), dt)?;
-        let n_tgt = element_count(batch, c.output_numel(), dt)?;
         // Non-finite inputs are not an error here: they make a non-finite loss, which
         // skips the update like any other.
-        let lat = unsafe { read_host(latents, n_lat, dt, "latents")? };
-        let tgt = unsafe { read_host(targets, n_tgt, dt, "targets")? };
-        let b = batch as usize;
-        let x = Tensor::from_vec(
-            lat,
-            (b, c.in_ch, c.latent_size, c.latent_size),
-            bridge.device(),
-        )?;
-        let t = Tensor::from_vec(tgt, (b, c.tokens(), c.target_dim), bridge.device())?;
+        let io = Io::new(&bridge, stream)?;
+        let x = unsafe {
+            io.read(
+                &bridge,
+                latents,
+                batch,
+                &[c.in_ch, c.latent_size, c.latent_size],
+                dt,
+                "latents",
+                false,
+            )?
+        };
+        let t = unsafe {
+            io.read(
+                &bridge,
+                targets,
+                batch,
+                &[c.tokens(), c.target_dim],
+                dt,
+                "targets",
+                false,
+            )?
+        };
         let s = bridge.train_step(&x, &t)?;
+        io.finish()?;
         let value = BridgeStepStats {
             struct_size: size as u32,
             loss: s.loss,
