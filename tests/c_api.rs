@@ -42,15 +42,9 @@ fn compile(src: &Path, out: &Path, lib_dir: &Path, compiler: &str, std: &str) {
     assert!(status.success(), "{compiler} failed on {}", src.display());
 }
 
-/// Builds `src` (relative to the crate) with `compiler -std=std` into a temporary folder
-/// and runs it with `args`; returns whether it exited 0 and what it printed.
-fn build_and_run(
-    name: &str,
-    src: &str,
-    compiler: &str,
-    std: &str,
-    args: &[std::ffi::OsString],
-) -> (bool, String) {
+/// Builds `src` (relative to the crate) with `compiler -std=std` into a temporary folder;
+/// returns the executable.
+fn build(name: &str, src: &str, compiler: &str, std: &str) -> PathBuf {
     let lib_dir = build_cdylib();
     let dir = tmp_dir(name);
     let exe = dir.join(name);
@@ -61,9 +55,23 @@ fn build_and_run(
         compiler,
         std,
     );
-    let out = Command::new(&exe)
+    exe
+}
+
+/// Runs `exe` with `args` (under `wrapper` when given, e.g. valgrind) in its folder;
+/// returns whether it exited 0 and what it printed.
+fn run_exe(exe: &Path, args: &[std::ffi::OsString], wrapper: &[&str]) -> (bool, String) {
+    let mut cmd = match wrapper.split_first() {
+        Some((tool, flags)) => {
+            let mut c = Command::new(tool);
+            c.args(flags).arg(exe);
+            c
+        }
+        None => Command::new(exe),
+    };
+    let out = cmd
         .args(args)
-        .current_dir(&dir)
+        .current_dir(exe.parent().unwrap())
         .output()
         .unwrap();
     let text = format!(
@@ -72,6 +80,16 @@ fn build_and_run(
         String::from_utf8_lossy(&out.stderr)
     );
     (out.status.success(), text)
+}
+
+fn build_and_run(
+    name: &str,
+    src: &str,
+    compiler: &str,
+    std: &str,
+    args: &[std::ffi::OsString],
+) -> (bool, String) {
+    run_exe(&build(name, src, compiler, std), args, &[])
 }
 
 /// The working folder `build_and_run` uses for `name` (made fresh by it).
@@ -83,9 +101,9 @@ fn os(s: impl AsRef<std::ffi::OsStr>) -> std::ffi::OsString {
     s.as_ref().to_os_string()
 }
 
-#[test]
-fn c_client_round_trip_and_bad_inputs() {
-    // A checkpoint whose config asks for one more block than its tensors hold.
+/// The arguments of `test_capi`: fixtures, a scratch folder, the expected losses and a
+/// checkpoint whose config asks for one more block than its tensors hold.
+fn capi_args() -> Vec<std::ffi::OsString> {
     let dir = scratch("capi");
     let ckpt =
         dino_bridge::checkpoint::load(&fixtures().join("model.safetensors"), None, None).unwrap();
@@ -102,21 +120,144 @@ fn c_client_round_trip_and_bad_inputs() {
         &dino_bridge::checkpoint::SaveParts::weights(&cfg, &weights),
     )
     .unwrap();
-
     let exp = expected();
-    let args = [
+    vec![
         os(fixtures()),
         os(&dir),
         os(exp["loss_grid8"].to_string()),
         os(exp["loss_latents"].to_string()),
         os(&misfit),
-    ];
-    let (ok, text) = build_and_run("test_capi", "tests/c/test_capi.c", "gcc", "c11", &args);
+    ]
+}
+
+#[test]
+fn c_client_round_trip_and_bad_inputs() {
+    let (ok, text) = build_and_run(
+        "test_capi",
+        "tests/c/test_capi.c",
+        "gcc",
+        "c11",
+        &capi_args(),
+    );
     println!("{text}");
     assert!(
         ok && text.contains("all checks passed"),
         "C client failed:\n{text}"
     );
+}
+
+#[test]
+fn bad_input_matrix_over_every_entry_point() {
+    let args = [os(fixtures()), os(scratch("bad-inputs"))];
+    let (ok, text) = build_and_run(
+        "test_bad_inputs",
+        "tests/c/test_bad_inputs.c",
+        "gcc",
+        "c11",
+        &args,
+    );
+    println!("{text}");
+    let cases = text.lines().filter(|l| l.starts_with("ok ")).count();
+    assert!(
+        ok && cases >= 80 && text.contains(&format!("all {cases} cases passed")),
+        "bad-input matrix failed:\n{text}"
+    );
+}
+
+/// Both C clients under valgrind: no invalid reads or writes, no uninitialised values,
+/// no definite or indirect leaks. CI installs valgrind; elsewhere it may be missing.
+#[test]
+fn c_clients_are_clean_under_valgrind() {
+    if Command::new("valgrind").arg("--version").output().is_err() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs without valgrind: the memory checks go untested"
+        );
+        eprintln!("valgrind is not installed: memory checks skipped");
+        return;
+    }
+    let valgrind = [
+        "valgrind",
+        "--error-exitcode=99",
+        "--leak-check=full",
+        "--errors-for-leak-kinds=definite,indirect",
+        "--show-leak-kinds=definite,indirect",
+        "-q",
+    ];
+    let runs = [
+        (
+            build("vg_capi", "tests/c/test_capi.c", "gcc", "c11"),
+            capi_args(),
+            "all checks passed",
+        ),
+        (
+            build("vg_bad", "tests/c/test_bad_inputs.c", "gcc", "c11"),
+            vec![os(fixtures()), os(scratch("vg-bad"))],
+            "cases passed",
+        ),
+    ];
+    for (exe, args, done) in runs {
+        let (ok, text) = run_exe(&exe, &args, &valgrind);
+        assert!(
+            ok && text.contains(done) && !text.contains("=="),
+            "{} under valgrind:\n{text}",
+            exe.display()
+        );
+    }
+}
+
+/// 50 SIGKILLs at random moments of a train-and-save loop: the file at the path always
+/// loads, holds a whole checkpoint, and is the last reported save or the one after it.
+#[test]
+fn kills_during_bridge_save_leave_a_whole_checkpoint() {
+    use std::io::{BufRead, BufReader};
+    let exe = build("save_loop", "tests/c/save_loop.c", "gcc", "c11");
+    let dir = scratch("save-kills");
+    let path = dir.join("bridge.safetensors");
+    let mut rng = dino_bridge::rng::Rng::new(50);
+    let mut last_seen = 0i64;
+    for kill in 0..50 {
+        let mut child = Command::new(&exe)
+            .args([os(fixtures()), os(&path)])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        // Wait for one completed save, then kill somewhere in the following ones.
+        let first = lines.next().unwrap().unwrap();
+        assert!(first.starts_with("saved "), "{first}");
+        std::thread::sleep(std::time::Duration::from_micros(
+            (rng.uniform() * 150_000.0) as u64,
+        ));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let reported: Vec<i64> = std::iter::once(Ok(first))
+            .chain(lines)
+            .filter_map(|l| l.ok()?.strip_prefix("saved ")?.parse().ok())
+            .collect();
+        let last = *reported.last().unwrap();
+        let ckpt = dino_bridge::checkpoint::load(&path, None, None)
+            .unwrap_or_else(|e| panic!("kill {kill}: the checkpoint does not load: {e}"));
+        let step = ckpt.train_state.map(|s| s.step).unwrap_or(-1);
+        assert!(
+            step == last || step == last + 1,
+            "kill {kill}: file holds step {step}, last reported save was {last}"
+        );
+        assert!(ckpt.optim.is_some(), "kill {kill}: optimiser state missing");
+        last_seen = last_seen.max(step);
+    }
+    assert!(last_seen >= 1);
+    // Kills inside a save leave its temporary file behind: proof that some landed there.
+    let mid_save = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter(|e| {
+            let name = e.as_ref().unwrap().file_name();
+            name.to_string_lossy()
+                .starts_with(".bridge.safetensors.tmp-")
+        })
+        .count();
+    println!("{mid_save} of 50 kills landed inside bridge_save");
+    assert!(mid_save >= 3, "only {mid_save} kills landed inside a save");
 }
 
 #[test]
