@@ -205,7 +205,9 @@ fn kills_during_checkpoint_writes_never_leave_a_broken_latest() {
     synth(&data, 300, "small");
     let out_dir = dir.join("run");
     let mut seen = 0;
-    for i in 0..12u64 {
+    let mut last_step = 0;
+    let mut rng = dino_bridge::rng::Rng::new(12);
+    for i in 0..50u64 {
         let mut cmd = bin();
         cmd.args([
             "train",
@@ -228,7 +230,7 @@ fn kills_during_checkpoint_writes_never_leave_a_broken_latest() {
             cmd.arg("--resume");
         }
         let mut child = cmd.spawn().unwrap();
-        std::thread::sleep(Duration::from_millis(700 + 97 * (i % 7)));
+        std::thread::sleep(Duration::from_millis(500 + (rng.uniform() * 900.0) as u64));
         child.kill().unwrap();
         child.wait().unwrap();
         let latest = out_dir.join("latest.safetensors");
@@ -237,9 +239,20 @@ fn kills_during_checkpoint_writes_never_leave_a_broken_latest() {
             let ckpt = checkpoint::load(&latest, None, None)
                 .unwrap_or_else(|e| panic!("kill {i}: latest does not load: {e}"));
             assert!(ckpt.optim.is_some() && ckpt.train_state.is_some());
+            // Resumed runs only move forward: a partial newer file never replaced latest.
+            let step = ckpt.train_state.unwrap().step;
+            assert!(
+                step >= last_step,
+                "kill {i}: latest went back from step {last_step} to {step}"
+            );
+            last_step = step;
         }
     }
-    assert!(seen >= 6, "only {seen} kills came after a first checkpoint");
+    assert!(
+        seen >= 30,
+        "only {seen} of 50 kills came after a first checkpoint"
+    );
+    assert!(last_step > 0);
 }
 
 fn write_npy(path: &Path, descr: &str, shape: &[usize], fortran: bool, bytes_per: usize) {
