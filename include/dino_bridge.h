@@ -184,7 +184,9 @@ const char *bridge_last_error(void);
 // Returns `BRIDGE_OK`, `INVALID_ARGUMENT` (NULL, bad config or settings, non-UTF-8
 // path), `ABI_MISMATCH` (`struct_size`), `IO` (file missing or unreadable),
 // `CHECKPOINT` (truncated, corrupt, or tensors that do not fit the config),
-// `UNSUPPORTED` (CUDA device or bf16 compute in a CPU-only build). Thread-safe.
+// `UNSUPPORTED` (CUDA device or bf16 compute in a CPU-only build), `DEVICE` (no such
+// CUDA device, or its driver failed). Thread-safe. `params` and its path are only read
+// during the call.
 //
 // # Safety
 // `params` must be NULL or a valid `BridgeParams` of `struct_size` bytes; `out` must be
@@ -195,7 +197,7 @@ int32_t bridge_create(const struct BridgeParams *params, struct BridgeHandle **o
 // first (it holds its own reference); the handle must not be used afterwards (doing so
 // returns `BRIDGE_ERR_INVALID_ARGUMENT`).
 //
-// Returns `BRIDGE_OK` or `INVALID_ARGUMENT` (not a live handle).
+// Returns `BRIDGE_OK` or `INVALID_ARGUMENT` (not a live handle). Thread-safe.
 //
 // # Safety
 // `handle` is an opaque token; any value is safe to pass.
@@ -259,7 +261,12 @@ int32_t bridge_loss_backward(const struct BridgeHandle *handle, const void *pred
 
 // Loss between bridge(`latents`) and `target` `[batch, grid^2, target_dim]` and its
 // gradient with respect to the latents through the frozen bridge, written to
-// `grad_latents` (shape of `latents`). Returns as `bridge_loss_backward`.
+// `grad_latents` (shape of `latents`). Buffers, streams and ownership as in
+// `bridge_loss_backward`.
+//
+// Returns `BRIDGE_OK`, `INVALID_ARGUMENT` (NULL, dead handle, batch, dtype),
+// `NON_FINITE` (NaN/Inf input or loss; nothing written), `INTERNAL`. Thread-safe: runs
+// alongside forward and loss calls.
 //
 // # Safety
 // Buffers must be NULL or hold `batch` samples of `dtype`; `loss` NULL or writable.
@@ -271,8 +278,12 @@ int32_t bridge_latent_loss_backward(const struct BridgeHandle *handle, const voi
 // update, leaves every weight and the step count unchanged, and returns `BRIDGE_OK`
 // with `stats->skipped = 1`.
 //
-// Returns `BRIDGE_OK`, `INVALID_ARGUMENT`, `ABI_MISMATCH`, `INTERNAL`. Takes the
-// handle's write lock: concurrent forward/loss calls wait.
+// Buffers are host memory on a CPU bridge, device memory on a CUDA bridge (ordered on
+// `stream` as in `bridge_forward_cuda_ptr`); the caller owns them, nothing is retained.
+//
+// Returns `BRIDGE_OK`, `INVALID_ARGUMENT` (NULL, dead handle, batch, dtype),
+// `ABI_MISMATCH` (`stats->struct_size`), `INTERNAL`. Thread-safe: takes the handle's
+// write lock, so concurrent forward/loss calls wait and never see a half-applied update.
 //
 // # Safety
 // Buffers must be NULL or hold `batch` samples of `dtype`; `stats` NULL or writable.
@@ -282,8 +293,9 @@ int32_t bridge_train_step(const struct BridgeHandle *handle, const void *latents
 // atomically: a crash mid-save leaves the previous file intact.
 //
 // Returns `BRIDGE_OK`, `INVALID_ARGUMENT` (NULL, empty or non-UTF-8 path), `IO`
-// (folder missing or not writable, path is a directory), `INTERNAL`. Runs alongside
-// forward calls; excludes train steps.
+// (folder missing or not writable, path is a directory), `INTERNAL`. Thread-safe: runs
+// alongside forward calls and excludes train steps, so the file holds one step's
+// weights and optimiser state. `path` is only read during the call.
 //
 // # Safety
 // `path` must be NULL or a NUL-terminated string.

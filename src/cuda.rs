@@ -210,7 +210,7 @@ fn device_ptr(t: &Tensor) -> Result<sys::CUdeviceptr> {
 pub fn new_device(ordinal: i32) -> Result<Device> {
     Device::new_cuda(ordinal as usize).map_err(|e| {
         Error::new(
-            ErrorKind::InvalidArgument,
+            ErrorKind::Device,
             format!("device = {ordinal}: no usable CUDA device ({e})"),
         )
     })
