@@ -197,5 +197,10 @@ fn main() -> dino_bridge::Result<()> {
         100.0 * fwd_gflops / gemm
     );
     println!("peak RSS:   {:.0} MiB", peak_rss_mib());
+    let (hits, misses) = dino_bridge::allocator::hits_and_misses();
+    println!(
+        "large-buffer cache: {hits} reused, {misses} new, {:.0} MiB held",
+        dino_bridge::allocator::cached_bytes() as f64 / (1 << 20) as f64
+    );
     Ok(())
 }

@@ -33,6 +33,8 @@ struct Cache {
     /// (rounded size, address); size 0 marks a free slot.
     slots: std::cell::UnsafeCell<[(usize, usize); SLOTS]>,
     held: AtomicUsize,
+    hits: AtomicUsize,
+    misses: AtomicUsize,
     /// Bytes the cache may hold; `usize::MAX` until read from the environment.
     cap: AtomicUsize,
 }
@@ -44,6 +46,8 @@ static CACHE: Cache = Cache {
     lock: AtomicBool::new(false),
     slots: std::cell::UnsafeCell::new([(0, 0); SLOTS]),
     held: AtomicUsize::new(0),
+    hits: AtomicUsize::new(0),
+    misses: AtomicUsize::new(0),
     cap: AtomicUsize::new(usize::MAX),
 };
 
@@ -93,9 +97,11 @@ impl Cache {
                     let p = slot.1 as *mut u8;
                     *slot = (0, 0);
                     self.held.fetch_sub(size, Ordering::Relaxed);
+                    self.hits.fetch_add(1, Ordering::Relaxed);
                     return p;
                 }
             }
+            self.misses.fetch_add(1, Ordering::Relaxed);
             std::ptr::null_mut()
         })
     }
@@ -191,6 +197,14 @@ unsafe impl GlobalAlloc for CachingAllocator {
 /// Bytes held in the cache now (for tests and benchmarks).
 pub fn cached_bytes() -> usize {
     CACHE.held.load(Ordering::Relaxed)
+}
+
+/// Large-block requests served from the cache and from the system so far.
+pub fn hits_and_misses() -> (usize, usize) {
+    (
+        CACHE.hits.load(Ordering::Relaxed),
+        CACHE.misses.load(Ordering::Relaxed),
+    )
 }
 
 #[cfg(test)]
