@@ -246,7 +246,8 @@ fn fused_update(
     }
     let (ps, gs, ms, vs) = (slices[0], slices[1], slices[2], slices[3]);
     let n = ps.len();
-    let (mut np, mut nm, mut nv) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+    let out = crate::kernels::output_vec;
+    let (mut np, mut nm, mut nv) = (out(n), out(n), out(n));
     let (b1, b2) = (k.b1 as f32, k.b2 as f32);
     let (c1, c2) = ((1.0 - k.b1) as f32, (1.0 - k.b2) as f32);
     let (inv_bc2, step, eps, decay) = (

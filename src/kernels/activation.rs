@@ -62,7 +62,7 @@ impl CustomOp1 for ActFwd {
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = slice(s, l)?;
-        let mut y = vec![0f32; x.len()];
+        let mut y = super::output_vec(x.len());
         let f = match self.0 {
             Activation::Gelu => gelu_fwd,
             Activation::Silu => silu_fwd,
@@ -94,7 +94,7 @@ impl CustomOp2 for ActBwd {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, g) = (slice(s1, l1)?, slice(s2, l2)?);
-        let mut dx = vec![0f32; x.len()];
+        let mut dx = super::output_vec(x.len());
         let f = match self.0 {
             Activation::Gelu => gelu_bwd,
             Activation::Silu => silu_bwd,

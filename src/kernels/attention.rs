@@ -1,12 +1,14 @@
-//! Multi-head self-attention straight from the fused qkv projection, for gradient-free
-//! paths: per (sample, head), `softmax(q k^T / sqrt(d)) v` with two BLAS calls on strided
-//! views of `qkv` and the softmax in a per-thread buffer. It skips the three head-split
-//! copies, the score tensor and the five passes of a composed softmax.
+//! Multi-head self-attention straight from the fused qkv projection, with its backward:
+//! per (sample, head), `softmax(q k^T / sqrt(d)) v` with BLAS calls on strided views of
+//! `qkv` and the softmax in a per-thread buffer. It skips the three head-split copies,
+//! the score tensor and the passes of a composed softmax, and its backward writes the
+//! gradient of `qkv` directly (the composed version pads each of q, k, v's gradients
+//! to the full width with zeros and adds them up).
 
 use super::blas::{SendPtr, available, sgemm_raw};
 use super::simd::{exp, simd_fn};
-use super::{gradient_free, slice};
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use super::{on_cpu_f32, slice};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 struct FusedAttention {
@@ -39,7 +41,7 @@ impl CustomOp1 for FusedAttention {
         let w = w3 / 3;
         let d = w / self.heads;
         let qkv = slice(s, l)?;
-        let mut out: Vec<f32> = vec![0f32; b * t * w];
+        let mut out = super::output_vec(b * t * w);
         let (src, dst) = (SendPtr(qkv.as_ptr() as *mut f32), SendPtr(out.as_mut_ptr()));
         let scale = 1.0 / (d as f32).sqrt();
         (0..b * self.heads).into_par_iter().for_each_init(
@@ -88,13 +90,99 @@ impl CustomOp1 for FusedAttention {
         );
         Ok((CpuStorage::F32(out), Shape::from((b, t, w))))
     }
+
+    fn bwd(
+        &self,
+        qkv: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(qkv.apply_op2(
+            &grad.contiguous()?,
+            AttentionBwd { heads: self.heads },
+        )?))
+    }
+}
+
+/// d loss / d qkv from `qkv` `[B, T, 3W]` and d loss / d out `[B, T, W]`. Per (sample,
+/// head), with P = softmax(S), S = scale q k^T recomputed:
+///   dv = P^T dO,  dP = dO v^T,  dS = P * (dP - rowsum(dP * P)),
+///   dq = scale dS k,  dk = scale dS^T q.
+struct AttentionBwd {
+    heads: usize,
+}
+
+// `ds = p * (dp - rowsum(dp * p))`, in place over `dp`, row by row.
+simd_fn!(
+    fn softmax_rows_bwd(p: &[f32], dp: &mut [f32], t: usize) {
+        for (pr, dr) in p.chunks_exact(t).zip(dp.chunks_exact_mut(t)) {
+            let mut dot = 0f32;
+            for (a, b) in pr.iter().zip(dr.iter()) {
+                dot += a * b;
+            }
+            for (a, b) in pr.iter().zip(dr.iter_mut()) {
+                *b = a * (*b - dot);
+            }
+        }
+    }
+);
+
+impl CustomOp2 for AttentionBwd {
+    fn name(&self) -> &'static str {
+        "fused-attention-backward"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, t, w3) = l1.shape().dims3()?;
+        let w = w3 / 3;
+        let d = w / self.heads;
+        let (qkv, dout) = (slice(s1, l1)?, slice(s2, l2)?);
+        let mut dqkv = super::output_vec(b * t * w3);
+        let (src, gsrc, dst) = (
+            SendPtr(qkv.as_ptr() as *mut f32),
+            SendPtr(dout.as_ptr() as *mut f32),
+            SendPtr(dqkv.as_mut_ptr()),
+        );
+        let scale = 1.0 / (d as f32).sqrt();
+        (0..b * self.heads).into_par_iter().for_each_init(
+            || (vec![0f32; t * t], vec![0f32; t * t]),
+            |(p, dp), item| {
+                let (n, h) = (item / self.heads, item % self.heads);
+                // SAFETY: as in the forward; each item writes only its head's columns of
+                // q, k and v in its sample's rows of dqkv.
+                unsafe {
+                    let base = src.get().add(n * t * w3 + h * d);
+                    let (q, k, v) = (base, base.add(w), base.add(2 * w));
+                    let go = gsrc.get().add(n * t * w + h * d);
+                    let gbase = dst.get().add(n * t * w3 + h * d);
+                    let (dq, dk, dv) = (gbase, gbase.add(w), gbase.add(2 * w));
+                    let gemm = |ta, tb, m, nn, kk, alpha, a, lda, bm, ldb, c, ldc| {
+                        sgemm_raw(ta, tb, m, nn, kk, alpha, a, lda, bm, ldb, 0.0, c, ldc)
+                    };
+                    gemm(false, true, t, t, d, scale, q, w3, k, w3, p.as_mut_ptr(), t);
+                    softmax_rows(p, t);
+                    gemm(true, false, t, d, t, 1.0, p.as_ptr(), t, go, w, dv, w3);
+                    gemm(false, true, t, t, d, 1.0, go, w, v, w3, dp.as_mut_ptr(), t);
+                    softmax_rows_bwd(p, dp, t);
+                    gemm(false, false, t, d, t, scale, dp.as_ptr(), t, k, w3, dq, w3);
+                    gemm(true, false, t, d, t, scale, dp.as_ptr(), t, q, w3, dk, w3);
+                }
+            },
+        );
+        Ok((CpuStorage::F32(dqkv), Shape::from((b, t, w3))))
+    }
 }
 
 /// Attention output `[B, T, W]` (heads concatenated, before the output projection) from
-/// `qkv` `[B, T, 3W]` read as `[B, T, 3, heads, W/heads]`; `None` where gradients are
-/// needed or no BLAS is loaded (the caller then composes it from candle ops).
+/// `qkv` `[B, T, 3W]` read as `[B, T, 3, heads, W/heads]`, with a backward; `None` off
+/// the CPU or where no BLAS is loaded (the caller then composes it from candle ops).
 pub fn attention(qkv: &Tensor, heads: usize) -> crate::Result<Option<Tensor>> {
-    if !gradient_free(&[qkv]) || !available() {
+    if !on_cpu_f32(qkv) || !available() {
         return Ok(None);
     }
     Ok(Some(qkv.contiguous()?.apply_op1(FusedAttention { heads })?))
@@ -112,8 +200,12 @@ mod tests {
         }
         let (b, t, heads, d) = (2, 9, 3, 8);
         let w = heads * d;
-        let qkv = Tensor::randn(0f32, 1.0, (b, t, 3 * w), &Device::Cpu).unwrap();
-        let ours = attention(&qkv, heads).unwrap().unwrap();
+        let var = candle_core::Var::from_tensor(
+            &Tensor::randn(0f32, 1.0, (b, t, 3 * w), &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+        let qkv = var.as_tensor();
+        let ours = attention(qkv, heads).unwrap().unwrap();
         let split = qkv
             .reshape((b, t, 3, heads, d))
             .unwrap()
@@ -122,7 +214,8 @@ mod tests {
         let part = |i| split.get(i).unwrap().contiguous().unwrap();
         let (q, k, v) = (part(0), part(1), part(2));
         let scores = (q.matmul(&k.t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap();
-        let attn = candle_nn::ops::softmax_last_dim(&scores).unwrap();
+        // The differentiable softmax: candle_nn's fused one has no backward.
+        let attn = crate::model::layers::softmax_last_dim(&scores).unwrap();
         let theirs = attn
             .matmul(&v)
             .unwrap()
@@ -130,14 +223,12 @@ mod tests {
             .unwrap()
             .reshape((b, t, w))
             .unwrap();
-        let diff = (ours - theirs)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = crate::kernels::testing::max_abs_diff(&ours, &theirs);
         assert!(diff < 1e-5, "{diff}");
+        let (gap, scale) = crate::kernels::testing::grad_gaps(&ours, &theirs, &[&var])[0];
+        assert!(
+            gap < 1e-5 * scale.max(1.0),
+            "d qkv off by {gap} (scale {scale})"
+        );
     }
 }

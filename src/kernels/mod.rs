@@ -32,12 +32,15 @@ pub(crate) fn on_cpu_f32(x: &Tensor) -> bool {
     enabled() && x.device().is_cpu() && x.dtype() == candle_core::DType::F32
 }
 
-/// Whether a kernel without a (fast) backward may take these inputs: CPU f32 and no
-/// gradient asked for through any of them. The fused norms' backward measured slower
-/// than candle's composed ops in a train step (0.8x), and the fused attention has none,
-/// so training keeps the composed ops and these serve inference and frozen targets.
-pub(crate) fn gradient_free(ts: &[&Tensor]) -> bool {
-    on_cpu_f32(ts[0]) && ts.iter().all(|t| !t.track_op())
+/// A vector of `n` floats for a kernel that writes every element before any is read.
+/// Zeroing it first would cost a pass over memory (a `memset` of a reused buffer, or
+/// fresh pages from the kernel); candle's CPU backend allocates its outputs this way too.
+pub(crate) fn output_vec(n: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: f32 has no invalid bit patterns, and callers write all `n` values before
+    // the vector is read or handed on.
+    unsafe { v.set_len(n) };
+    v
 }
 
 /// The contiguous f32 slice behind a layout (callers make inputs contiguous first).
