@@ -104,6 +104,7 @@ impl AdamW {
     /// Global L2 norm of all gradients.
     pub fn global_norm(grads: &[Tensor]) -> Result<f32> {
         let mut total = 0f64;
+        let mut on_device = Vec::new();
         for g in grads {
             // One pass, where candle's sqr + sum make two. Chunks are summed in order:
             // the result does not depend on thread scheduling.
@@ -114,14 +115,17 @@ impl AdamW {
                     .into_iter()
                     .sum::<f64>()
             })?;
-            total += match fast {
-                Some(sq) => sq,
-                None => g
-                    .sqr()?
-                    .sum_all()?
-                    .to_dtype(candle_core::DType::F64)?
-                    .to_scalar::<f64>()?,
-            };
+            match fast {
+                Some(sq) => total += sq,
+                None => on_device.push(g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F32)?),
+            }
+        }
+        if !on_device.is_empty() {
+            // One read back for all device tensors instead of one per parameter.
+            total += Tensor::stack(&on_device, 0)?
+                .to_dtype(candle_core::DType::F64)?
+                .sum_all()?
+                .to_scalar::<f64>()?;
         }
         Ok(total.sqrt() as f32)
     }
@@ -390,5 +394,19 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!(mdiff < 1e-6, "first moments differ by {mdiff}");
+    }
+
+    /// Both paths of the norm: read in place (contiguous CPU f32) and through tensor ops
+    /// (here a transposed view; on a GPU every gradient).
+    #[test]
+    fn global_norm_of_mixed_layouts() {
+        let dev = candle_core::Device::Cpu;
+        let a = Tensor::from_slice(&[3.0f32, 4.0], 2, &dev).unwrap();
+        let b = Tensor::from_slice(&[1.0f32, 2.0, 2.0, 4.0], (2, 2), &dev)
+            .unwrap()
+            .t()
+            .unwrap();
+        let n = AdamW::global_norm(&[a, b]).unwrap();
+        assert!((n - (25.0f32 + 25.0).sqrt()).abs() < 1e-5, "{n}");
     }
 }

@@ -3,7 +3,7 @@
 
 use super::simd::{erf, exp, simd_fn};
 use super::{on_cpu_f32, slice};
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, InplaceOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 const CHUNK: usize = 1 << 14;
@@ -106,6 +106,57 @@ impl CustomOp2 for ActBwd {
     }
 }
 
+/// The activation applied over a tensor's own storage (no output buffer).
+struct ActInPlace(Activation);
+
+impl InplaceOp1 for ActInPlace {
+    fn name(&self) -> &'static str {
+        "activation-in-place"
+    }
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
+        let (start, end) = l.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("in-place activation needs contiguous".into())
+        })?;
+        let CpuStorage::F32(v) = s else {
+            candle_core::bail!("in-place activation needs f32");
+        };
+        let x = &mut v[start..end];
+        let f = match self.0 {
+            Activation::Gelu => gelu_fwd_in_place,
+            Activation::Silu => silu_fwd_in_place,
+        };
+        x.par_chunks_mut(CHUNK).for_each(f);
+        Ok(())
+    }
+}
+
+simd_fn!(
+    fn gelu_fwd_in_place(x: &mut [f32]) {
+        for v in x.iter_mut() {
+            *v = 0.5 * *v * (1.0 + erf(*v * FRAC_1_SQRT_2));
+        }
+    }
+);
+
+simd_fn!(
+    fn silu_fwd_in_place(x: &mut [f32]) {
+        for v in x.iter_mut() {
+            *v = *v / (1.0 + exp(-*v));
+        }
+    }
+);
+
+/// `activation(&x)`, computed over `x`'s own storage when nothing needs the input
+/// afterwards: no gradient is tracked through it and the caller hands over the only
+/// reference (a fresh layer output). Otherwise the same as `activation`.
+pub fn activation_owned(x: Tensor, kind: Activation) -> crate::Result<Tensor> {
+    if on_cpu_f32(&x) && !x.track_op() && x.is_contiguous() {
+        x.inplace_op1(&ActInPlace(kind))?;
+        return Ok(x);
+    }
+    activation(&x, kind)
+}
+
 /// `gelu(x)` with the exact (erf) form, or `silu(x)`.
 pub fn activation(x: &Tensor, kind: Activation) -> crate::Result<Tensor> {
     if !on_cpu_f32(x) {
@@ -134,6 +185,8 @@ mod tests {
                 Activation::Silu => x.as_tensor().silu().unwrap(),
             };
             assert!(max_abs_diff(&ours, &theirs) < 1e-5, "{kind:?} forward");
+            let owned = activation_owned(x.as_tensor().detach().copy().unwrap(), kind).unwrap();
+            assert_eq!(max_abs_diff(&owned, &ours), 0.0, "{kind:?} in place");
             let (d, _) = grad_gaps(&ours, &theirs, &[&x])[0];
             assert!(d < 1e-5, "{kind:?} backward {d}");
         }

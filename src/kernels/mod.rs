@@ -8,7 +8,7 @@ pub mod conv;
 pub mod im2col;
 pub(crate) mod simd;
 
-pub use activation::{Activation, activation};
+pub use activation::{Activation, activation, activation_owned};
 pub use blas::{linear, matmul};
 pub mod norm;
 

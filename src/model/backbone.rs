@@ -3,7 +3,7 @@
 use super::layers::{LayerNorm, Linear, WeightSource, dropout, softmax_last_dim};
 use crate::config::BridgeConfig;
 use crate::error::Result;
-use crate::kernels::{self, Activation, activation, matmul};
+use crate::kernels::{self, Activation, activation_owned, matmul};
 use crate::rng::Rng;
 use candle_core::Tensor;
 
@@ -51,8 +51,9 @@ pub struct Mlp {
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // The hidden layer is this call's own: GELU may overwrite it in inference.
         self.fc2
-            .forward(&activation(&self.fc1.forward(x)?, Activation::Gelu)?)
+            .forward(&activation_owned(self.fc1.forward(x)?, Activation::Gelu)?)
     }
 }
 

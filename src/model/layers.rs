@@ -51,15 +51,21 @@ impl Linear {
 
 /// Normalises `x` over the dimensions `dims` (kept), `(x - mean) / sqrt(var + eps)`,
 /// with the biased variance as PyTorch uses.
+/// Statistics are taken in f32 also when the network runs in bf16 (as autocast does):
+/// a bf16 mean over thousands of values loses the digits the normalisation needs.
 fn normalize<Ds: candle_core::shape::Dims + Copy>(
     x: &Tensor,
     dims: Ds,
     eps: f64,
 ) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(candle_core::DType::F32)?;
     let mean = x.mean_keepdim(dims)?;
     let centered = x.broadcast_sub(&mean)?;
     let var = centered.sqr()?.mean_keepdim(dims)?;
-    Ok(centered.broadcast_div(&(var + eps)?.sqrt()?)?)
+    Ok(centered
+        .broadcast_div(&(var + eps)?.sqrt()?)?
+        .to_dtype(dtype)?)
 }
 
 /// LayerNorm over the last dimension.
@@ -205,10 +211,13 @@ impl Patchify {
 /// Softmax over the last dimension from differentiable ops. The max is detached: the
 /// result does not depend on it, so it needs no gradient.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    // In f32 also for bf16 networks, like the norms.
+    let dtype = x.dtype();
+    let x = x.to_dtype(candle_core::DType::F32)?;
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     let sum = e.sum_keepdim(D::Minus1)?;
-    Ok(e.broadcast_div(&sum)?)
+    Ok(e.broadcast_div(&sum)?.to_dtype(dtype)?)
 }
 
 /// Inverted dropout with masks from our own RNG (so runs are reproducible and resumable).
