@@ -32,11 +32,14 @@ const ROW_MAJOR: c_int = 101;
 const NO_TRANS: c_int = 111;
 const TRANS: c_int = 112;
 
-/// Libraries tried in order when `DINO_BRIDGE_BLAS` names none.
-const CANDIDATES: [&str; 4] = [
+/// Libraries tried in order when `DINO_BRIDGE_BLAS` names none (a name or a path). MKL
+/// first: its f32 GEMM measured 15-20% faster than Debian's OpenBLAS 0.3.21 on the
+/// development machines (Sapphire Rapids), and the bridge is mostly GEMMs.
+const CANDIDATES: [&str; 5] = [
+    "libmkl_rt.so.3",
+    "libmkl_rt.so.2",
     "libopenblas.so.0",
     "libopenblas.so",
-    "libmkl_rt.so.2",
     "libblis.so.4",
 ];
 
@@ -71,16 +74,18 @@ static BLAS: Lazy<Option<Blas>> = Lazy::new(|| {
             // Each product is split across rayon's threads and each piece runs on one
             // thread: the library's own pool would oversubscribe the cores (its idle
             // workers spin in sched_yield beside ours).
-            for setter in [
-                c"openblas_set_num_threads",
-                c"MKL_Set_Num_Threads",
-                c"bli_thread_set_num_threads",
-            ] {
+            for setter in [c"openblas_set_num_threads", c"MKL_Set_Num_Threads"] {
                 let f = libc::dlsym(handle, setter.as_ptr());
                 if !f.is_null() {
                     let set = std::mem::transmute::<*mut c_void, unsafe extern "C" fn(c_int)>(f);
                     set(1);
                 }
+            }
+            // BLIS counts threads in its `dim_t` (64-bit).
+            let f = libc::dlsym(handle, c"bli_thread_set_num_threads".as_ptr());
+            if !f.is_null() {
+                let set = std::mem::transmute::<*mut c_void, unsafe extern "C" fn(i64)>(f);
+                set(1);
             }
             Some(Blas {
                 sgemm: std::mem::transmute::<*mut c_void, Sgemm>(sym),

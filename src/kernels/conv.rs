@@ -32,12 +32,17 @@ impl Dims {
     fn pixels(&self) -> usize {
         self.b * self.h * self.w
     }
-    /// Pixels per work item: as many as the buffer holds (64 to 4096), fewer where that
-    /// would leave a thread without two items.
+    /// Pixels per work item: as many as the buffer holds (64 to 4096), with the number
+    /// of items a multiple of the thread count so that no thread idles at the end.
     fn rows_per_block(&self) -> usize {
+        let threads = rayon::current_num_threads();
         let most = (BUFFER / (9 * self.c)).clamp(64, 4096);
-        let spread = self.pixels().div_ceil(2 * rayon::current_num_threads());
-        most.min(spread).max(1)
+        let items = self
+            .pixels()
+            .div_ceil(most)
+            .max(threads)
+            .next_multiple_of(threads);
+        self.pixels().div_ceil(items).max(1)
     }
 }
 
