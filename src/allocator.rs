@@ -132,7 +132,50 @@ fn cached(layout: &Layout) -> Option<Layout> {
         return None;
     }
     let size = layout.size().checked_next_multiple_of(GRAIN)?;
-    Layout::from_size_align(size, BLOCK_ALIGN).ok()
+    // Blocks of a huge page or more start on one, so that they can be backed by huge
+    // pages (see `fresh`).
+    let align = if size >= HUGE_PAGE {
+        HUGE_PAGE
+    } else {
+        BLOCK_ALIGN
+    };
+    Layout::from_size_align(size, align).ok()
+}
+
+const HUGE_PAGE: usize = 2 << 20;
+
+/// A new block from the system. Blocks of 2 MiB and more are marked for transparent huge
+/// pages (where THP is in `madvise` mode, as on Debian): 512 times fewer page faults
+/// and TLB misses over the activation buffers. `DINO_BRIDGE_HUGEPAGES=0` turns it off.
+unsafe fn fresh(block: Layout, zeroed: bool) -> *mut u8 {
+    let p = unsafe {
+        if zeroed {
+            System.alloc_zeroed(block)
+        } else {
+            System.alloc(block)
+        }
+    };
+    if !p.is_null() && block.size() >= HUGE_PAGE && huge_pages_wanted() {
+        // SAFETY: the range is the block just allocated; advice never changes contents.
+        unsafe { libc::madvise(p.cast(), block.size(), libc::MADV_HUGEPAGE) };
+    }
+    p
+}
+
+fn huge_pages_wanted() -> bool {
+    static WANTED: AtomicUsize = AtomicUsize::new(2); // 2: not read yet
+    match WANTED.load(Ordering::Relaxed) {
+        2 => {
+            // SAFETY: `getenv` with a valid C string; it does not allocate.
+            let off = unsafe {
+                let v = libc::getenv(c"DINO_BRIDGE_HUGEPAGES".as_ptr());
+                !v.is_null() && std::ffi::CStr::from_ptr(v).to_bytes() == b"0"
+            };
+            WANTED.store(usize::from(!off), Ordering::Relaxed);
+            !off
+        }
+        v => v == 1,
+    }
 }
 
 // SAFETY: every block comes from `System` with the layout it is returned with; cached
@@ -144,7 +187,7 @@ unsafe impl GlobalAlloc for CachingAllocator {
             Some(block) => {
                 let p = CACHE.take(block.size());
                 if p.is_null() {
-                    unsafe { System.alloc(block) }
+                    unsafe { fresh(block, false) }
                 } else {
                     p
                 }
@@ -158,7 +201,7 @@ unsafe impl GlobalAlloc for CachingAllocator {
             Some(block) => {
                 let p = CACHE.take(block.size());
                 if p.is_null() {
-                    unsafe { System.alloc_zeroed(block) }
+                    unsafe { fresh(block, true) }
                 } else {
                     unsafe { std::ptr::write_bytes(p, 0, layout.size()) };
                     p
