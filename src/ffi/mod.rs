@@ -200,6 +200,23 @@ impl Io {
         }
     }
 
+    /// The caller's `latents` `[batch, in_ch, latent_size, latent_size]`.
+    ///
+    /// # Safety
+    /// As `read`.
+    unsafe fn latents(
+        &self,
+        bridge: &Bridge,
+        ptr: *const c_void,
+        batch: i64,
+        dtype: BufDtype,
+        finite: bool,
+    ) -> Result<Tensor> {
+        let c = bridge.config();
+        let shape = [c.in_ch, c.latent_size, c.latent_size];
+        unsafe { self.read(bridge, ptr, batch, &shape, dtype, "latents", finite) }
+    }
+
     /// Writes `t` into the caller's output buffer in `dtype`.
     ///
     /// # Safety
@@ -455,16 +472,7 @@ pub unsafe extern "C" fn bridge_forward(
         let dt = BufDtype::from_code(dtype)?;
         let c = bridge.config().clone();
         check_output(out, batch, c.output_numel(), dt, "out")?;
-        let x = unsafe {
-            input(
-                &bridge,
-                latents,
-                batch,
-                &[c.in_ch, c.latent_size, c.latent_size],
-                dt,
-                "latents",
-            )?
-        };
+        let x = unsafe { Io::Host.latents(&bridge, latents, batch, dt, true)? };
         let y = tensor_values(&bridge.forward(&x)?)?;
         unsafe { write_host(out, &y, dt, "out") }
     })
@@ -508,17 +516,7 @@ pub unsafe extern "C" fn bridge_forward_cuda_ptr(
             let c = bridge.config().clone();
             element_count(batch, c.output_numel(), dt)?;
             let io = Io::new(&bridge, stream)?;
-            let x = unsafe {
-                io.read(
-                    &bridge,
-                    latents,
-                    batch,
-                    &[c.in_ch, c.latent_size, c.latent_size],
-                    dt,
-                    "latents",
-                    false,
-                )?
-            };
+            let x = unsafe { io.latents(&bridge, latents, batch, dt, false)? };
             unsafe { io.write(out, &bridge.forward(&x)?, dt, "out")? };
             io.finish()
         }
@@ -578,17 +576,7 @@ pub unsafe extern "C" fn bridge_loss_backward(
         )?;
         let io = Io::new(&bridge, stream)?;
         let p = unsafe { io.read(&bridge, pred, batch, &pred_shape, dt, "pred", true)? };
-        let x = unsafe {
-            io.read(
-                &bridge,
-                latents,
-                batch,
-                &[c.in_ch, c.latent_size, c.latent_size],
-                dt,
-                "latents",
-                true,
-            )?
-        };
+        let x = unsafe { io.latents(&bridge, latents, batch, dt, true)? };
         // The loss value is read back to the host (one sync on a GPU): it is both the
         // output and the NaN check.
         let (value, grad) = bridge.loss_backward(&p, &x, g)?;
@@ -631,17 +619,7 @@ pub unsafe extern "C" fn bridge_latent_loss_backward(
         }
         check_output(grad_latents, batch, c.latent_numel(), dt, "grad_latents")?;
         let io = Io::new(&bridge, stream)?;
-        let x = unsafe {
-            io.read(
-                &bridge,
-                latents,
-                batch,
-                &[c.in_ch, c.latent_size, c.latent_size],
-                dt,
-                "latents",
-                true,
-            )?
-        };
+        let x = unsafe { io.latents(&bridge, latents, batch, dt, true)? };
         let t = unsafe {
             io.read(
                 &bridge,
@@ -699,17 +677,7 @@ pub unsafe extern "C" fn bridge_train_step(
         // Non-finite inputs are not an error here: they make a non-finite loss, which
         // skips the update like any other.
         let io = Io::new(&bridge, stream)?;
-        let x = unsafe {
-            io.read(
-                &bridge,
-                latents,
-                batch,
-                &[c.in_ch, c.latent_size, c.latent_size],
-                dt,
-                "latents",
-                false,
-            )?
-        };
+        let x = unsafe { io.latents(&bridge, latents, batch, dt, false)? };
         let t = unsafe {
             io.read(
                 &bridge,
