@@ -162,7 +162,7 @@ impl CustomOp3 for Conv3x3Op {
         let o = grad.dim(3)?;
         let dx = grad.apply_op2(w, ConvInputGrad)?;
         let dw = x.apply_op2(&grad, ConvWeightGrad)?;
-        let db = grad.reshape(((), o))?.sum(0)?;
+        let db = super::blas::column_sums(&grad.reshape(((), o))?)?;
         Ok((Some(dx), Some(dw), Some(db)))
     }
 }
