@@ -404,7 +404,7 @@ impl Bridge {
     ) -> Result<(f32, Vec<(String, Tensor)>)> {
         let st = self.state.read();
         let mut rng = st.rng.clone();
-        let (loss, grads) = self.loss_and_grads(&st, &self.loss, latents, targets, &mut rng)?;
+        let (loss, grads) = self.loss_and_grads(&st, latents, targets, &mut rng)?;
         let named = st
             .params
             .iter()
@@ -417,13 +417,12 @@ impl Bridge {
     fn loss_and_grads(
         &self,
         st: &State,
-        weights: &LossWeights,
         latents: &Tensor,
         targets: &Tensor,
         rng: &mut Rng,
     ) -> Result<(f32, Vec<Tensor>)> {
         let pred = self.run(st, true, latents, Some(rng))?;
-        let loss = alignment_loss(&pred, &targets.to_dtype(DType::F32)?, weights)?;
+        let loss = alignment_loss(&pred, &targets.to_dtype(DType::F32)?, &self.loss)?;
         let loss_value = loss.to_scalar::<f32>()?;
         if !loss_value.is_finite() {
             return Ok((loss_value, Vec::new()));
@@ -448,7 +447,7 @@ impl Bridge {
         let mut st = self.state.write();
         let lr = self.optim_cfg.lr_at(st.train.step);
         let mut rng = st.rng.clone();
-        let (loss, grads) = self.loss_and_grads(&st, &self.loss, latents, targets, &mut rng)?;
+        let (loss, grads) = self.loss_and_grads(&st, latents, targets, &mut rng)?;
         let skipped = |grad_norm: f32| StepStats {
             loss,
             grad_norm,

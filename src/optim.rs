@@ -151,11 +151,6 @@ impl AdamW {
             if !trainable[i] {
                 continue;
             }
-            let g = if grad_scale != 1.0 {
-                (g * grad_scale as f64)?
-            } else {
-                g.clone()
-            };
             let p = p.as_tensor();
             let decay = if cfg.weight_decay > 0.0 && decays(name, p.dims()) {
                 1.0 - lr * cfg.weight_decay as f64
@@ -170,10 +165,16 @@ impl AdamW {
                 lr,
                 eps: cfg.eps as f64,
                 decay,
+                grad_scale: grad_scale as f64,
             };
-            let (new_p, m, v) = match fused_update(p, &g, &self.m[i], &self.v[i], &k)? {
+            let (new_p, m, v) = match fused_update(p, g, &self.m[i], &self.v[i], &k)? {
                 Some(done) => done,
                 None => {
+                    let g = if grad_scale != 1.0 {
+                        (g * k.grad_scale)?
+                    } else {
+                        g.clone()
+                    };
                     let m = ((&self.m[i] * b1)? + (&g * (1.0 - b1))?)?;
                     let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
                     let denom = ((&v / bc2)?.sqrt()? + k.eps)?;
@@ -206,6 +207,8 @@ struct Constants {
     lr: f64,
     eps: f64,
     decay: f64,
+    /// Applied to the gradient first (clipping).
+    grad_scale: f64,
 }
 
 /// `f` on the values of a contiguous f32 CPU tensor, read in place; `None` for other
@@ -252,7 +255,7 @@ fn fused_update(
     let n = ps.len();
     let out = crate::kernels::output_vec;
     let (mut np, mut nm, mut nv) = (out(n), out(n), out(n));
-    let (b1, b2) = (k.b1 as f32, k.b2 as f32);
+    let (b1, b2, scale) = (k.b1 as f32, k.b2 as f32, k.grad_scale as f32);
     let (c1, c2) = ((1.0 - k.b1) as f32, (1.0 - k.b2) as f32);
     let (inv_bc2, step, eps, decay) = (
         (1.0 / k.bc2) as f32,
@@ -268,7 +271,7 @@ fn fused_update(
         .for_each(|(c, ((np, nm), nv))| {
             let lo = c * CHUNK;
             for j in 0..np.len() {
-                let (pj, gj) = (ps[lo + j], gs[lo + j]);
+                let (pj, gj) = (ps[lo + j], gs[lo + j] * scale);
                 let mj = b1 * ms[lo + j] + c1 * gj;
                 let vj = b2 * vs[lo + j] + c2 * (gj * gj);
                 nm[j] = mj;

@@ -164,11 +164,13 @@ impl Io {
         Ok(Io::Host)
     }
 
-    /// `batch` samples of `shape` from the caller's buffer. Host input is checked for
-    /// NaN/Inf when `finite` is set; device input is not (that would need a host sync).
+    /// `batch` samples of `shape` from the caller's buffer, as f32 on the bridge's
+    /// device. Host input is checked for NaN/Inf when `finite` is set; device input is
+    /// not (that would need a host sync).
     ///
     /// # Safety
-    /// As `input`, for the buffer's kind of memory.
+    /// `ptr` must be NULL or hold `batch * prod(shape)` elements of `dtype`, in host
+    /// memory for `Io::Host`, in device memory for `Io::Cuda`.
     #[allow(clippy::too_many_arguments)]
     unsafe fn read(
         &self,
@@ -180,20 +182,20 @@ impl Io {
         name: &str,
         finite: bool,
     ) -> Result<Tensor> {
+        let n = element_count(batch, shape.iter().product(), dtype)?;
+        let mut dims = vec![batch as usize];
+        dims.extend_from_slice(shape);
         match self {
-            Io::Host if finite => unsafe { input(bridge, ptr, batch, shape, dtype, name) },
             Io::Host => {
-                let n = element_count(batch, shape.iter().product(), dtype)?;
+                // SAFETY: extent per the caller's contract.
                 let values = unsafe { read_host(ptr, n, dtype, name)? };
-                let mut dims = vec![batch as usize];
-                dims.extend_from_slice(shape);
+                if finite {
+                    check_finite(&values, name)?;
+                }
                 Ok(Tensor::from_vec(values, dims, bridge.device())?)
             }
             #[cfg(feature = "cuda")]
             Io::Cuda(s) => {
-                element_count(batch, shape.iter().product(), dtype)?;
-                let mut dims = vec![batch as usize];
-                dims.extend_from_slice(shape);
                 let t = s.read(bridge.device(), ptr, dims.into(), dtype.candle(), name)?;
                 Ok(t.to_dtype(candle_core::DType::F32)?)
             }
@@ -243,29 +245,6 @@ impl Io {
             Io::Cuda(s) => s.finish(),
         }
     }
-}
-
-/// Reads `batch` samples of `shape` (per sample) from a host buffer into a tensor on the
-/// bridge's device, rejecting non-finite values.
-///
-/// # Safety
-/// `ptr` must be NULL or hold `batch * prod(shape)` elements of `dtype`.
-unsafe fn input(
-    bridge: &Bridge,
-    ptr: *const c_void,
-    batch: i64,
-    shape: &[usize],
-    dtype: BufDtype,
-    name: &str,
-) -> Result<Tensor> {
-    let per_sample: usize = shape.iter().product();
-    let n = element_count(batch, per_sample, dtype)?;
-    // SAFETY: extent per the caller's contract.
-    let values = unsafe { read_host(ptr, n, dtype, name)? };
-    check_finite(&values, name)?;
-    let mut dims = vec![batch as usize];
-    dims.extend_from_slice(shape);
-    Ok(Tensor::from_vec(values, dims, bridge.device())?)
 }
 
 /// Checks an output pointer and that its extent fits in memory, before any work is done.

@@ -17,19 +17,19 @@ use rayon::prelude::*;
 const BUFFER: usize = 2 << 20;
 
 #[derive(Clone, Copy)]
-struct Dims {
-    b: usize,
-    h: usize,
-    w: usize,
-    c: usize,
+pub(super) struct Dims {
+    pub(super) b: usize,
+    pub(super) h: usize,
+    pub(super) w: usize,
+    pub(super) c: usize,
 }
 
 impl Dims {
-    fn of(l: &Layout) -> candle_core::Result<Self> {
+    pub(super) fn of(l: &Layout) -> candle_core::Result<Self> {
         let (b, h, w, c) = l.shape().dims4()?;
         Ok(Dims { b, h, w, c })
     }
-    fn pixels(&self) -> usize {
+    pub(super) fn pixels(&self) -> usize {
         self.b * self.h * self.w
     }
     /// Pixels per work item: as many as the buffer holds (64 to 4096), with the number
@@ -55,7 +55,7 @@ fn blocks(d: Dims) -> Vec<(usize, usize)> {
 }
 
 /// Patch rows of pixels `lo..hi` (flat over `B*H*W`) into `cols`, `[hi-lo, 9*C]`.
-fn gather(x: &[f32], d: Dims, lo: usize, hi: usize, cols: &mut [f32]) {
+pub(super) fn gather(x: &[f32], d: Dims, lo: usize, hi: usize, cols: &mut [f32]) {
     let Dims { h, w, c, .. } = d;
     for (row, p) in cols.chunks_exact_mut(9 * c).zip(lo..hi) {
         let (n, y, xx) = (p / (h * w), (p / w) % h, p % w);
@@ -73,7 +73,7 @@ fn gather(x: &[f32], d: Dims, lo: usize, hi: usize, cols: &mut [f32]) {
 
 /// The adjoint of `gather`: adds each patch entry back onto its pixel of `dx`. A patch
 /// reaches one row above and below, so concurrent callers must work on different images.
-fn scatter(dcols: &[f32], d: Dims, lo: usize, hi: usize, dx: SendPtr) {
+pub(super) fn scatter(dcols: &[f32], d: Dims, lo: usize, hi: usize, dx: SendPtr) {
     let Dims { h, w, c, .. } = d;
     for (row, p) in dcols.chunks_exact(9 * c).zip(lo..hi) {
         let (n, y, xx) = (p / (h * w), (p / w) % h, p % w);
@@ -194,7 +194,7 @@ impl CustomOp2 for ConvInputGrad {
         let rows = d.rows_per_block();
         let images = (rows / per_image).max(1);
         (0..b.div_ceil(images)).into_par_iter().for_each_init(
-            || vec![0f32; rows.max(per_image.min(rows)) * 9 * c],
+            || vec![0f32; rows * 9 * c],
             |dcols, g| {
                 let end = ((g + 1) * images).min(b) * per_image;
                 let mut lo = g * images * per_image;

@@ -1,8 +1,9 @@
 //! im2col for a 3x3, padding-1 convolution over a channels-last map, with its backward
-//! (col2im): one pass that writes each patch row as nine contiguous runs of channels,
-//! instead of nine strided views stacked and copied by candle. The path for CPUs without
-//! a BLAS; `conv.rs` never builds the whole patch matrix.
+//! (col2im), from `conv.rs`'s patch gather and scatter: the path for CPUs without a
+//! BLAS, where the product is candle's. `conv.rs` never builds the whole patch matrix.
 
+use super::blas::SendPtr;
+use super::conv::{Dims, gather, scatter};
 use super::{on_cpu_f32, slice};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -19,29 +20,15 @@ impl CustomOp1 for Im2Col {
         "im2col-3x3-nhwc"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (b, h, w, c) = l.shape().dims4()?;
+        let d = Dims::of(l)?;
         let x = slice(s, l)?;
-        let mut cols = vec![0f32; b * h * w * c * 9];
-        cols.par_chunks_mut(w * c * 9)
+        let per_image = d.h * d.w;
+        // `gather` writes every value, the zeros of the padding included.
+        let mut cols = super::output_vec(d.pixels() * 9 * d.c);
+        cols.par_chunks_mut(per_image * 9 * d.c)
             .enumerate()
-            .for_each(|(row, out)| {
-                let (n, y) = (row / h, row % h);
-                let img = &x[n * h * w * c..(n + 1) * h * w * c];
-                for xx in 0..w {
-                    let dst = &mut out[xx * c * 9..(xx + 1) * c * 9];
-                    for (k, tap) in dst.chunks_exact_mut(c).enumerate() {
-                        let (yy, xs) = (
-                            y as isize + (k / 3) as isize - 1,
-                            xx as isize + (k % 3) as isize - 1,
-                        );
-                        if yy >= 0 && yy < h as isize && xs >= 0 && xs < w as isize {
-                            let at = (yy as usize * w + xs as usize) * c;
-                            tap.copy_from_slice(&img[at..at + c]);
-                        }
-                    }
-                }
-            });
-        Ok((CpuStorage::F32(cols), Shape::from((b * h * w, c * 9))))
+            .for_each(|(n, out)| gather(x, d, n * per_image, (n + 1) * per_image, out));
+        Ok((CpuStorage::F32(cols), Shape::from((d.pixels(), 9 * d.c))))
     }
     fn bwd(
         &self,
@@ -62,28 +49,15 @@ impl CustomOp1 for Col2Im {
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (b, h, w, c) = self.dims;
+        let d = Dims { b, h, w, c };
         let cols = slice(s, l)?;
-        let mut dx = vec![0f32; b * h * w * c];
-        dx.par_chunks_mut(w * c).enumerate().for_each(|(row, out)| {
-            let (n, y) = (row / h, row % h);
-            for xx in 0..w {
-                let dst = &mut out[xx * c..(xx + 1) * c];
-                // Pixel (y, xx) is tap k of the patch centred at (y - ky + 1, xx - kx + 1).
-                for k in 0..9 {
-                    let (yy, xs) = (
-                        y as isize - (k / 3) as isize + 1,
-                        xx as isize - (k % 3) as isize + 1,
-                    );
-                    if yy < 0 || yy >= h as isize || xs < 0 || xs >= w as isize {
-                        continue;
-                    }
-                    let p = (n * h + yy as usize) * w + xs as usize;
-                    let src = &cols[(p * 9 + k) * c..(p * 9 + k + 1) * c];
-                    for (d, s) in dst.iter_mut().zip(src) {
-                        *d += s;
-                    }
-                }
-            }
+        let mut dx = vec![0f32; d.pixels() * c];
+        let pdx = SendPtr(dx.as_mut_ptr());
+        // One image per item: a patch only reaches pixels of its own image.
+        let per_image = h * w;
+        (0..b).into_par_iter().for_each(|n| {
+            let rows = &cols[n * per_image * 9 * c..(n + 1) * per_image * 9 * c];
+            scatter(rows, d, n * per_image, (n + 1) * per_image, pdx);
         });
         Ok((CpuStorage::F32(dx), Shape::from((b, h, w, c))))
     }
