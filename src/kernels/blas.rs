@@ -181,16 +181,17 @@ impl SendPtr {
     }
 }
 
-/// `C (+)= A @ B` for 2-D operands or 3-D batches, split into work items across rayon's
-/// threads (each batch entry; within a 2-D product one block per thread of the larger
-/// output side). With `beta = 0` C is only written (it may be uninitialised memory);
-/// with `beta = 1` the product is added to what C holds.
+/// `C = A @ B (+ bias)` for 2-D operands or 3-D batches, split into work items across
+/// rayon's threads (each batch entry; within a 2-D product one block per thread of the
+/// larger output side). C is only written (it may be uninitialised memory). With a bias
+/// (2-D only), each thread first writes the bias into its own block of C and has the
+/// product added onto it: in parallel, and into memory it is about to use.
 fn gemm_into(
     s1: &CpuStorage,
     l1: &Layout,
     s2: &CpuStorage,
     l2: &Layout,
-    beta: f32,
+    bias: Option<&[f32]>,
     c: *mut f32,
 ) -> candle_core::Result<Shape> {
     if !available() {
@@ -252,6 +253,19 @@ fn gemm_into(
                 hi - lo,
             )
         };
+        let c_block = pc.get().wrapping_add(i * m * n + c_off);
+        let first_col = if split_rows { 0 } else { lo };
+        let beta = match bias {
+            Some(bias) => {
+                for r in 0..mm {
+                    // SAFETY: row r of this item's block lies inside C (see below).
+                    let row = unsafe { std::slice::from_raw_parts_mut(c_block.add(r * n), nn) };
+                    row.copy_from_slice(&bias[first_col..first_col + nn]);
+                }
+                1.0
+            }
+            None => 0.0,
+        };
         // SAFETY: the layouts were checked to address inside the storages, C holds
         // batch * m * n elements (the caller's contract), and items write disjoint blocks.
         unsafe {
@@ -267,7 +281,7 @@ fn gemm_into(
                 pb.get().add(i * sb + b_off),
                 ldb,
                 beta,
-                pc.get().add(i * m * n + c_off),
+                c_block,
                 n,
             )
         };
@@ -292,7 +306,7 @@ impl CustomOp2 for BlasMatmul {
         let rank = l1.dims().len();
         let len = l1.dims()[..rank - 1].iter().product::<usize>() * l2.dims()[rank - 1];
         let mut c: Vec<f32> = Vec::with_capacity(len);
-        let shape = gemm_into(s1, l1, s2, l2, 0.0, c.as_mut_ptr())?;
+        let shape = gemm_into(s1, l1, s2, l2, None, c.as_mut_ptr())?;
         // SAFETY: with beta = 0 every element of C was written.
         unsafe { c.set_len(shape.elem_count()) };
         Ok((CpuStorage::F32(c), shape))
@@ -339,10 +353,9 @@ impl CustomOp3 for BlasLinear {
             );
         }
         let mut c: Vec<f32> = Vec::with_capacity(rows * bias.len());
-        for _ in 0..rows {
-            c.extend_from_slice(bias);
-        }
-        let shape = gemm_into(s1, l1, s2, l2, 1.0, c.as_mut_ptr())?;
+        let shape = gemm_into(s1, l1, s2, l2, Some(bias), c.as_mut_ptr())?;
+        // SAFETY: every element of C was written (bias, then the product added).
+        unsafe { c.set_len(shape.elem_count()) };
         Ok((CpuStorage::F32(c), shape))
     }
 

@@ -120,13 +120,21 @@ impl CustomOp3 for Conv3x3Op {
                 d.c
             );
         }
-        let mut y: Vec<f32> = bias.repeat(d.pixels());
+        let mut y = super::output_vec(d.pixels() * o);
         let py = SendPtr(y.as_mut_ptr());
         blocks(d).into_par_iter().for_each_init(
             || vec![0f32; d.rows_per_block() * 9 * d.c],
             |cols, (lo, hi)| {
                 let cols = &mut cols[..(hi - lo) * 9 * d.c];
                 gather(x, d, lo, hi, cols);
+                // Each thread writes the bias into its own rows just before its product
+                // is added onto them (one thread writing all of y first was a serial pass).
+                // SAFETY: rows lo..hi of y are this item's alone.
+                let y_rows =
+                    unsafe { std::slice::from_raw_parts_mut(py.get().add(lo * o), (hi - lo) * o) };
+                y_rows
+                    .chunks_exact_mut(o)
+                    .for_each(|r| r.copy_from_slice(bias));
                 // SAFETY: rows lo..hi of y are this item's alone; the sizes match the slices.
                 unsafe {
                     sgemm_raw(
