@@ -6,6 +6,7 @@ pub mod attention;
 pub mod blas;
 pub mod conv;
 pub mod im2col;
+pub mod layout;
 pub(crate) mod simd;
 
 pub use activation::{Activation, activation, activation_owned};
