@@ -110,7 +110,7 @@ impl AdamW {
             // the result does not depend on thread scheduling.
             let fast = with_cpu_f32(g, |v| {
                 v.par_chunks(1 << 14)
-                    .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+                    .map(crate::kernels::simd::sum_sq_f64)
                     .collect::<Vec<f64>>()
                     .into_iter()
                     .sum::<f64>()

@@ -6,7 +6,7 @@
 //! to the full width with zeros and adds them up).
 
 use super::blas::{SendPtr, available, sgemm_raw};
-use super::simd::{exp, simd_fn};
+use super::simd::{dot, exp, max, simd_fn, sum};
 use super::{on_cpu_f32, slice};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -18,13 +18,11 @@ struct FusedAttention {
 simd_fn!(
     fn softmax_rows(s: &mut [f32], t: usize) {
         for row in s.chunks_exact_mut(t) {
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            let mut sum = 0f32;
+            let top = max(row);
             for v in row.iter_mut() {
-                *v = exp(*v - max);
-                sum += *v;
+                *v = exp(*v - top);
             }
-            let inv = 1.0 / sum;
+            let inv = 1.0 / sum(row);
             for v in row.iter_mut() {
                 *v *= inv;
             }
@@ -116,12 +114,9 @@ struct AttentionBwd {
 simd_fn!(
     fn softmax_rows_bwd(p: &[f32], dp: &mut [f32], t: usize) {
         for (pr, dr) in p.chunks_exact(t).zip(dp.chunks_exact_mut(t)) {
-            let mut dot = 0f32;
-            for (a, b) in pr.iter().zip(dr.iter()) {
-                dot += a * b;
-            }
+            let pd = dot(pr, dr);
             for (a, b) in pr.iter().zip(dr.iter_mut()) {
-                *b = a * (*b - dot);
+                *b = a * (*b - pd);
             }
         }
     }

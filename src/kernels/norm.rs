@@ -2,25 +2,10 @@
 //! ops with their backward (candle's fused versions have none, and composing them from
 //! mean/sub/div ops costs five passes over memory).
 
-use super::simd::simd_fn;
+use super::simd::{LANES, simd_fn, sum};
 use super::{on_cpu_f32, slice};
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
-
-const LANES: usize = 16;
-
-#[inline(always)]
-fn sum(x: &[f32]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let chunks = x.chunks_exact(LANES);
-    let tail: f32 = chunks.remainder().iter().sum();
-    for c in chunks {
-        for i in 0..LANES {
-            acc[i] += c[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
 
 #[inline(always)]
 fn sum_sq_dev(x: &[f32], mean: f32) -> f32 {

@@ -4,16 +4,16 @@
 /// Defines `fn $name(args)` whose body is compiled three times (AVX-512F, AVX2+FMA,
 /// baseline) and picks the best the CPU has at run time.
 macro_rules! simd_fn {
-    ($vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $body:block) => {
-        $vis fn $name($($arg: $ty),*) {
+    ($vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
-            fn imp($($arg: $ty),*) $body
+            fn imp($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx2,fma")]
-                unsafe fn avx512($($arg: $ty),*) { imp($($arg),*) }
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? { imp($($arg),*) }
                 #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($arg: $ty),*) { imp($($arg),*) }
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? { imp($($arg),*) }
                 if std::is_x86_feature_detected!("avx512f") {
                     // SAFETY: the CPU has the features the function was compiled for.
                     return unsafe { avx512($($arg),*) };
@@ -28,6 +28,79 @@ macro_rules! simd_fn {
     };
 }
 pub(crate) use simd_fn;
+
+/// Accumulators per reduction: a float sum or max in one variable is a chain the
+/// compiler must keep in order (no vector code); sixteen independent lanes vectorise.
+pub(crate) const LANES: usize = 16;
+
+/// `x.iter().sum()`, in lanes.
+#[inline(always)]
+pub(crate) fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] += c[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// The largest element (`-inf` for none), in lanes.
+#[inline(always)]
+pub(crate) fn max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+        }
+    }
+    acc.iter().fold(tail, |m, &v| m.max(v))
+}
+
+/// `sum(a[i] * b[i])`, in lanes.
+#[inline(always)]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..LANES {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+// Sum of squares in f64 (for gradient norms over millions of values), in lanes.
+simd_fn!(
+    pub(crate) fn sum_sq_f64(x: &[f32]) -> f64 {
+        let mut acc = [0f64; LANES];
+        let chunks = x.chunks_exact(LANES);
+        let tail: f64 = chunks
+            .remainder()
+            .iter()
+            .map(|&v| (v as f64) * (v as f64))
+            .sum();
+        for c in chunks {
+            for i in 0..LANES {
+                acc[i] += (c[i] as f64) * (c[i] as f64);
+            }
+        }
+        acc.iter().sum::<f64>() + tail
+    }
+);
 
 /// `e^x` to about 2e-7 relative error, for |x| < 87; no branches or calls.
 #[inline(always)]
@@ -64,6 +137,21 @@ pub fn erf(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lane_reductions_match_plain_loops() {
+        for n in [0usize, 1, 15, 16, 17, 64, 100] {
+            let a: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.25)
+                .collect();
+            let b: Vec<f32> = (0..n).map(|i| ((i * 11 % 7) as f32 - 3.0) * 0.5).collect();
+            let plain_dot: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+            assert!((sum(&a) - a.iter().sum::<f32>()).abs() < 1e-4, "sum of {n}");
+            assert!((dot(&a, &b) - plain_dot).abs() < 1e-4, "dot of {n}");
+            let plain_max = a.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            assert_eq!(max(&a), plain_max, "max of {n}");
+        }
+    }
 
     #[test]
     fn exp_and_erf_are_accurate() {
