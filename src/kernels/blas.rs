@@ -181,17 +181,27 @@ impl SendPtr {
     }
 }
 
-/// `C = A @ B (+ bias)` for 2-D operands or 3-D batches, split into work items across
-/// rayon's threads (each batch entry; within a 2-D product one block per thread of the
-/// larger output side). C is only written (it may be uninitialised memory). With a bias
-/// (2-D only), each thread first writes the bias into its own block of C and has the
+/// What C holds before the product is added onto it.
+#[derive(Clone, Copy)]
+enum Init<'a> {
+    Zero,
+    /// `[n]`, on every row.
+    Bias(&'a [f32]),
+    /// `bias[j] + residual[i, j]`, residual `[m, n]` contiguous.
+    BiasPlus(&'a [f32], &'a [f32]),
+}
+
+/// `C = init + A @ B` for 2-D operands or 3-D batches (`init` zero for batches), split
+/// into work items across rayon's threads (each batch entry; within a 2-D product one
+/// block per thread of the larger output side). C is only written (it may be
+/// uninitialised memory). Each thread writes the init of its own block of C and has the
 /// product added onto it: in parallel, and into memory it is about to use.
 fn gemm_into(
     s1: &CpuStorage,
     l1: &Layout,
     s2: &CpuStorage,
     l2: &Layout,
-    bias: Option<&[f32]>,
+    init: Init,
     c: *mut f32,
 ) -> candle_core::Result<Shape> {
     if !available() {
@@ -255,8 +265,10 @@ fn gemm_into(
         };
         let c_block = pc.get().wrapping_add(i * m * n + c_off);
         let first_col = if split_rows { 0 } else { lo };
-        let beta = match bias {
-            Some(bias) => {
+        let first_row = if split_rows { lo } else { 0 };
+        let beta = match init {
+            Init::Zero => 0.0,
+            Init::Bias(bias) => {
                 for r in 0..mm {
                     // SAFETY: row r of this item's block lies inside C (see below).
                     let row = unsafe { std::slice::from_raw_parts_mut(c_block.add(r * n), nn) };
@@ -264,7 +276,18 @@ fn gemm_into(
                 }
                 1.0
             }
-            None => 0.0,
+            Init::BiasPlus(bias, res) => {
+                for r in 0..mm {
+                    // SAFETY: as above.
+                    let row = unsafe { std::slice::from_raw_parts_mut(c_block.add(r * n), nn) };
+                    let at = (first_row + r) * n + first_col;
+                    let (b, x) = (&bias[first_col..first_col + nn], &res[at..at + nn]);
+                    for ((c, b), x) in row.iter_mut().zip(b).zip(x) {
+                        *c = b + x;
+                    }
+                }
+                1.0
+            }
         };
         // SAFETY: the layouts were checked to address inside the storages, C holds
         // batch * m * n elements (the caller's contract), and items write disjoint blocks.
@@ -306,7 +329,7 @@ impl CustomOp2 for BlasMatmul {
         let rank = l1.dims().len();
         let len = l1.dims()[..rank - 1].iter().product::<usize>() * l2.dims()[rank - 1];
         let mut c: Vec<f32> = Vec::with_capacity(len);
-        let shape = gemm_into(s1, l1, s2, l2, None, c.as_mut_ptr())?;
+        let shape = gemm_into(s1, l1, s2, l2, Init::Zero, c.as_mut_ptr())?;
         // SAFETY: with beta = 0 every element of C was written.
         unsafe { c.set_len(shape.elem_count()) };
         Ok((CpuStorage::F32(c), shape))
@@ -353,7 +376,7 @@ impl CustomOp3 for BlasLinear {
             );
         }
         let mut c: Vec<f32> = Vec::with_capacity(rows * bias.len());
-        let shape = gemm_into(s1, l1, s2, l2, Some(bias), c.as_mut_ptr())?;
+        let shape = gemm_into(s1, l1, s2, l2, Init::Bias(bias), c.as_mut_ptr())?;
         // SAFETY: every element of C was written (bias, then the product added).
         unsafe { c.set_len(shape.elem_count()) };
         Ok((CpuStorage::F32(c), shape))
@@ -372,6 +395,77 @@ impl CustomOp3 for BlasLinear {
         let gw = matmul(&x.t()?, grad).map_err(msg)?;
         Ok((Some(gx), Some(gw), Some(column_sums(grad)?)))
     }
+}
+
+/// `residual + x @ w_t + bias` in inference: C starts as `residual + bias` (written by
+/// each thread into its own block) and the product is added onto it, so the residual add
+/// costs no pass of its own. The bias rides in the op (`CustomOp3` takes three tensors),
+/// so there is no backward: `linear_residual` uses it only where nothing tracks a gradient.
+struct BlasLinearResidual(Tensor);
+
+impl CustomOp3 for BlasLinearResidual {
+    fn name(&self) -> &'static str {
+        "blas-linear-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (bias_storage, bias_layout) = self.0.storage_and_layout();
+        let candle_core::Storage::Cpu(bias_cpu) = &*bias_storage else {
+            candle_core::bail!("blas-linear-residual: bias not on the CPU");
+        };
+        let bias = super::slice(bias_cpu, bias_layout)?;
+        let residual = super::slice(s3, l3)?;
+        let (rows, out) = (l1.dims()[0], l2.dims()[1]);
+        if bias.len() != out || l3.dims() != [rows, out] {
+            candle_core::bail!(
+                "blas-linear-residual: bias {:?}, residual {:?} for a [{rows}, {out}] output",
+                bias_layout.dims(),
+                l3.dims()
+            );
+        }
+        let mut c: Vec<f32> = Vec::with_capacity(rows * out);
+        let shape = gemm_into(
+            s1,
+            l1,
+            s2,
+            l2,
+            Init::BiasPlus(bias, residual),
+            c.as_mut_ptr(),
+        )?;
+        // SAFETY: every element of C was written (init, then the product added).
+        unsafe { c.set_len(shape.elem_count()) };
+        Ok((CpuStorage::F32(c), shape))
+    }
+}
+
+/// `residual + x @ w_t + bias` for 2-D `x` `[rows, in]` and `residual` `[rows, out]`: one
+/// fused op in inference, else `linear` and an add.
+pub fn linear_residual(
+    x: &Tensor,
+    w_t: &Tensor,
+    bias: &Tensor,
+    residual: &Tensor,
+) -> crate::Result<Tensor> {
+    let tracked = [x, w_t, bias, residual].iter().any(|t| t.track_op());
+    let fits = usable(x, w_t)
+        && x.rank() == 2
+        && w_t.rank() == 2
+        && residual.dims() == [x.dim(0)?, w_t.dim(1)?]
+        && residual.dtype() == candle_core::DType::F32
+        && bias.dtype() == candle_core::DType::F32;
+    if tracked || !fits {
+        return Ok((linear(x, w_t, bias)? + residual)?);
+    }
+    let op = BlasLinearResidual(bias.contiguous()?);
+    Ok(fit(x)?.apply_op3(&fit(w_t)?, &residual.contiguous()?, op)?)
 }
 
 /// Column sums of a 2-D `[rows, cols]` gradient (a bias gradient), as one BLAS product
@@ -460,6 +554,29 @@ mod tests {
         let kt = k.t().unwrap();
         let d = max_abs_diff(&matmul(&q, &kt).unwrap(), &q.matmul(&kt).unwrap());
         assert!(d < 1e-4, "{d}");
+    }
+
+    #[test]
+    fn linear_residual_matches_linear_plus_residual() {
+        if !blas_or_skip("linear_residual") {
+            return;
+        }
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (70, 33), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (21, 33), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, 21, &dev).unwrap();
+        let r = Tensor::randn(0f32, 1.0, (70, 21), &dev).unwrap();
+        let wt = w.t().unwrap();
+        let want = (linear(&x, &wt, &b).unwrap() + &r).unwrap();
+        let fused = linear_residual(&x, &wt, &b, &r).unwrap();
+        assert!(!fused.track_op());
+        assert!(max_abs_diff(&fused, &want) < 1e-4);
+        // With a gradient to track it takes the composed path, and the gradient flows.
+        let xv = Var::from_tensor(&x).unwrap();
+        let tracked = linear_residual(xv.as_tensor(), &wt, &b, &r).unwrap();
+        assert!(max_abs_diff(&tracked, &want) < 1e-4);
+        let grads = tracked.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(xv.as_tensor()).is_some());
     }
 
     #[test]

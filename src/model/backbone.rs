@@ -17,13 +17,14 @@ pub struct Attention {
 }
 
 impl Attention {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `residual + attn(x)` where a residual is given, else `attn(x)`.
+    fn forward(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         let (b, t, w) = x.dims3()?;
         let d = w / self.heads;
         // qkv output read as [B, T, 3, heads, d]; q, k, v in that order.
         let qkv = self.qkv.forward(x)?;
         if let Some(out) = kernels::attention::attention(&qkv, self.heads)? {
-            return self.proj.forward(&out);
+            return self.proj.forward_onto(&out, residual);
         }
         let qkv = qkv
             .reshape((b, t, 3, self.heads, d))?
@@ -39,7 +40,8 @@ impl Attention {
         );
         let scores = (matmul(&q, &k.t()?)? * (1.0 / (d as f64).sqrt()))?;
         let out = matmul(&softmax_last_dim(&scores)?, &v)?.reshape((b, self.heads, t, d))?;
-        self.proj.forward(&out.transpose(1, 2)?.reshape((b, t, w))?)
+        self.proj
+            .forward_onto(&out.transpose(1, 2)?.reshape((b, t, w))?, residual)
     }
 }
 
@@ -50,10 +52,11 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `residual + mlp(x)` where a residual is given, else `mlp(x)`.
+    fn forward(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         // The hidden layer is this call's own: GELU may overwrite it in inference.
-        self.fc2
-            .forward(&activation_owned(self.fc1.forward(x)?, Activation::Gelu)?)
+        let hidden = activation_owned(self.fc1.forward(x)?, Activation::Gelu)?;
+        self.fc2.forward_onto(&hidden, residual)
     }
 }
 
@@ -84,9 +87,14 @@ impl Block {
 
     /// `x + drop(attn(norm1(x)))`, then `x + drop(mlp(norm2(x)))`.
     fn forward(&self, x: &Tensor, p: f32, mut rng: Option<&mut Rng>) -> Result<Tensor> {
-        let h = self.attn.forward(&self.norm1.forward(x)?)?;
+        if rng.is_none() || p <= 0.0 {
+            // No dropout: the residual adds go into the output projections.
+            let x = self.attn.forward(&self.norm1.forward(x)?, Some(x))?;
+            return self.mlp.forward(&self.norm2.forward(&x)?, Some(&x));
+        }
+        let h = self.attn.forward(&self.norm1.forward(x)?, None)?;
         let x = (x + dropout(&h, p, rng.as_deref_mut())?)?;
-        let h = self.mlp.forward(&self.norm2.forward(&x)?)?;
+        let h = self.mlp.forward(&self.norm2.forward(&x)?, None)?;
         Ok((&x + dropout(&h, p, rng)?)?)
     }
 }

@@ -37,12 +37,26 @@ impl Linear {
         })
     }
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_onto(x, None)
+    }
+
+    /// `residual + x W^T + b` (residual shaped as the output), or `forward` for `None`.
+    pub fn forward_onto(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let (rows, cols) = (
             dims[..dims.len() - 1].iter().product::<usize>(),
             dims[dims.len() - 1],
         );
-        let y = kernels::linear(&x.reshape((rows, cols))?, &self.weight_t, &self.bias)?;
+        let x = x.reshape((rows, cols))?;
+        let y = match residual {
+            Some(r) => kernels::blas::linear_residual(
+                &x,
+                &self.weight_t,
+                &self.bias,
+                &r.reshape((rows, ()))?,
+            )?,
+            None => kernels::linear(&x, &self.weight_t, &self.bias)?,
+        };
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = y.dim(1)?;
         Ok(y.reshape(out_dims)?)
