@@ -106,6 +106,14 @@ impl CustomOp2 for ActBwd {
     }
 }
 
+/// The in-place form of an activation, for kernels that apply it to their own output.
+pub(crate) fn in_place(kind: Activation) -> fn(&mut [f32]) {
+    match kind {
+        Activation::Gelu => gelu_fwd_in_place,
+        Activation::Silu => silu_fwd_in_place,
+    }
+}
+
 /// The activation applied over a tensor's own storage (no output buffer).
 struct ActInPlace(Activation);
 
@@ -120,12 +128,9 @@ impl InplaceOp1 for ActInPlace {
         let CpuStorage::F32(v) = s else {
             candle_core::bail!("in-place activation needs f32");
         };
-        let x = &mut v[start..end];
-        let f = match self.0 {
-            Activation::Gelu => gelu_fwd_in_place,
-            Activation::Silu => silu_fwd_in_place,
-        };
-        x.par_chunks_mut(CHUNK).for_each(f);
+        v[start..end]
+            .par_chunks_mut(CHUNK)
+            .for_each(in_place(self.0));
         Ok(())
     }
 }

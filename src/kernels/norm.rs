@@ -308,6 +308,8 @@ simd_fn!(
 struct GroupNormOp {
     groups: usize,
     eps: f32,
+    /// SiLU applied to the output in the same pass (inference only: no backward then).
+    silu: bool,
 }
 struct GroupNormBwd {
     groups: usize,
@@ -337,7 +339,13 @@ impl CustomOp3 for GroupNormOp {
         let mut y = super::output_vec(x.len());
         y.par_chunks_mut(per)
             .zip(x.par_chunks(per))
-            .for_each(|(y, x)| gn_sample(x, w, b, y, self.groups, self.eps));
+            .for_each(|(y, x)| {
+                gn_sample(x, w, b, y, self.groups, self.eps);
+                if self.silu {
+                    // While the sample's output is still in cache.
+                    super::activation::in_place(super::Activation::Silu)(y);
+                }
+            });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
     fn bwd(
@@ -348,6 +356,9 @@ impl CustomOp3 for GroupNormOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if self.silu {
+            candle_core::bail!("group norm: the fused SiLU has no backward");
+        }
         unpack(
             &x.apply_op3(
                 w,
@@ -399,6 +410,29 @@ pub fn group_norm(
     fused_group_norm(x, w, b, groups, eps).map(Some)
 }
 
+/// `silu(group_norm(x))` in one pass over memory where nothing tracks a gradient (the
+/// fused op has no backward); `None` where the caller should compose it.
+pub fn group_norm_silu(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    groups: usize,
+    eps: f32,
+) -> crate::Result<Option<Tensor>> {
+    if !on_cpu_f32(x) || x.track_op() || w.track_op() || b.track_op() {
+        return Ok(None);
+    }
+    Ok(Some(x.contiguous()?.apply_op3(
+        &w.contiguous()?,
+        &b.contiguous()?,
+        GroupNormOp {
+            groups,
+            eps,
+            silu: true,
+        },
+    )?))
+}
+
 fn fused_group_norm(
     x: &Tensor,
     w: &Tensor,
@@ -409,7 +443,11 @@ fn fused_group_norm(
     Ok(x.contiguous()?.apply_op3(
         &w.contiguous()?,
         &b.contiguous()?,
-        GroupNormOp { groups, eps },
+        GroupNormOp {
+            groups,
+            eps,
+            silu: false,
+        },
     )?)
 }
 
@@ -493,6 +531,22 @@ mod tests {
             &[3, 30, 32, 2],
             &[1, 3],
             1e-5,
+        );
+        let fused = group_norm_silu(
+            &x.as_tensor().detach(),
+            &w.as_tensor().detach(),
+            &b.as_tensor().detach(),
+            32,
+            1e-5,
+        )
+        .unwrap()
+        .expect("untracked inputs take the fused op");
+        let d = max_abs_diff(&fused, &theirs.silu().unwrap());
+        assert!(d < 1e-5, "group norm + silu off by {d}");
+        assert!(
+            group_norm_silu(x.as_tensor(), w.as_tensor(), b.as_tensor(), 32, 1e-5)
+                .unwrap()
+                .is_none()
         );
         check(x, w, b, ours, theirs);
     }

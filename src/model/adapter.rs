@@ -4,15 +4,9 @@
 use super::layers::{Conv3x3, GroupNorm, Linear, Patchify, WeightSource};
 use crate::config::{BridgeConfig, GROUPS};
 use crate::error::Result;
-use crate::kernels::{Activation, activation_owned};
 use candle_core::Tensor;
 
 const GN_EPS: f64 = 1e-5;
-
-/// SiLU of a fresh layer output (overwritten in place in inference).
-fn silu(x: Tensor) -> Result<Tensor> {
-    activation_owned(x, Activation::Silu)
-}
 
 /// `x + conv2(silu(norm2(conv1(silu(norm1(x))))))`
 #[derive(Clone)]
@@ -33,8 +27,8 @@ impl ResBlock {
         })
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&silu(self.norm1.forward(x)?)?)?;
-        let h = self.conv2.forward(&silu(self.norm2.forward(&h)?)?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         Ok((x + h)?)
     }
 }
@@ -83,7 +77,7 @@ impl Adapter {
         for stage in &self.stages {
             x = stage.res.forward(&stage.down.forward(&x)?)?;
         }
-        let x = silu(self.norm_out.forward(&x)?)?;
+        let x = self.norm_out.forward_silu(&x)?;
         let (b, g, _, c) = x.dims4()?;
         self.proj.forward(&x.reshape((b, g * g, c))?)
     }

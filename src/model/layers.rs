@@ -125,6 +125,17 @@ impl GroupNorm {
             eps,
         })
     }
+    /// `silu(self.forward(x))`, in one pass where the kernels allow.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        let eps = self.eps as f32;
+        if let Some(y) =
+            kernels::norm::group_norm_silu(x, &self.weight, &self.bias, self.groups, eps)?
+        {
+            return Ok(y);
+        }
+        kernels::activation_owned(self.forward(x)?, kernels::Activation::Silu)
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if let Some(y) =
             kernels::norm::group_norm(x, &self.weight, &self.bias, self.groups, self.eps as f32)?
