@@ -351,8 +351,10 @@ impl CustomOp2 for BlasMatmul {
     }
 }
 
-/// `x @ w_t + bias` with the bias written into C first and the product added onto it
-/// (beta = 1), saving the separate pass of a broadcast add.
+/// `x @ w^T + bias` for a weight in PyTorch's `[out, in]` layout (read transposed by
+/// BLAS, so no transpose node enters the graph: each one costs a zero-filled gradient
+/// buffer and an add in candle's backward). Each thread adds the bias to its block of
+/// C after its product.
 struct BlasLinear;
 
 impl CustomOp3 for BlasLinear {
@@ -371,15 +373,16 @@ impl CustomOp3 for BlasLinear {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let bias = super::slice(s3, l3)?;
         let rows = l1.dims()[0];
-        if l2.dims()[1] != bias.len() {
+        if l2.dims()[0] != bias.len() {
             candle_core::bail!(
                 "blas-linear: bias of {} for {} outputs",
                 bias.len(),
-                l2.dims()[1]
+                l2.dims()[0]
             );
         }
         let mut c: Vec<f32> = Vec::with_capacity(rows * bias.len());
-        let shape = gemm_into(s1, l1, s2, l2, Init::Bias(bias), c.as_mut_ptr())?;
+        let w_t = l2.transpose(0, 1)?;
+        let shape = gemm_into(s1, l1, s2, &w_t, Init::Bias(bias), c.as_mut_ptr())?;
         // SAFETY: every element of C was written (the product, then the bias added).
         unsafe { c.set_len(shape.elem_count()) };
         Ok((CpuStorage::F32(c), shape))
@@ -388,19 +391,19 @@ impl CustomOp3 for BlasLinear {
     fn bwd(
         &self,
         x: &Tensor,
-        w_t: &Tensor,
+        w: &Tensor,
         _bias: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let msg = |e: crate::Error| candle_core::Error::Msg(e.to_string());
-        let gx = matmul(grad, &w_t.t()?).map_err(msg)?;
-        let gw = matmul(&x.t()?, grad).map_err(msg)?;
+        let gx = matmul(grad, w).map_err(msg)?;
+        let gw = matmul(&grad.t()?, x).map_err(msg)?;
         Ok((Some(gx), Some(gw), Some(column_sums(grad)?)))
     }
 }
 
-/// `residual + x @ w_t + bias` in inference: C starts as `residual + bias` (written by
+/// `residual + x @ w^T + bias` in inference: C starts as `residual + bias` (written by
 /// each thread into its own block) and the product is added onto it, so the residual add
 /// costs no pass of its own. The bias rides in the op (`CustomOp3` takes three tensors),
 /// so there is no backward: `linear_residual` uses it only where nothing tracks a gradient.
@@ -426,7 +429,7 @@ impl CustomOp3 for BlasLinearResidual {
         };
         let bias = super::slice(bias_cpu, bias_layout)?;
         let residual = super::slice(s3, l3)?;
-        let (rows, out) = (l1.dims()[0], l2.dims()[1]);
+        let (rows, out) = (l1.dims()[0], l2.dims()[0]);
         if bias.len() != out || l3.dims() != [rows, out] {
             candle_core::bail!(
                 "blas-linear-residual: bias {:?}, residual {:?} for a [{rows}, {out}] output",
@@ -435,40 +438,35 @@ impl CustomOp3 for BlasLinearResidual {
             );
         }
         let mut c: Vec<f32> = Vec::with_capacity(rows * out);
-        let shape = gemm_into(
-            s1,
-            l1,
-            s2,
-            l2,
-            Init::BiasPlus(bias, residual),
-            c.as_mut_ptr(),
-        )?;
+        let w_t = l2.transpose(0, 1)?;
+        let init = Init::BiasPlus(bias, residual);
+        let shape = gemm_into(s1, l1, s2, &w_t, init, c.as_mut_ptr())?;
         // SAFETY: every element of C was written (init, then the product added).
         unsafe { c.set_len(shape.elem_count()) };
         Ok((CpuStorage::F32(c), shape))
     }
 }
 
-/// `residual + x @ w_t + bias` for 2-D `x` `[rows, in]` and `residual` `[rows, out]`: one
-/// fused op in inference, else `linear` and an add.
+/// `residual + x @ w^T + bias` for 2-D `x` `[rows, in]`, `w` `[out, in]` and `residual`
+/// `[rows, out]`: one fused op in inference, else `linear` and an add.
 pub fn linear_residual(
     x: &Tensor,
-    w_t: &Tensor,
+    w: &Tensor,
     bias: &Tensor,
     residual: &Tensor,
 ) -> crate::Result<Tensor> {
-    let tracked = [x, w_t, bias, residual].iter().any(|t| t.track_op());
-    let fits = usable(x, w_t)
+    let tracked = [x, w, bias, residual].iter().any(|t| t.track_op());
+    let fits = usable(x, w)
         && x.rank() == 2
-        && w_t.rank() == 2
-        && residual.dims() == [x.dim(0)?, w_t.dim(1)?]
+        && w.rank() == 2
+        && residual.dims() == [x.dim(0)?, w.dim(0)?]
         && residual.dtype() == candle_core::DType::F32
         && bias.dtype() == candle_core::DType::F32;
     if tracked || !fits {
-        return Ok((linear(x, w_t, bias)? + residual)?);
+        return Ok((linear(x, w, bias)? + residual)?);
     }
     let op = BlasLinearResidual(bias.contiguous()?);
-    Ok(fit(x)?.apply_op3(&fit(w_t)?, &residual.contiguous()?, op)?)
+    Ok(fit(x)?.apply_op3(&fit(w)?, &residual.contiguous()?, op)?)
 }
 
 /// Column sums of a 2-D `[rows, cols]` gradient (a bias gradient), as one BLAS product
@@ -483,12 +481,13 @@ pub(crate) fn column_sums(grad: &Tensor) -> candle_core::Result<Tensor> {
         .squeeze(0)
 }
 
-/// `x @ w_t + bias` for 2-D `x` `[rows, in]`, `w_t` `[in, out]`, `bias` `[out]`.
-pub fn linear(x: &Tensor, w_t: &Tensor, bias: &Tensor) -> crate::Result<Tensor> {
-    if !(usable(x, w_t) && x.rank() == 2 && bias.dtype() == candle_core::DType::F32) {
-        return Ok(matmul(x, w_t)?.broadcast_add(bias)?);
+/// `x @ w^T + bias` for 2-D `x` `[rows, in]`, `w` `[out, in]` (PyTorch's layout), `bias`
+/// `[out]`.
+pub fn linear(x: &Tensor, w: &Tensor, bias: &Tensor) -> crate::Result<Tensor> {
+    if !(usable(x, w) && x.rank() == 2 && bias.dtype() == candle_core::DType::F32) {
+        return Ok(x.matmul(&w.t()?)?.broadcast_add(bias)?);
     }
-    Ok(fit(x)?.apply_op3(&fit(w_t)?, &bias.contiguous()?, BlasLinear)?)
+    Ok(fit(x)?.apply_op3(&fit(w)?, &bias.contiguous()?, BlasLinear)?)
 }
 
 /// `a @ b` for 2-D f32 tensors or 3-D batches of them: BLAS on the CPU when one is
@@ -569,14 +568,13 @@ mod tests {
         let w = Tensor::randn(0f32, 1.0, (21, 33), &dev).unwrap();
         let b = Tensor::randn(0f32, 1.0, 21, &dev).unwrap();
         let r = Tensor::randn(0f32, 1.0, (70, 21), &dev).unwrap();
-        let wt = w.t().unwrap();
-        let want = (linear(&x, &wt, &b).unwrap() + &r).unwrap();
-        let fused = linear_residual(&x, &wt, &b, &r).unwrap();
+        let want = (linear(&x, &w, &b).unwrap() + &r).unwrap();
+        let fused = linear_residual(&x, &w, &b, &r).unwrap();
         assert!(!fused.track_op());
         assert!(max_abs_diff(&fused, &want) < 1e-4);
         // With a gradient to track it takes the composed path, and the gradient flows.
         let xv = Var::from_tensor(&x).unwrap();
-        let tracked = linear_residual(xv.as_tensor(), &wt, &b, &r).unwrap();
+        let tracked = linear_residual(xv.as_tensor(), &w, &b, &r).unwrap();
         assert!(max_abs_diff(&tracked, &want) < 1e-4);
         let grads = tracked.sum_all().unwrap().backward().unwrap();
         assert!(grads.get(xv.as_tensor()).is_some());
@@ -592,7 +590,7 @@ mod tests {
         let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (21, 33), &dev).unwrap()).unwrap();
         let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, 21, &dev).unwrap()).unwrap();
         let wt = w.as_tensor().t().unwrap();
-        let ours = linear(x.as_tensor(), &wt, b.as_tensor()).unwrap();
+        let ours = linear(x.as_tensor(), w.as_tensor(), b.as_tensor()).unwrap();
         let theirs = x
             .as_tensor()
             .matmul(&wt)

@@ -24,15 +24,14 @@ impl WeightSource for std::collections::HashMap<String, Tensor> {
 /// `y = x W^T + b` over the last dimension of any-rank `x`.
 #[derive(Clone)]
 pub struct Linear {
-    weight_t: Tensor, // [in, out] view of the [out, in] parameter
+    weight: Tensor, // [out, in], as PyTorch stores it
     bias: Tensor,
 }
 
 impl Linear {
     pub fn load(w: &dyn WeightSource, prefix: &str) -> Result<Self> {
-        let weight = w.get(&format!("{prefix}.weight"))?;
         Ok(Linear {
-            weight_t: weight.t()?,
+            weight: w.get(&format!("{prefix}.weight"))?,
             bias: w.get(&format!("{prefix}.bias"))?,
         })
     }
@@ -51,11 +50,11 @@ impl Linear {
         let y = match residual {
             Some(r) => kernels::blas::linear_residual(
                 &x,
-                &self.weight_t,
+                &self.weight,
                 &self.bias,
                 &r.reshape((rows, ()))?,
             )?,
-            None => kernels::linear(&x, &self.weight_t, &self.bias)?,
+            None => kernels::linear(&x, &self.weight, &self.bias)?,
         };
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = y.dim(1)?;
@@ -177,7 +176,7 @@ impl Conv3x3 {
             Some(cols) => cols,
             None => Self::patches(x)?,
         };
-        let y = kernels::linear(&cols, &rows.t()?, &self.bias)?;
+        let y = kernels::linear(&cols, &rows, &self.bias)?;
         Ok(y.reshape((b, h, wd, ()))?)
     }
 
@@ -220,8 +219,8 @@ impl Patchify {
             .transpose(2, 3)?
             .contiguous()?
             .reshape((b * h2 * w2, 4 * c))?;
-        let w_t = kernels::layout::tap_major(&self.weight)?.t()?;
-        let y = kernels::linear(&patches, &w_t, &self.bias)?;
+        let rows = kernels::layout::tap_major(&self.weight)?;
+        let y = kernels::linear(&patches, &rows, &self.bias)?;
         Ok(y.reshape((b, h2, w2, ()))?)
     }
 }
