@@ -31,20 +31,8 @@ impl BridgeModel {
 
     /// `rng` is `Some` in training (dropout on), `None` in evaluation.
     pub fn forward(&self, latents: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
-        let t0 = std::time::Instant::now();
         let tokens = self.adapter.forward(latents)?;
-        let t1 = std::time::Instant::now();
         let x = self.backbone.forward(&tokens, rng)?;
-        let t2 = std::time::Instant::now();
-        let y = self.head.forward(&x);
-        if std::env::var("PROF").is_ok() {
-            eprintln!(
-                "PROF adapter {:.1} body {:.1} head {:.1}",
-                (t1 - t0).as_secs_f64() * 1e3,
-                (t2 - t1).as_secs_f64() * 1e3,
-                t2.elapsed().as_secs_f64() * 1e3
-            );
-        }
-        y
+        self.head.forward(&x)
     }
 }
