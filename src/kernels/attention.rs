@@ -13,6 +13,20 @@ use rayon::prelude::*;
 
 struct FusedAttention {
     heads: usize,
+    /// Tokens per sample: `qkv` is `[B*T, 3W]` (or `[B, T, 3W]`).
+    tokens: usize,
+}
+
+/// `(B, T, W)` of a `qkv` layout, and the output shape (the input's with `W` last).
+fn dims(l: &Layout, tokens: usize) -> candle_core::Result<(usize, usize, usize, Shape)> {
+    let w3 = *l.dims().last().unwrap_or(&0);
+    if w3 % 3 != 0 || tokens == 0 || l.shape().elem_count() % (w3 * tokens) != 0 {
+        candle_core::bail!("attention: qkv {:?} is not [B*{tokens}, 3W]", l.dims());
+    }
+    let b = l.shape().elem_count() / (w3 * tokens);
+    let mut out = l.dims().to_vec();
+    *out.last_mut().unwrap() = w3 / 3;
+    Ok((b, tokens, w3 / 3, Shape::from(out)))
 }
 
 simd_fn!(
@@ -35,8 +49,8 @@ impl CustomOp1 for FusedAttention {
         "fused-attention"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (b, t, w3) = l.shape().dims3()?;
-        let w = w3 / 3;
+        let (b, t, w, out_shape) = dims(l, self.tokens)?;
+        let w3 = 3 * w;
         let d = w / self.heads;
         let qkv = slice(s, l)?;
         let mut out = super::output_vec(b * t * w);
@@ -86,7 +100,7 @@ impl CustomOp1 for FusedAttention {
                 }
             },
         );
-        Ok((CpuStorage::F32(out), Shape::from((b, t, w))))
+        Ok((CpuStorage::F32(out), out_shape))
     }
 
     fn bwd(
@@ -97,7 +111,10 @@ impl CustomOp1 for FusedAttention {
     ) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(qkv.apply_op2(
             &grad.contiguous()?,
-            AttentionBwd { heads: self.heads },
+            AttentionBwd {
+                heads: self.heads,
+                tokens: self.tokens,
+            },
         )?))
     }
 }
@@ -108,6 +125,7 @@ impl CustomOp1 for FusedAttention {
 ///   dq = scale dS k,  dk = scale dS^T q.
 struct AttentionBwd {
     heads: usize,
+    tokens: usize,
 }
 
 // `ds = p * (dp - rowsum(dp * p))`, in place over `dp`, row by row.
@@ -133,8 +151,8 @@ impl CustomOp2 for AttentionBwd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (b, t, w3) = l1.shape().dims3()?;
-        let w = w3 / 3;
+        let (b, t, w, _) = dims(l1, self.tokens)?;
+        let w3 = 3 * w;
         let d = w / self.heads;
         let (qkv, dout) = (slice(s1, l1)?, slice(s2, l2)?);
         let mut dqkv = super::output_vec(b * t * w3);
@@ -169,18 +187,20 @@ impl CustomOp2 for AttentionBwd {
                 }
             },
         );
-        Ok((CpuStorage::F32(dqkv), Shape::from((b, t, w3))))
+        Ok((CpuStorage::F32(dqkv), l1.shape().clone()))
     }
 }
 
-/// Attention output `[B, T, W]` (heads concatenated, before the output projection) from
-/// `qkv` `[B, T, 3W]` read as `[B, T, 3, heads, W/heads]`, with a backward; `None` off
-/// the CPU or where no BLAS is loaded (the caller then composes it from candle ops).
-pub fn attention(qkv: &Tensor, heads: usize) -> crate::Result<Option<Tensor>> {
+/// Attention output `[B*T, W]` (heads concatenated, before the output projection) from
+/// `qkv` `[B*T, 3W]` read as `[B, T, 3, heads, W/heads]` (a `[B, T, 3W]` input gives
+/// `[B, T, W]`), with a backward; `None` off the CPU or where no BLAS is loaded (the
+/// caller then composes it from candle ops).
+pub fn attention(qkv: &Tensor, tokens: usize, heads: usize) -> crate::Result<Option<Tensor>> {
     if !on_cpu_f32(qkv) || !available() {
         return Ok(None);
     }
-    Ok(Some(qkv.contiguous()?.apply_op1(FusedAttention { heads })?))
+    let op = FusedAttention { heads, tokens };
+    Ok(Some(qkv.contiguous()?.apply_op1(op)?))
 }
 
 #[cfg(test)]
@@ -200,7 +220,14 @@ mod tests {
         )
         .unwrap();
         let qkv = var.as_tensor();
-        let ours = attention(qkv, heads).unwrap().unwrap();
+        let ours = attention(qkv, t, heads).unwrap().unwrap();
+        // Token rows `[B*T, 3W]` give the same values as `[B*T, W]`.
+        let rows = attention(&qkv.reshape((b * t, 3 * w)).unwrap(), t, heads)
+            .unwrap()
+            .unwrap();
+        assert_eq!(rows.dims(), [b * t, w]);
+        let same = crate::kernels::testing::max_abs_diff(&rows.reshape((b, t, w)).unwrap(), &ours);
+        assert_eq!(same, 0.0);
         let split = qkv
             .reshape((b, t, 3, heads, d))
             .unwrap()

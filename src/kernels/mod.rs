@@ -5,6 +5,7 @@ pub mod activation;
 pub mod attention;
 pub mod blas;
 pub mod conv;
+pub mod dropout;
 pub mod im2col;
 pub mod layout;
 pub(crate) mod simd;

@@ -1,6 +1,6 @@
 //! The transformer body: pre-norm ViT blocks over the token grid (DESIGN.md, Model step 3).
 
-use super::layers::{LayerNorm, Linear, WeightSource, dropout, softmax_last_dim};
+use super::layers::{LayerNorm, Linear, WeightSource, residual_dropout, softmax_last_dim};
 use crate::config::BridgeConfig;
 use crate::error::Result;
 use crate::kernels::{self, Activation, activation_owned, matmul};
@@ -17,13 +17,14 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// `residual + attn(x)` where a residual is given, else `attn(x)`.
-    fn forward(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
-        let (b, t, w) = x.dims3()?;
-        let d = w / self.heads;
-        // qkv output read as [B, T, 3, heads, d]; q, k, v in that order.
+    /// Token rows `x` `[B*T, W]` of `tokens` per sample; `residual + attn(x)` where a
+    /// residual is given, else `attn(x)`.
+    fn forward(&self, x: &Tensor, tokens: usize, residual: Option<&Tensor>) -> Result<Tensor> {
+        let (rows, w) = x.dims2()?;
+        let (b, t, d) = (rows / tokens, tokens, w / self.heads);
+        // qkv rows read as [B, T, 3, heads, d]; q, k, v in that order.
         let qkv = self.qkv.forward(x)?;
-        if let Some(out) = kernels::attention::attention(&qkv, self.heads)? {
+        if let Some(out) = kernels::attention::attention(&qkv, t, self.heads)? {
             return self.proj.forward_onto(&out, residual);
         }
         let qkv = qkv
@@ -41,7 +42,7 @@ impl Attention {
         let scores = (matmul(&q, &k.t()?)? * (1.0 / (d as f64).sqrt()))?;
         let out = matmul(&softmax_last_dim(&scores)?, &v)?.reshape((b, self.heads, t, d))?;
         self.proj
-            .forward_onto(&out.transpose(1, 2)?.reshape((b, t, w))?, residual)
+            .forward_onto(&out.transpose(1, 2)?.reshape((rows, w))?, residual)
     }
 }
 
@@ -85,17 +86,26 @@ impl Block {
         })
     }
 
-    /// `x + drop(attn(norm1(x)))`, then `x + drop(mlp(norm2(x)))`.
-    fn forward(&self, x: &Tensor, p: f32, mut rng: Option<&mut Rng>) -> Result<Tensor> {
+    /// `x + drop(attn(norm1(x)))`, then `x + drop(mlp(norm2(x)))`, on token rows
+    /// `[B*T, W]` of `tokens` per sample.
+    fn forward(
+        &self,
+        x: &Tensor,
+        tokens: usize,
+        p: f32,
+        mut rng: Option<&mut Rng>,
+    ) -> Result<Tensor> {
         if rng.is_none() || p <= 0.0 {
             // No dropout: the residual adds go into the output projections.
-            let x = self.attn.forward(&self.norm1.forward(x)?, Some(x))?;
+            let x = self
+                .attn
+                .forward(&self.norm1.forward(x)?, tokens, Some(x))?;
             return self.mlp.forward(&self.norm2.forward(&x)?, Some(&x));
         }
-        let h = self.attn.forward(&self.norm1.forward(x)?, None)?;
-        let x = (x + dropout(&h, p, rng.as_deref_mut())?)?;
+        let h = self.attn.forward(&self.norm1.forward(x)?, tokens, None)?;
+        let x = residual_dropout(x, &h, p, rng.as_deref_mut())?;
         let h = self.mlp.forward(&self.norm2.forward(&x)?, None)?;
-        Ok((&x + dropout(&h, p, rng)?)?)
+        residual_dropout(&x, &h, p, rng)
     }
 }
 
@@ -120,11 +130,14 @@ impl Backbone {
         })
     }
 
-    /// `[B, T, width]` tokens through the blocks; `rng` is `Some` in training only.
+    /// `[B, T, width]` tokens through the blocks, out as token rows `[B*T, width]`;
+    /// `rng` is `Some` in training only. The blocks work on rows: each reshape in the
+    /// graph costs training a zero-filled gradient buffer and an add (candle's backward).
     pub fn forward(&self, tokens: &Tensor, mut rng: Option<&mut Rng>) -> Result<Tensor> {
-        let mut x = tokens.broadcast_add(&self.pos_embed)?;
+        let (b, t, w) = tokens.dims3()?;
+        let mut x = tokens.broadcast_add(&self.pos_embed)?.reshape((b * t, w))?;
         for block in &self.blocks {
-            x = block.forward(&x, self.dropout, rng.as_deref_mut())?;
+            x = block.forward(&x, t, self.dropout, rng.as_deref_mut())?;
         }
         self.norm.forward(&x)
     }

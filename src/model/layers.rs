@@ -237,16 +237,19 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     Ok(e.broadcast_div(&sum)?.to_dtype(dtype)?)
 }
 
-/// Inverted dropout with masks from our own RNG (so runs are reproducible and resumable).
-pub fn dropout(x: &Tensor, p: f32, rng: Option<&mut Rng>) -> Result<Tensor> {
-    let Some(rng) = rng else { return Ok(x.clone()) };
-    if p <= 0.0 {
-        return Ok(x.clone());
-    }
+/// `x + dropout(h)`: inverted dropout on the residual branch, with masks from our own
+/// RNG (so runs are reproducible and resumable); `x + h` without an RNG (evaluation).
+pub fn residual_dropout(x: &Tensor, h: &Tensor, p: f32, rng: Option<&mut Rng>) -> Result<Tensor> {
+    let Some(rng) = rng.filter(|_| p > 0.0) else {
+        return Ok((x + h)?);
+    };
     let scale = 1.0 / (1.0 - p);
-    let mask: Vec<f32> = (0..x.elem_count())
+    let mask: Vec<f32> = (0..h.elem_count())
         .map(|_| if rng.uniform() >= p { scale } else { 0.0 })
         .collect();
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?;
-    Ok(x.mul(&mask)?)
+    if let Some(y) = kernels::dropout::add_masked(x, h, mask.clone())? {
+        return Ok(y);
+    }
+    let mask = Tensor::from_vec(mask, h.shape(), h.device())?.to_dtype(h.dtype())?;
+    Ok((x + h.mul(&mask)?)?)
 }

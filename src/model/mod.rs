@@ -32,7 +32,8 @@ impl BridgeModel {
     /// `rng` is `Some` in training (dropout on), `None` in evaluation.
     pub fn forward(&self, latents: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
         let tokens = self.adapter.forward(latents)?;
-        let x = self.backbone.forward(&tokens, rng)?;
-        self.head.forward(&x)
+        let (b, t, _) = tokens.dims3()?;
+        let rows = self.backbone.forward(&tokens, rng)?;
+        Ok(self.head.forward(&rows)?.reshape((b, t, ()))?)
     }
 }

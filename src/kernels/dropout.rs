@@ -1,0 +1,128 @@
+//! The residual branch with dropout, `x + h * mask`, as one op: candle's composed form
+//! makes a mask tensor that gets a gradient of its own (a product, a zero-filled buffer
+//! and an add in the backward, all thrown away) and a separate add node.
+
+use super::{on_cpu_f32, output_vec, slice};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+const CHUNK: usize = 1 << 14;
+
+/// `x + h * mask` (mask: 0 or the inverse keep rate per element).
+struct AddMasked(Arc<Vec<f32>>);
+
+impl CustomOp2 for AddMasked {
+    fn name(&self) -> &'static str {
+        "add-masked"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, h) = (slice(s1, l1)?, slice(s2, l2)?);
+        if x.len() != h.len() || h.len() != self.0.len() {
+            candle_core::bail!(
+                "add-masked: {} + {} * mask of {}",
+                x.len(),
+                h.len(),
+                self.0.len()
+            );
+        }
+        let mut y = output_vec(x.len());
+        y.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK).zip(h.par_chunks(CHUNK)))
+            .zip(self.0.par_chunks(CHUNK))
+            .for_each(|((y, (x, h)), m)| {
+                for i in 0..y.len() {
+                    y[i] = x[i] + h[i] * m[i];
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _h: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dh = grad.contiguous()?.apply_op1(Masked(self.0.clone()))?;
+        Ok((Some(grad.clone()), Some(dh)))
+    }
+}
+
+/// `g * mask`: the gradient of the dropped branch.
+struct Masked(Arc<Vec<f32>>);
+
+impl CustomOp1 for Masked {
+    fn name(&self) -> &'static str {
+        "masked"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = slice(s, l)?;
+        if g.len() != self.0.len() {
+            candle_core::bail!("masked: {} values, mask of {}", g.len(), self.0.len());
+        }
+        let mut y = output_vec(g.len());
+        y.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK).zip(self.0.par_chunks(CHUNK)))
+            .for_each(|(y, (g, m))| {
+                for i in 0..y.len() {
+                    y[i] = g[i] * m[i];
+                }
+            });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _g: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1(Masked(self.0.clone()))?))
+    }
+}
+
+/// `x + h * mask` for same-shaped `x` and `h`; `None` off the CPU (compose it there).
+pub fn add_masked(x: &Tensor, h: &Tensor, mask: Vec<f32>) -> crate::Result<Option<Tensor>> {
+    if !on_cpu_f32(x) || x.shape() != h.shape() {
+        return Ok(None);
+    }
+    let op = AddMasked(Arc::new(mask));
+    Ok(Some(x.contiguous()?.apply_op2(&h.contiguous()?, op)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testing::{grad_gaps, max_abs_diff};
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn matches_the_composed_ops_forward_and_backward() {
+        let dev = Device::Cpu;
+        let n = 3 * CHUNK + 17; // several chunks and a short one
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, n, &dev).unwrap()).unwrap();
+        let h = Var::from_tensor(&Tensor::randn(0f32, 1.0, n, &dev).unwrap()).unwrap();
+        let mask: Vec<f32> = (0..n)
+            .map(|i| if i % 7 == 3 { 0.0 } else { 1.25 })
+            .collect();
+        let ours = add_masked(x.as_tensor(), h.as_tensor(), mask.clone())
+            .unwrap()
+            .unwrap();
+        let m = Tensor::from_vec(mask, n, &dev).unwrap();
+        let theirs = (x.as_tensor() + h.as_tensor().mul(&m).unwrap()).unwrap();
+        assert_eq!(max_abs_diff(&ours, &theirs), 0.0);
+        for (d, _) in grad_gaps(&ours, &theirs, &[&x, &h]) {
+            assert_eq!(d, 0.0);
+        }
+    }
+}
