@@ -210,15 +210,11 @@ impl Patchify {
         })
     }
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, h, wd, c) = x.dims4()?;
+        let (b, h, wd, _) = x.dims4()?;
         let (h2, w2) = (h / 2, wd / 2);
         // Patch rows in (ky, kx, c) order: the copy moves runs of 2*C contiguous values
         // (kx and c together), where PyTorch's (c, ky, kx) order moves single floats.
-        let patches = x
-            .reshape(&[b, h2, 2, w2, 2 * c][..])?
-            .transpose(2, 3)?
-            .contiguous()?
-            .reshape((b * h2 * w2, 4 * c))?;
+        let patches = kernels::layout::patches_2x2(x)?;
         let rows = kernels::layout::tap_major(&self.weight)?;
         let y = kernels::linear(&patches, &rows, &self.bias)?;
         Ok(y.reshape((b, h2, w2, ()))?)
