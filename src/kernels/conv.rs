@@ -35,14 +35,7 @@ impl Dims {
     /// Pixels per work item: as many as the buffer holds (64 to 4096), with the number
     /// of items a multiple of the thread count so that no thread idles at the end.
     fn rows_per_block(&self) -> usize {
-        let threads = rayon::current_num_threads();
-        let most = (BUFFER / (9 * self.c)).clamp(64, 4096);
-        let items = self
-            .pixels()
-            .div_ceil(most)
-            .max(threads)
-            .next_multiple_of(threads);
-        self.pixels().div_ceil(items).max(1)
+        super::per_item(self.pixels(), (BUFFER / (9 * self.c)).clamp(64, 4096))
     }
 }
 

@@ -46,6 +46,18 @@ pub(crate) fn output_vec(n: usize) -> Vec<f32> {
     v
 }
 
+/// Units per work item when `total` units are split into items of at most `most`
+/// (at least one): the item count is a multiple of rayon's thread count, so that no
+/// thread idles at the end.
+pub(crate) fn per_item(total: usize, most: usize) -> usize {
+    let threads = rayon::current_num_threads();
+    let items = total
+        .div_ceil(most.max(1))
+        .max(threads)
+        .next_multiple_of(threads);
+    total.div_ceil(items).max(1)
+}
+
 /// The contiguous f32 slice behind a layout (callers make inputs contiguous first).
 pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
     let (start, end) = l

@@ -205,10 +205,7 @@ impl CustomOp3 for WinogradConv {
         }
         let u = filter_transform(wt, o, c);
         let tiles = b * (h / 2) * (w / 2);
-        let threads = rayon::current_num_threads();
-        let most = (BUFFER / (16 * c.max(o))).clamp(16, 1024);
-        let items = tiles.div_ceil(most).max(threads).next_multiple_of(threads);
-        let per = tiles.div_ceil(items).max(1);
+        let per = super::per_item(tiles, (BUFFER / (16 * c.max(o))).clamp(16, 1024));
         let mut y = output_vec(b * h * w * o);
         let py = SendPtr(y.as_mut_ptr());
         (0..tiles.div_ceil(per)).into_par_iter().for_each_init(
@@ -247,7 +244,9 @@ impl CustomOp3 for WinogradConv {
 
 /// `conv3x3(x) + bias` by Winograd for channels-last `x` and PyTorch-layout `w`, where it
 /// applies: inference (nothing tracks a gradient), CPU f32 with a BLAS, even H and W, and
-/// enough channels for the 16 products to be worth their transforms. `None` otherwise.
+/// at least 64 input channels (measured at 256 and 512; the 4-channel stem is left to the
+/// patch kernel, where the transforms would cost more than the products). `None`
+/// otherwise.
 pub fn conv3x3(x: &Tensor, w: &Tensor, bias: &Tensor) -> crate::Result<Option<Tensor>> {
     let (_, h, wd, c) = x.dims4()?;
     let inference = !(x.track_op() || w.track_op() || bias.track_op());
