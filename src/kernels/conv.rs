@@ -1,6 +1,8 @@
 //! 3x3, padding-1 convolution over a channels-last map as one op, forward and backward:
 //! each work item gathers the patches of one block of output pixels into a per-thread
-//! buffer and multiplies it with the weights through BLAS. The full `[B*H*W, 9*C]` patch
+//! buffer and multiplies it with the weights through BLAS. Where Winograd applies (even
+//! sizes, 64+ channels) the forward is `winograd::conv3x3` instead; the backward is the
+//! same either way. The full `[B*H*W, 9*C]` patch
 //! matrix of an im2col is never materialised (75 MB per conv at batch 32 in the adapter:
 //! writing it and faulting its pages in cost as much as the product).
 //!
@@ -112,6 +114,10 @@ impl CustomOp3 for Conv3x3Op {
                 l2.dims(),
                 d.c
             );
+        }
+        if super::winograd::applies(d.h, d.w, d.c) {
+            let y = super::winograd::conv3x3((d.b, d.h, d.w, d.c), x, wt, bias);
+            return Ok((CpuStorage::F32(y), Shape::from((d.b, d.h, d.w, o))));
         }
         let mut y = super::output_vec(d.pixels() * o);
         let py = SendPtr(y.as_mut_ptr());
@@ -328,18 +334,19 @@ mod tests {
             return;
         }
         // 300 pixels per image: blocks that end mid-image and images split into several.
-        for (b, h, w) in [(2, 15, 20), (5, 3, 4)] {
+        // The last case is Winograd's forward (even sizes, 64 channels).
+        for (b, h, w, c, o) in [(2, 15, 20, 6, 7), (5, 3, 4, 6, 7), (3, 6, 10, 64, 72)] {
             let dev = &Device::Cpu;
             let x =
-                Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, h, w, 6), dev).unwrap()).unwrap();
+                Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, h, w, c), dev).unwrap()).unwrap();
             let wt =
-                Var::from_tensor(&Tensor::randn(0f32, 0.2, (7, 6, 3, 3), dev).unwrap()).unwrap();
-            let bias = Var::from_tensor(&Tensor::randn(0f32, 1.0, 7, dev).unwrap()).unwrap();
+                Var::from_tensor(&Tensor::randn(0f32, 0.2, (o, c, 3, 3), dev).unwrap()).unwrap();
+            let bias = Var::from_tensor(&Tensor::randn(0f32, 1.0, o, dev).unwrap()).unwrap();
             let rows = wt
                 .as_tensor()
                 .permute((0, 2, 3, 1))
                 .unwrap()
-                .reshape((7, 54))
+                .reshape((o, 9 * c))
                 .unwrap();
             let ours = conv3x3(x.as_tensor(), &rows, bias.as_tensor())
                 .unwrap()

@@ -9,7 +9,7 @@ pub mod dropout;
 pub mod im2col;
 pub mod layout;
 pub(crate) mod simd;
-pub mod winograd;
+mod winograd;
 
 pub use activation::{Activation, activation, activation_owned};
 pub use blas::{linear, matmul};

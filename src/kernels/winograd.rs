@@ -1,7 +1,9 @@
-//! 3x3, padding-1 convolution by Winograd's F(2x2, 3x3), for inference: each 2x2 block of
-//! output pixels comes from its 4x4 input tile with 16 products per channel pair instead
-//! of 36, so the 16 GEMMs (one per tile position, `[tiles, C] @ [C, O]`) do 2.25x less
-//! work than the patch-matrix product. It has no backward: training keeps `conv3x3`.
+//! The forward of the 3x3, padding-1 convolution (`conv::conv3x3`) by Winograd's
+//! F(2x2, 3x3): each 2x2 block of output pixels comes from its 4x4 input tile with 16
+//! products per channel pair instead of 36, so the 16 GEMMs (one per tile position,
+//! `[tiles, C] @ [C, O]`) do 2.25x less work than the patch-matrix product. The
+//! convolution's backward does not depend on how the forward was computed, so it stays
+//! the patch kernel's.
 //!
 //! With `d` a 4x4 input tile and `g` a 3x3 filter, `Y = A^T [(G g G^T) * (B^T d B)] A`:
 //! ```text
@@ -11,37 +13,28 @@
 //! ```
 //! Every transform runs across channels (channels-last), so its loops vectorise.
 
-use super::blas::{SendPtr, available, sgemm_raw};
+use super::blas::{SendPtr, sgemm_raw};
+use super::output_vec;
 use super::simd::simd_fn;
-use super::{on_cpu_f32, output_vec, slice};
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Floats of transformed input per work item (8 MiB), as for the patch-matrix kernel.
 const BUFFER: usize = 2 << 20;
 
-/// `U[p][o][c]` = `(G g G^T)[p]` for `g = w[o, c]`, `p = 4*row + col`: 16 `[O, C]`
-/// matrices (used transposed), laid out so that each output channel's filters are read
-/// and its transforms written in runs.
-fn filter_transform(w: &[f32], o: usize, c: usize) -> Vec<f32> {
+/// `U[p][o][c]` = `(G g G^T)[p]` for the filter `g` of `(o, c)`, `p = 4*row + col`: 16
+/// `[O, C]` matrices (used transposed). From tap-major rows `[O, 9C]`, whose row `o` holds
+/// tap `k`'s channels at `k*C..`: the transform runs across channels as it reads them.
+fn filter_transform(rows: &[f32], o: usize, c: usize) -> Vec<f32> {
     let mut u = output_vec(16 * o * c);
     let pu = SendPtr(u.as_mut_ptr());
-    (0..o).into_par_iter().for_each_init(
-        || output_vec(9 * c),
-        |taps, oi| {
-            // Tap-major copy of this output channel's filters, so that the transform
-            // below runs across input channels.
-            for (ci, g) in w[oi * c * 9..(oi + 1) * c * 9].chunks_exact(9).enumerate() {
-                for (k, v) in g.iter().enumerate() {
-                    taps[k * c + ci] = *v;
-                }
-            }
-            // SAFETY: the 16 rows (p, oi) of U are this thread's (one output channel).
-            let rows: [*mut f32; 16] =
+    rows.par_chunks_exact(9 * c)
+        .enumerate()
+        .for_each(|(oi, taps)| {
+            // SAFETY: the 16 rows (p, oi) of U are this item's (one output channel).
+            let out: [*mut f32; 16] =
                 std::array::from_fn(|p| unsafe { pu.get().add((p * o + oi) * c) });
-            filter_rows(taps, rows, c);
-        },
-    );
+            filter_rows(taps, out, c);
+        });
     u
 }
 
@@ -178,94 +171,66 @@ simd_fn!(
     }
 );
 
-/// `y = conv3x3(x, w) + bias`: x `[B, H, W, C]`, w `[O, C, 3, 3]` (PyTorch's layout),
-/// bias `[O]`; H and W even.
-struct WinogradConv;
-
-impl CustomOp3 for WinogradConv {
-    fn name(&self) -> &'static str {
-        "conv3x3-winograd"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dims = l1.shape().dims4()?;
-        let (b, h, w, c) = dims;
-        let (x, wt, bias) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
-        let o = bias.len();
-        if l2.dims() != [o, c, 3, 3] || h % 2 != 0 || w % 2 != 0 {
-            candle_core::bail!("winograd: weight {:?} for input {:?}", l2.dims(), l1.dims());
-        }
-        let u = filter_transform(wt, o, c);
-        let tiles = b * (h / 2) * (w / 2);
-        let per = super::per_item(tiles, (BUFFER / (16 * c.max(o))).clamp(16, 1024));
-        let mut y = output_vec(b * h * w * o);
-        let py = SendPtr(y.as_mut_ptr());
-        (0..tiles.div_ceil(per)).into_par_iter().for_each_init(
-            || (output_vec(16 * per * c), output_vec(16 * per * o)),
-            |(v, m), item| {
-                let t0 = item * per;
-                let n = per.min(tiles - t0);
-                input_transform(x, dims, t0, n, v);
-                for p in 0..16 {
-                    // SAFETY: V_p is [n, c] at p*n*c, U_p [o, c] at p*o*c, M_p [n, o] at
-                    // p*n*o, all inside their buffers.
-                    unsafe {
-                        sgemm_raw(
-                            false,
-                            true,
-                            n,
-                            o,
-                            c,
-                            1.0,
-                            v.as_ptr().add(p * n * c),
-                            c,
-                            u.as_ptr().add(p * o * c),
-                            c,
-                            0.0,
-                            m.as_mut_ptr().add(p * n * o),
-                            o,
-                        )
-                    };
-                }
-                output_transform(m, bias, dims, t0, n, py);
-            },
-        );
-        Ok((CpuStorage::F32(y), Shape::from((b, h, w, o))))
-    }
+/// Whether Winograd serves a map of `h x w` pixels and `c` channels: even sizes, and at
+/// least 64 channels (measured at 256 and 512: a conv in half the time; the 4-channel
+/// stem is left to the patch kernel, where the transforms would cost more than they save).
+pub(super) fn applies(h: usize, w: usize, c: usize) -> bool {
+    h % 2 == 0 && w % 2 == 0 && c >= 64
 }
 
-/// `conv3x3(x) + bias` by Winograd for channels-last `x` and PyTorch-layout `w`, where it
-/// applies: inference (nothing tracks a gradient), CPU f32 with a BLAS, even H and W, and
-/// at least 64 input channels (measured at 256 and 512; the 4-channel stem is left to the
-/// patch kernel, where the transforms would cost more than the products). `None`
-/// otherwise.
-pub fn conv3x3(x: &Tensor, w: &Tensor, bias: &Tensor) -> crate::Result<Option<Tensor>> {
-    let (_, h, wd, c) = x.dims4()?;
-    let inference = !(x.track_op() || w.track_op() || bias.track_op());
-    if !(inference && on_cpu_f32(x) && available() && h % 2 == 0 && wd % 2 == 0 && c >= 64) {
-        return Ok(None);
-    }
-    let op = WinogradConv;
-    Ok(Some(x.contiguous()?.apply_op3(
-        &w.contiguous()?,
-        &bias.contiguous()?,
-        op,
-    )?))
+/// `conv3x3(x) + bias` for `x` `[B, H, W, C]` (dims as given, `applies`), tap-major rows
+/// `[O, 9C]` and `bias` `[O]`; the output `[B, H, W, O]`.
+pub(super) fn conv3x3(
+    dims: (usize, usize, usize, usize),
+    x: &[f32],
+    rows: &[f32],
+    bias: &[f32],
+) -> Vec<f32> {
+    let (b, h, w, c) = dims;
+    let o = bias.len();
+    let u = filter_transform(rows, o, c);
+    let tiles = b * (h / 2) * (w / 2);
+    let per = super::per_item(tiles, (BUFFER / (16 * c.max(o))).clamp(16, 1024));
+    let mut y = output_vec(b * h * w * o);
+    let py = SendPtr(y.as_mut_ptr());
+    (0..tiles.div_ceil(per)).into_par_iter().for_each_init(
+        || (output_vec(16 * per * c), output_vec(16 * per * o)),
+        |(v, m), item| {
+            let t0 = item * per;
+            let n = per.min(tiles - t0);
+            input_transform(x, dims, t0, n, v);
+            for p in 0..16 {
+                // SAFETY: V_p is [n, c] at p*n*c, U_p [o, c] at p*o*c, M_p [n, o] at
+                // p*n*o, all inside their buffers.
+                unsafe {
+                    sgemm_raw(
+                        false,
+                        true,
+                        n,
+                        o,
+                        c,
+                        1.0,
+                        v.as_ptr().add(p * n * c),
+                        c,
+                        u.as_ptr().add(p * o * c),
+                        c,
+                        0.0,
+                        m.as_mut_ptr().add(p * n * o),
+                        o,
+                    )
+                };
+            }
+            output_transform(m, bias, dims, t0, n, py);
+        },
+    );
+    y
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::kernels::testing::{blas_or_skip, max_abs_diff};
-    use candle_core::Device;
+    use candle_core::{Device, Tensor};
 
     #[test]
     fn matches_candle_conv2d() {
@@ -278,7 +243,10 @@ mod tests {
             let x = Tensor::randn(0f32, 1.0, (b, h, w, c), dev).unwrap();
             let wt = Tensor::randn(0f32, 0.1, (o, c, 3, 3), dev).unwrap();
             let bias = Tensor::randn(0f32, 1.0, o, dev).unwrap();
-            let ours = conv3x3(&x, &wt, &bias).unwrap().expect("applies");
+            let rows = wt.permute((0, 2, 3, 1)).unwrap().flatten_from(1).unwrap();
+            let vec = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let ours = conv3x3((b, h, w, c), &vec(&x), &vec(&rows), &vec(&bias));
+            let ours = Tensor::from_vec(ours, (b, h, w, o), dev).unwrap();
             let theirs = x
                 .permute((0, 3, 1, 2))
                 .unwrap()
@@ -301,13 +269,5 @@ mod tests {
                 "{b}x{h}x{w}x{c}->{o}: off by {d} (scale {scale})"
             );
         }
-        // Not for training: a tracked input is left to the differentiable kernel.
-        let x = candle_core::Var::from_tensor(
-            &Tensor::zeros((1, 4, 4, 64), candle_core::DType::F32, dev).unwrap(),
-        )
-        .unwrap();
-        let wt = Tensor::zeros((8, 64, 3, 3), candle_core::DType::F32, dev).unwrap();
-        let bias = Tensor::zeros(8, candle_core::DType::F32, dev).unwrap();
-        assert!(conv3x3(x.as_tensor(), &wt, &bias).unwrap().is_none());
     }
 }

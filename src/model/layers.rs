@@ -165,9 +165,6 @@ impl Conv3x3 {
     }
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, h, wd, _) = x.dims4()?;
-        if let Some(y) = kernels::winograd::conv3x3(x, &self.weight, &self.bias)? {
-            return Ok(y);
-        }
         // Tap-major rows `[C_out, 9*C_in]`, column (ky*3 + kx)*C_in + c: each tap's
         // channels are contiguous in a channels-last patch. A copy per call (9.4 MB for
         // 512 channels), made inside the graph so that training reaches the parameter.
