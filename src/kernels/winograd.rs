@@ -30,18 +30,20 @@ fn filter_transform(rows: &[f32], o: usize, c: usize) -> Vec<f32> {
     rows.par_chunks_exact(9 * c)
         .enumerate()
         .for_each(|(oi, taps)| {
-            // SAFETY: the 16 rows (p, oi) of U are this item's (one output channel).
-            let out: [*mut f32; 16] =
-                std::array::from_fn(|p| unsafe { pu.get().add((p * o + oi) * c) });
-            filter_rows(taps, out, c);
+            // SAFETY: rows (p, oi) of U lie inside it, and only this item (output
+            // channel oi) touches them.
+            let mut out: [&mut [f32]; 16] = std::array::from_fn(|p| unsafe {
+                std::slice::from_raw_parts_mut(pu.get().add((p * o + oi) * c), c)
+            });
+            filter_rows(taps, &mut out, c);
         });
     u
 }
 
 simd_fn!(
     // `G g G^T` for each input channel: `taps[k*c + ci]` in, `rows[p][ci]` out.
-    fn filter_rows(taps: &[f32], rows: [*mut f32; 16], c: usize) {
-        assert!(taps.len() >= 9 * c);
+    fn filter_rows(taps: &[f32], rows: &mut [&mut [f32]; 16], c: usize) {
+        assert!(taps.len() >= 9 * c && rows.iter().all(|r| r.len() == c));
         for ci in 0..c {
             // SAFETY: k*c + ci < 9*c <= taps.len().
             let g = |k: usize| unsafe { *taps.get_unchecked(k * c + ci) };
@@ -59,8 +61,8 @@ simd_fn!(
                 let (a, b, d) = (row[0], row[1], row[2]);
                 let vals = [a, 0.5 * (a + b + d), 0.5 * (a - b + d), d];
                 for (col, v) in vals.into_iter().enumerate() {
-                    // SAFETY: each row holds c values (the caller's contract).
-                    unsafe { *rows[4 * r + col].add(ci) = v };
+                    // SAFETY: ci < c, every row's length (checked above).
+                    unsafe { *rows[4 * r + col].get_unchecked_mut(ci) = v };
                 }
             }
         }
