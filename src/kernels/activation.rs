@@ -2,11 +2,10 @@
 //! within, where candle's unary maps run on one thread with scalar `erf`.
 
 use super::simd::{erf, exp, simd_fn};
-use super::{on_cpu_f32, slice};
+use super::{CHUNK, on_cpu_f32, slice};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, InplaceOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-const CHUNK: usize = 1 << 14;
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 const INV_SQRT_2PI: f32 = 0.398_942_3;
 

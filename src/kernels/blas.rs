@@ -351,6 +351,21 @@ impl CustomOp2 for BlasMatmul {
     }
 }
 
+/// `init + x @ w^T` for `x` `[rows, in]` and a weight `[out, in]`, as a fresh output.
+fn linear_output(
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+    init: Init,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let mut c: Vec<f32> = Vec::with_capacity(l1.dims()[0] * l2.dims()[0]);
+    let shape = gemm_into(s1, l1, s2, &l2.transpose(0, 1)?, init, c.as_mut_ptr())?;
+    // SAFETY: every element of C was written (by the product and the init).
+    unsafe { c.set_len(shape.elem_count()) };
+    Ok((CpuStorage::F32(c), shape))
+}
+
 /// `x @ w^T + bias` for a weight in PyTorch's `[out, in]` layout (read transposed by
 /// BLAS, so no transpose node enters the graph: each one costs a zero-filled gradient
 /// buffer and an add in candle's backward). Each thread adds the bias to its block of
@@ -372,7 +387,6 @@ impl CustomOp3 for BlasLinear {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let bias = super::slice(s3, l3)?;
-        let rows = l1.dims()[0];
         if l2.dims()[0] != bias.len() {
             candle_core::bail!(
                 "blas-linear: bias of {} for {} outputs",
@@ -380,12 +394,7 @@ impl CustomOp3 for BlasLinear {
                 l2.dims()[0]
             );
         }
-        let mut c: Vec<f32> = Vec::with_capacity(rows * bias.len());
-        let w_t = l2.transpose(0, 1)?;
-        let shape = gemm_into(s1, l1, s2, &w_t, Init::Bias(bias), c.as_mut_ptr())?;
-        // SAFETY: every element of C was written (the product, then the bias added).
-        unsafe { c.set_len(shape.elem_count()) };
-        Ok((CpuStorage::F32(c), shape))
+        linear_output(s1, l1, s2, l2, Init::Bias(bias))
     }
 
     fn bwd(
@@ -437,13 +446,7 @@ impl CustomOp3 for BlasLinearResidual {
                 l3.dims()
             );
         }
-        let mut c: Vec<f32> = Vec::with_capacity(rows * out);
-        let w_t = l2.transpose(0, 1)?;
-        let init = Init::BiasPlus(bias, residual);
-        let shape = gemm_into(s1, l1, s2, &w_t, init, c.as_mut_ptr())?;
-        // SAFETY: every element of C was written (init, then the product added).
-        unsafe { c.set_len(shape.elem_count()) };
-        Ok((CpuStorage::F32(c), shape))
+        linear_output(s1, l1, s2, l2, Init::BiasPlus(bias, residual))
     }
 }
 

@@ -2,12 +2,10 @@
 //! makes a mask tensor that gets a gradient of its own (a product, a zero-filled buffer
 //! and an add in the backward, all thrown away) and a separate add node.
 
-use super::{on_cpu_f32, output_vec, slice};
+use super::{CHUNK, on_cpu_f32, output_vec, slice};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
-
-const CHUNK: usize = 1 << 14;
 
 /// `x + h * mask` (mask: 0 or the inverse keep rate per element).
 struct AddMasked(Arc<Vec<f32>>);

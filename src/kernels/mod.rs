@@ -46,6 +46,9 @@ pub(crate) fn output_vec(n: usize) -> Vec<f32> {
     v
 }
 
+/// Elements per work item of the element-wise kernels (64 KiB of f32).
+pub(crate) const CHUNK: usize = 1 << 14;
+
 /// Units per work item when `total` units are split into items of at most `most`
 /// (at least one): the item count is a multiple of rayon's thread count, so that no
 /// thread idles at the end.
