@@ -217,3 +217,126 @@ fn concurrent_calls_see_whole_weight_versions() {
         checkpoint::load(&dir.join(f), None, None).unwrap();
     }
 }
+
+fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+/// A latent-gradient call at a large batch (a long backward) races train steps at batch 1
+/// on one handle. Every gradient must be the gradient of one weight version, computed
+/// alone afterwards: a backward that ran while an update landed would mix two versions.
+#[test]
+fn latent_gradients_racing_train_steps_see_one_weight_version() {
+    let ckpt = checkpoint::load(&common::fixtures().join("model.safetensors"), None, None).unwrap();
+    let config = ckpt.config.clone();
+    let mut opts = BridgeOptions {
+        seed: 5,
+        ..Default::default()
+    };
+    // A large, constant rate: consecutive versions must differ by far more than float noise.
+    opts.optim.lr = 1e-2;
+    opts.optim.warmup_steps = 0;
+    let bridge = Arc::new(Bridge::from_checkpoint(ckpt, &opts).unwrap());
+    let c = config.clone();
+    let big = 32;
+    let mut rng = Rng::new(11);
+    let mut randn = |dims: &[usize]| {
+        let n: usize = dims.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
+        Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+    };
+    let x = randn(&[big, c.in_ch, c.latent_size, c.latent_size]);
+    let target = randn(&[big, c.tokens(), c.target_dim]);
+    let x1 = randn(&[1, c.in_ch, c.latent_size, c.latent_size]);
+    let t1 = randn(&[1, c.tokens(), c.target_dim]);
+
+    let steps = 24;
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let trainer = {
+        let (bridge, done) = (bridge.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut versions = vec![bridge.weights().unwrap()];
+            for _ in 0..steps {
+                bridge.train_step(&x1, &t1).unwrap();
+                // Only this thread writes, so these are exactly the weights of this version.
+                versions.push(bridge.weights().unwrap());
+            }
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            versions
+        })
+    };
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (bridge, x, target, done) =
+                (bridge.clone(), x.clone(), target.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut got = Vec::new();
+                while !done.load(std::sync::atomic::Ordering::SeqCst) || got.len() < 2 {
+                    let (loss, grad) = bridge.latent_loss_backward(&x, &target).unwrap();
+                    got.push((loss, common::values(&grad)));
+                }
+                got
+            })
+        })
+        .collect();
+    let versions = trainer.join().unwrap();
+    let seen: Vec<(f32, Vec<f32>)> = readers
+        .into_iter()
+        .flat_map(|r| r.join().unwrap())
+        .collect();
+
+    // Each version's gradient, computed alone on a bridge of its own.
+    let alone: Vec<Vec<f32>> = versions
+        .iter()
+        .map(|w| {
+            let b = Bridge::from_checkpoint(
+                checkpoint::Checkpoint {
+                    config: config.clone(),
+                    weights: w.iter().cloned().collect(),
+                    optim: None,
+                    ema: None,
+                    train_state: None,
+                },
+                &BridgeOptions::default(),
+            )
+            .unwrap();
+            common::values(&b.latent_loss_backward(&x, &target).unwrap().1)
+        })
+        .collect();
+    let noise = 1e-5;
+    let closest_neighbours = alone
+        .windows(2)
+        .map(|w| max_rel_diff(&w[1], &w[0]))
+        .fold(f32::INFINITY, f32::min);
+    assert!(
+        closest_neighbours > 100.0 * noise,
+        "consecutive versions differ by only {closest_neighbours:.2e}: the test cannot tell them apart"
+    );
+    let mixed: Vec<(usize, f32)> = seen
+        .iter()
+        .enumerate()
+        .filter_map(|(i, (_, g))| {
+            let best = alone
+                .iter()
+                .map(|a| max_rel_diff(g, a))
+                .fold(f32::INFINITY, f32::min);
+            (best > noise).then_some((i, best))
+        })
+        .collect();
+    eprintln!(
+        "{} raced gradients, {} weight versions (closest pair {closest_neighbours:.2e} apart), {} mixed",
+        seen.len(),
+        versions.len(),
+        mixed.len()
+    );
+    assert!(
+        mixed.is_empty(),
+        "{} of {} raced gradients match none of the {} weight versions (first: #{} off by {:.2e}): a backward saw two versions",
+        mixed.len(),
+        seen.len(),
+        versions.len(),
+        mixed[0].0,
+        mixed[0].1
+    );
+}
