@@ -9,6 +9,7 @@ use crate::loss::{LossWeights, alignment_loss, check_pred_grid, pool_tokens};
 use crate::model::BridgeModel;
 use crate::optim::{AdamW, OptimConfig};
 use crate::rng::Rng;
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use parking_lot::RwLock;
 use std::collections::HashMap;
@@ -138,6 +139,17 @@ pub fn init_weights(config: &BridgeConfig, seed: u64) -> Result<HashMap<String, 
     Ok(out)
 }
 
+/// The gradient of `t` in `grads`. A tensor on the loss's path always gets one, so a
+/// missing gradient means an op without a backward cut the graph: an error, never zeros.
+fn grad_of(grads: &GradStore, t: &Tensor, what: &str) -> Result<Tensor> {
+    grads.get(t).cloned().ok_or_else(|| {
+        Error::new(
+            ErrorKind::Internal,
+            format!("no gradient reached {what}: an op on its path has no backward"),
+        )
+    })
+}
+
 impl Bridge {
     /// A bridge with fresh weights from `opts.config`.
     pub fn new(opts: &BridgeOptions) -> Result<Self> {
@@ -160,10 +172,36 @@ impl Bridge {
         Self::from_checkpoint(ckpt, opts)
     }
 
+    /// A bridge over `ckpt` on a device of its own (`opts.device`; on CUDA, a stream of
+    /// its own).
     pub fn from_checkpoint(ckpt: Checkpoint, opts: &BridgeOptions) -> Result<Self> {
         opts.loss.validate()?;
         opts.optim.validate()?;
         let device = make_device(opts.device, opts.compute_dtype)?;
+        Self::on_device(ckpt, opts, device, opts.device)
+    }
+
+    /// A bridge over `ckpt` on this bridge's device and stream (`opts.device` is not
+    /// read): the trainer's EMA and evaluation copies, whose tensors then mix with this
+    /// bridge's and whose GPU work is ordered with it.
+    pub fn derive(&self, ckpt: Checkpoint, opts: &BridgeOptions) -> Result<Self> {
+        opts.loss.validate()?;
+        opts.optim.validate()?;
+        if opts.compute_dtype == ComputeDtype::Bf16 && !self.device.is_cuda() {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "compute_dtype = bf16 needs a CUDA device; the CPU computes in f32",
+            ));
+        }
+        Self::on_device(ckpt, opts, self.device.clone(), self.device_ordinal)
+    }
+
+    fn on_device(
+        ckpt: Checkpoint,
+        opts: &BridgeOptions,
+        device: Device,
+        device_ordinal: i32,
+    ) -> Result<Self> {
         let config = ckpt.config;
         let mut weights = ckpt.weights;
         let mut params = Vec::new();
@@ -223,7 +261,7 @@ impl Bridge {
             loss: opts.loss,
             optim_cfg: opts.optim.clone(),
             device,
-            device_ordinal: opts.device,
+            device_ordinal,
             compute: match opts.compute_dtype {
                 ComputeDtype::F32 => DType::F32,
                 ComputeDtype::Bf16 => DType::BF16,
@@ -369,29 +407,24 @@ impl Bridge {
         let pooled = pool_tokens(pred.as_tensor(), pred_grid, grid)?;
         let loss = alignment_loss(&pooled, &target, &self.loss)?;
         let grads = loss.backward()?;
-        let grad = grads
-            .get(pred.as_tensor())
-            .cloned()
-            .unwrap_or(pred.as_tensor().zeros_like()?);
+        let grad = grad_of(&grads, pred.as_tensor(), "pred")?;
         Ok((loss.to_scalar::<f32>()?, grad))
     }
 
     /// The loss between bridge(latents) and `target` (`[B, T, D]`), and its gradient with
-    /// respect to the latents through the frozen bridge.
+    /// respect to the latents through the frozen bridge. The read lock is held through the
+    /// backward: the eval model's weights are views of the variables' storage, so an update
+    /// landing mid-backward would mix two weight versions in one gradient.
     pub fn latent_loss_backward(&self, latents: &Tensor, target: &Tensor) -> Result<(f32, Tensor)> {
         let batch = self.check_latents(latents)?;
         self.check_tokens("target", target, batch, self.config.grid)?;
         let latents = Var::from_tensor(&latents.to_dtype(DType::F32)?)?;
-        let loss = {
-            let st = self.state.read();
-            let pred = self.run(&st, false, latents.as_tensor(), None)?;
-            alignment_loss(&pred, &target.to_dtype(DType::F32)?, &self.loss)?
-        };
+        let st = self.state.read();
+        let pred = self.run(&st, false, latents.as_tensor(), None)?;
+        let loss = alignment_loss(&pred, &target.to_dtype(DType::F32)?, &self.loss)?;
         let grads = loss.backward()?;
-        let grad = grads
-            .get(latents.as_tensor())
-            .cloned()
-            .unwrap_or(latents.as_tensor().zeros_like()?);
+        let grad = grad_of(&grads, latents.as_tensor(), "the latents")?;
+        drop(st);
         Ok((loss.to_scalar::<f32>()?, grad))
     }
 
@@ -431,10 +464,7 @@ impl Bridge {
         let grads = st
             .params
             .iter()
-            .map(|(_, v)| match grads.get(v.as_tensor()) {
-                Some(g) => Ok(g.clone()),
-                None => Ok(v.as_tensor().zeros_like()?),
-            })
+            .map(|(name, v)| grad_of(&grads, v.as_tensor(), name))
             .collect::<Result<Vec<_>>>()?;
         Ok((loss_value, grads))
     }
@@ -534,6 +564,16 @@ impl Bridge {
     }
 }
 
+impl Drop for Bridge {
+    /// Work still queued on a CUDA bridge's stream may read the weights about to be freed:
+    /// drain it first. (Derived bridges share the stream; draining it is only a wait.)
+    fn drop(&mut self) {
+        if self.device.is_cuda() {
+            let _ = self.device.synchronize();
+        }
+    }
+}
+
 impl std::fmt::Debug for Bridge {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Bridge")
@@ -541,5 +581,31 @@ impl std::fmt::Debug for Bridge {
             .field("device", &self.device_ordinal)
             .field("step", &self.step())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_gradient_is_an_internal_error_not_zeros() {
+        let x = Var::new(&[1f32, 2.0, 3.0], &Device::Cpu).unwrap();
+        let used = (x.as_tensor() * 2.0).unwrap().sum_all().unwrap();
+        let grads = used.backward().unwrap();
+        let g = grad_of(&grads, x.as_tensor(), "x").unwrap();
+        assert_eq!(g.to_vec1::<f32>().unwrap(), [2.0, 2.0, 2.0]);
+        // A graph cut (as an op without a backward makes it): no gradient reaches x.
+        let y = Var::new(0f32, &Device::Cpu).unwrap();
+        let cut = x.as_tensor().detach().sum_all().unwrap();
+        let loss = (cut + y.as_tensor()).unwrap();
+        let grads = loss.backward().unwrap();
+        let err = grad_of(&grads, x.as_tensor(), "the latents").unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Internal);
+        assert!(
+            err.message.contains("no gradient reached the latents"),
+            "{}",
+            err.message
+        );
     }
 }

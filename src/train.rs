@@ -312,7 +312,7 @@ pub fn train(args: &TrainArgs) -> Result<Vec<EpochRecord>> {
         if args.ema.is_none() || ema.is_empty() {
             return Ok(None);
         }
-        Ok(Some(eval(&ema_bridge(&config, ema, &opts)?)?))
+        Ok(Some(eval(&ema_bridge(&bridge, ema, &opts)?)?))
     };
     let mut records = Vec::new();
     let start_state = bridge.train_state();
@@ -457,8 +457,10 @@ fn remove_stale_temporaries(dir: &Path) {
     }
 }
 
-/// An evaluation-only bridge over the moving-average weights.
-fn ema_bridge(config: &BridgeConfig, ema: &[Tensor], opts: &BridgeOptions) -> Result<Bridge> {
+/// An evaluation-only bridge over the moving-average weights, on the training bridge's
+/// device and stream.
+fn ema_bridge(bridge: &Bridge, ema: &[Tensor], opts: &BridgeOptions) -> Result<Bridge> {
+    let config = bridge.config();
     let weights: HashMap<String, Tensor> = config
         .param_specs()
         .into_iter()
@@ -472,7 +474,7 @@ fn ema_bridge(config: &BridgeConfig, ema: &[Tensor], opts: &BridgeOptions) -> Re
         ema: None,
         train_state: None,
     };
-    Bridge::from_checkpoint(ckpt, opts)
+    bridge.derive(ckpt, opts)
 }
 
 fn progress_bar(enabled: bool, len: usize, epoch: usize, epochs: usize) -> indicatif::ProgressBar {

@@ -253,9 +253,12 @@ fn latent_gradients_racing_train_steps_see_one_weight_version() {
 
     let steps = 24;
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Training starts when both readers are running.
+    let start = Arc::new(std::sync::Barrier::new(3));
     let trainer = {
-        let (bridge, done) = (bridge.clone(), done.clone());
+        let (bridge, done, start) = (bridge.clone(), done.clone(), start.clone());
         std::thread::spawn(move || {
+            start.wait();
             let mut versions = vec![bridge.weights().unwrap()];
             for _ in 0..steps {
                 bridge.train_step(&x1, &t1).unwrap();
@@ -268,9 +271,15 @@ fn latent_gradients_racing_train_steps_see_one_weight_version() {
     };
     let readers: Vec<_> = (0..2)
         .map(|_| {
-            let (bridge, x, target, done) =
-                (bridge.clone(), x.clone(), target.clone(), done.clone());
+            let (bridge, x, target, done, start) = (
+                bridge.clone(),
+                x.clone(),
+                target.clone(),
+                done.clone(),
+                start.clone(),
+            );
             std::thread::spawn(move || {
+                start.wait();
                 let mut got = Vec::new();
                 while !done.load(std::sync::atomic::Ordering::SeqCst) || got.len() < 2 {
                     let (loss, grad) = bridge.latent_loss_backward(&x, &target).unwrap();
@@ -313,22 +322,35 @@ fn latent_gradients_racing_train_steps_see_one_weight_version() {
         closest_neighbours > 100.0 * noise,
         "consecutive versions differ by only {closest_neighbours:.2e}: the test cannot tell them apart"
     );
-    let mixed: Vec<(usize, f32)> = seen
+    // Per raced gradient: the nearest version alone, and how far it is.
+    let nearest: Vec<(usize, f32)> = seen
         .iter()
-        .enumerate()
-        .filter_map(|(i, (_, g))| {
-            let best = alone
-                .iter()
-                .map(|a| max_rel_diff(g, a))
-                .fold(f32::INFINITY, f32::min);
-            (best > noise).then_some((i, best))
+        .map(|(_, g)| {
+            alone.iter().map(|a| max_rel_diff(g, a)).enumerate().fold(
+                (0, f32::INFINITY),
+                |m, (v, d)| if d < m.1 { (v, d) } else { m },
+            )
         })
         .collect();
+    let mixed: Vec<(usize, f32)> = nearest
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, d))| *d > noise)
+        .map(|(i, (_, d))| (i, *d))
+        .collect();
+    let mut matched: Vec<usize> = nearest
+        .iter()
+        .filter(|(_, d)| *d <= noise)
+        .map(|(v, _)| *v)
+        .collect();
+    matched.sort();
+    matched.dedup();
     eprintln!(
-        "{} raced gradients, {} weight versions (closest pair {closest_neighbours:.2e} apart), {} mixed",
+        "{} raced gradients, {} weight versions (closest pair {closest_neighbours:.2e} apart), {} mixed, {} versions matched",
         seen.len(),
         versions.len(),
-        mixed.len()
+        mixed.len(),
+        matched.len()
     );
     assert!(
         mixed.is_empty(),
@@ -338,5 +360,9 @@ fn latent_gradients_racing_train_steps_see_one_weight_version() {
         versions.len(),
         mixed[0].0,
         mixed[0].1
+    );
+    assert!(
+        matched.len() >= 2,
+        "every gradient matched version {matched:?}: the readers never overlapped training"
     );
 }
