@@ -12,7 +12,13 @@
  *   BRIDGE_DTYPE_F32 / F16 / BF16; values are converted at the boundary.
  * - Threading: one handle may be used from several threads. Forward and loss calls run
  *   concurrently; bridge_train_step excludes them; bridge_save excludes train steps.
- *   Do not call bridge_destroy while another thread may still start a call.
+ *   Every call sees one version of the weights from its start to its end, its backward
+ *   included. Do not call bridge_destroy while another thread may still start a call.
+ * - CUDA: each bridge computes on a non-blocking stream of its own in the device's
+ *   primary context (the one PyTorch uses), so the GPU work of concurrent calls keeps
+ *   the order of their host calls; it is ordered against the caller's stream with
+ *   events, never a host sync (except where a function says it reads a value back).
+ *   Every call leaves the calling thread's current CUDA context as it found it.
  * - No call panics or aborts on bad input; a bug inside becomes BRIDGE_ERR_INTERNAL.
  */
 
@@ -186,7 +192,7 @@ const char *bridge_last_error(void);
 // `CHECKPOINT` (truncated, corrupt, or tensors that do not fit the config),
 // `UNSUPPORTED` (CUDA device or bf16 compute in a CPU-only build), `DEVICE` (no such
 // CUDA device, or its driver failed). Thread-safe. `params` and its path are only read
-// during the call.
+// during the call. A CUDA bridge gets a non-blocking stream of its own on its device.
 //
 // # Safety
 // `params` must be NULL or a valid `BridgeParams` of `struct_size` bytes; `out` must be
@@ -195,7 +201,8 @@ int32_t bridge_create(const struct BridgeParams *params, struct BridgeHandle **o
 
 // Frees a bridge. NULL is a no-op. A call still running on another thread finishes
 // first (it holds its own reference); the handle must not be used afterwards (doing so
-// returns `BRIDGE_ERR_INVALID_ARGUMENT`).
+// returns `BRIDGE_ERR_INVALID_ARGUMENT`). A CUDA bridge's stream is drained before its
+// weights are freed (a host wait for the bridge's own work, not the caller's).
 //
 // Returns `BRIDGE_OK` or `INVALID_ARGUMENT` (not a live handle). Thread-safe.
 //

@@ -1,12 +1,18 @@
 //! Caller-owned CUDA memory and streams (only with the `cuda` feature).
 //!
-//! The bridge computes on candle's own stream in the device's primary context (the one
-//! PyTorch uses too). A call on caller pointers goes:
-//!   1. an event recorded on the caller's stream, which candle's stream waits for;
+//! Each bridge computes on a non-blocking stream of its own (`new_device`) in the device's
+//! primary context (the one PyTorch uses too); bridges derived from it share that stream.
+//! One stream per bridge is what makes concurrent calls safe on the GPU: work from every
+//! host thread runs in the order it was enqueued, and the handle's lock orders the
+//! enqueues, so a train step's weight writes land after the kernels of every call that
+//! enqueued before it. A call on caller pointers goes:
+//!   1. an event recorded on the caller's stream, which the bridge's stream waits for;
 //!   2. device-to-device copies from the caller's buffers into tensors candle owns;
 //!   3. the work, then device-to-device copies into the caller's output buffers;
-//!   4. an event recorded on candle's stream, which the caller's stream waits for.
+//!   4. an event recorded on the bridge's stream, which the caller's stream waits for:
+//!      in `Drop`, so a call that fails half-way still orders the copies it enqueued.
 //! No host synchronisation, and no tensor ever wraps foreign memory (candle would free it).
+//! Every entry point restores the caller's current context (`RestoreContext`).
 
 use crate::error::{Error, ErrorKind, Result};
 use candle_core::{DType, Device, Shape, Storage, Tensor};
@@ -30,15 +36,47 @@ fn cuda_device(device: &Device) -> Result<&candle_core::CudaDevice> {
         .map_err(|_| Error::invalid("this bridge runs on the CPU: pass host buffers"))
 }
 
-/// The caller's stream for one call, with candle's stream and the context bound.
+/// The calling thread's current CUDA context, put back when dropped. candle and cudarc
+/// bind the bridge's context on every call; a caller (PyTorch) whose current device is
+/// another GPU would otherwise come back on the bridge's.
+pub struct RestoreContext {
+    saved: sys::CUcontext,
+}
+
+impl RestoreContext {
+    pub fn save() -> Self {
+        let mut saved: sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: writes one handle into `saved`. Before the driver is initialised it
+        // fails and `saved` stays NULL: no context was current.
+        unsafe { sys::cuCtxGetCurrent(&mut saved) };
+        RestoreContext { saved }
+    }
+}
+
+impl Drop for RestoreContext {
+    fn drop(&mut self) {
+        let mut now: sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: as in `save`; `saved` was current on this thread at the start of the
+        // call (or NULL), and the primary contexts it can be are never destroyed by us.
+        unsafe {
+            if sys::cuCtxGetCurrent(&mut now) == sys::CUresult::CUDA_SUCCESS && now != self.saved {
+                sys::cuCtxSetCurrent(self.saved);
+            }
+        }
+    }
+}
+
+/// The caller's stream for one call, with the bridge's stream and context bound. Dropping
+/// it makes the caller's stream wait for everything the call enqueued.
 pub struct CallerStream {
     caller: sys::CUstream,
     ours: sys::CUstream,
     ordinal: i32,
+    joined: std::cell::Cell<bool>,
 }
 
 impl CallerStream {
-    /// Binds the bridge's context to this thread and orders candle's stream after
+    /// Binds the bridge's context to this thread and orders the bridge's stream after
     /// everything already queued on `stream` (NULL: the legacy default stream).
     pub fn begin(device: &Device, ordinal: i32, stream: *mut c_void) -> Result<Self> {
         let dev = cuda_device(device)?;
@@ -53,8 +91,10 @@ impl CallerStream {
             caller: stream as sys::CUstream,
             ours: ours.cu_stream(),
             ordinal,
+            joined: std::cell::Cell::new(true),
         };
         s.order(s.caller, s.ours)?;
+        s.joined.set(false);
         Ok(s)
     }
 
@@ -85,9 +125,10 @@ impl CallerStream {
         }
     }
 
-    /// The caller's stream waits for everything queued on candle's stream (the output
-    /// copies included).
+    /// The caller's stream waits for everything queued on the bridge's stream (the output
+    /// copies included). `Drop` does the same for calls that end early.
     pub fn finish(&self) -> Result<()> {
+        self.joined.set(true);
         self.order(self.ours, self.caller)
     }
 
@@ -160,12 +201,15 @@ impl CallerStream {
         self.check_device_ptr(ptr, bytes, name)?;
         // SAFETY: every element is written by the copy below before any use.
         let t = unsafe { Tensor::empty(shape, dtype, device)? };
-        let dst = device_ptr(&t)?;
-        // SAFETY: both ranges are `bytes` long device memory (checked / just allocated).
-        driver(
-            unsafe { sys::cuMemcpyDtoDAsync_v2(dst, ptr as sys::CUdeviceptr, bytes, self.ours) },
-            "cuMemcpyDtoDAsync (input)",
-        )?;
+        with_device_ptr(&t, |dst| {
+            // SAFETY: both ranges are `bytes` long device memory (checked / just allocated).
+            driver(
+                unsafe {
+                    sys::cuMemcpyDtoDAsync_v2(dst, ptr as sys::CUdeviceptr, bytes, self.ours)
+                },
+                "cuMemcpyDtoDAsync (input)",
+            )
+        })?;
         Ok(t)
     }
 
@@ -174,41 +218,62 @@ impl CallerStream {
         let t = t.to_dtype(dtype)?.contiguous()?;
         let bytes = t.elem_count() * dtype.size_in_bytes();
         self.check_device_ptr(ptr, bytes, name)?;
-        let src = device_ptr(&t)?;
-        // SAFETY: as in `read`. `t` may be dropped right after: candle frees its memory in
-        // stream order, after this copy.
-        driver(
-            unsafe { sys::cuMemcpyDtoDAsync_v2(ptr as sys::CUdeviceptr, src, bytes, self.ours) },
-            "cuMemcpyDtoDAsync (output)",
-        )
+        with_device_ptr(&t, |src| {
+            // SAFETY: as in `read`. `t` may be dropped right after: candle frees its
+            // memory in stream order, after this copy.
+            driver(
+                unsafe {
+                    sys::cuMemcpyDtoDAsync_v2(ptr as sys::CUdeviceptr, src, bytes, self.ours)
+                },
+                "cuMemcpyDtoDAsync (output)",
+            )
+        })
     }
 }
 
-/// The device address of a contiguous CUDA tensor's first element.
-fn device_ptr(t: &Tensor) -> Result<sys::CUdeviceptr> {
+impl Drop for CallerStream {
+    fn drop(&mut self) {
+        if !self.joined.get() {
+            // An early return: the input copies may still be reading the caller's buffers.
+            let _ = self.order(self.ours, self.caller);
+        }
+    }
+}
+
+/// Runs `f` on the device address of a contiguous CUDA tensor's first element. cudarc's
+/// access guard lives until `f` returns, so the copy `f` enqueues is inside it.
+fn with_device_ptr<R>(t: &Tensor, f: impl FnOnce(sys::CUdeviceptr) -> Result<R>) -> Result<R> {
+    fn on<T: cudarc::driver::DeviceRepr, R>(
+        slice: &cudarc::driver::CudaSlice<T>,
+        stream: &cudarc::driver::CudaStream,
+        offset: u64,
+        f: impl FnOnce(sys::CUdeviceptr) -> Result<R>,
+    ) -> Result<R> {
+        let (base, _access) = slice.device_ptr(stream);
+        f(base + offset)
+    }
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cuda(cs) = &*storage else {
         return Err(Error::new(ErrorKind::Internal, "expected a CUDA tensor"));
     };
     let stream = cs.device.cuda_stream();
     let offset = (layout.start_offset() * t.dtype().size_in_bytes()) as u64;
-    let base = match t.dtype() {
-        DType::F32 => cs.as_cuda_slice::<f32>()?.device_ptr(&stream).0,
-        DType::BF16 => cs.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0,
-        DType::F16 => cs.as_cuda_slice::<half::f16>()?.device_ptr(&stream).0,
-        other => {
-            return Err(Error::new(
-                ErrorKind::Internal,
-                format!("no device copies for {other:?}"),
-            ));
-        }
-    };
-    Ok(base + offset)
+    match t.dtype() {
+        DType::F32 => on(cs.as_cuda_slice::<f32>()?, &stream, offset, f),
+        DType::BF16 => on(cs.as_cuda_slice::<half::bf16>()?, &stream, offset, f),
+        DType::F16 => on(cs.as_cuda_slice::<half::f16>()?, &stream, offset, f),
+        other => Err(Error::new(
+            ErrorKind::Internal,
+            format!("no device copies for {other:?}"),
+        )),
+    }
 }
 
-/// A CUDA device for `ordinal`, with a clear error where there is none.
+/// A CUDA device for `ordinal` that computes on a non-blocking stream of its own (not
+/// candle's per-thread default stream, on which cudarc records no events and which
+/// serialises with the legacy default stream), with a clear error where there is none.
 pub fn new_device(ordinal: i32) -> Result<Device> {
-    Device::new_cuda(ordinal as usize).map_err(|e| {
+    Device::new_cuda_with_stream(ordinal as usize).map_err(|e| {
         Error::new(
             ErrorKind::Device,
             format!("device = {ordinal}: no usable CUDA device ({e})"),

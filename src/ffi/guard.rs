@@ -40,8 +40,11 @@ pub fn last_error_ptr() -> *const std::os::raw::c_char {
 }
 
 /// Runs an entry point's body: errors become a status plus the thread's message, and a
-/// panic becomes `BRIDGE_ERR_INTERNAL` instead of unwinding into C.
+/// panic becomes `BRIDGE_ERR_INTERNAL` instead of unwinding into C. With CUDA, the
+/// caller's current context is put back afterwards, whatever the body bound.
 pub fn ffi_call(name: &str, body: impl FnOnce() -> Result<()>) -> i32 {
+    #[cfg(feature = "cuda")]
+    let _context = crate::cuda::RestoreContext::save();
     match catch_unwind(AssertUnwindSafe(body)) {
         Ok(Ok(())) => BRIDGE_OK,
         Ok(Err(e)) => {

@@ -237,7 +237,31 @@ impl Io {
         }
     }
 
-    /// Makes the caller's stream wait for the results (device buffers only).
+    /// Checks an output buffer of `batch` samples of `per_sample` elements before any
+    /// work: not NULL, a size that fits in memory and, on CUDA, device memory of the
+    /// bridge's GPU at least that large.
+    fn check_output(
+        &self,
+        ptr: *const c_void,
+        batch: i64,
+        per_sample: usize,
+        dtype: BufDtype,
+        name: &str,
+    ) -> Result<()> {
+        if ptr.is_null() {
+            return Err(Error::invalid(format!("{name} is NULL")));
+        }
+        let bytes = element_count(batch, per_sample, dtype)? * dtype.size();
+        #[cfg(feature = "cuda")]
+        if let Io::Cuda(s) = self {
+            return s.check_device_ptr(ptr, bytes, name);
+        }
+        let _ = bytes;
+        Ok(())
+    }
+
+    /// Makes the caller's stream wait for the results (device buffers only); dropping
+    /// the `Io` does the same on error paths.
     fn finish(&self) -> Result<()> {
         match self {
             Io::Host => Ok(()),
@@ -245,20 +269,6 @@ impl Io {
             Io::Cuda(s) => s.finish(),
         }
     }
-}
-
-/// Checks an output pointer and that its extent fits in memory, before any work is done.
-fn check_output(
-    ptr: *const c_void,
-    batch: i64,
-    per_sample: usize,
-    dtype: BufDtype,
-    name: &str,
-) -> Result<()> {
-    if ptr.is_null() {
-        return Err(Error::invalid(format!("{name} is NULL")));
-    }
-    element_count(batch, per_sample, dtype).map(drop)
 }
 
 fn tensor_values(t: &Tensor) -> Result<Vec<f32>> {
@@ -325,7 +335,7 @@ pub extern "C" fn bridge_last_error() -> *const c_char {
 /// `CHECKPOINT` (truncated, corrupt, or tensors that do not fit the config),
 /// `UNSUPPORTED` (CUDA device or bf16 compute in a CPU-only build), `DEVICE` (no such
 /// CUDA device, or its driver failed). Thread-safe. `params` and its path are only read
-/// during the call.
+/// during the call. A CUDA bridge gets a non-blocking stream of its own on its device.
 ///
 /// # Safety
 /// `params` must be NULL or a valid `BridgeParams` of `struct_size` bytes; `out` must be
@@ -361,7 +371,8 @@ pub unsafe extern "C" fn bridge_create(
 
 /// Frees a bridge. NULL is a no-op. A call still running on another thread finishes
 /// first (it holds its own reference); the handle must not be used afterwards (doing so
-/// returns `BRIDGE_ERR_INVALID_ARGUMENT`).
+/// returns `BRIDGE_ERR_INVALID_ARGUMENT`). A CUDA bridge's stream is drained before its
+/// weights are freed (a host wait for the bridge's own work, not the caller's).
 ///
 /// Returns `BRIDGE_OK` or `INVALID_ARGUMENT` (not a live handle). Thread-safe.
 ///
@@ -450,7 +461,7 @@ pub unsafe extern "C" fn bridge_forward(
         let bridge = lookup(handle)?;
         let dt = BufDtype::from_code(dtype)?;
         let c = bridge.config().clone();
-        check_output(out, batch, c.output_numel(), dt, "out")?;
+        Io::Host.check_output(out, batch, c.output_numel(), dt, "out")?;
         let x = unsafe { Io::Host.latents(&bridge, latents, batch, dt, true)? };
         let y = tensor_values(&bridge.forward(&x)?)?;
         unsafe { write_host(out, &y, dt, "out") }
@@ -493,8 +504,8 @@ pub unsafe extern "C" fn bridge_forward_cuda_ptr(
                 ));
             }
             let c = bridge.config().clone();
-            element_count(batch, c.output_numel(), dt)?;
             let io = Io::new(&bridge, stream)?;
+            io.check_output(out, batch, c.output_numel(), dt, "out")?;
             let x = unsafe { io.latents(&bridge, latents, batch, dt, false)? };
             unsafe { io.write(out, &bridge.forward(&x)?, dt, "out")? };
             io.finish()
@@ -546,14 +557,14 @@ pub unsafe extern "C" fn bridge_loss_backward(
                 .ok_or_else(|| Error::invalid("pred_grid overflows"))?,
             c.target_dim,
         ];
-        check_output(
+        let io = Io::new(&bridge, stream)?;
+        io.check_output(
             grad_pred,
             batch,
             pred_shape[0] * pred_shape[1],
             dt,
             "grad_pred",
         )?;
-        let io = Io::new(&bridge, stream)?;
         let p = unsafe { io.read(&bridge, pred, batch, &pred_shape, dt, "pred", true)? };
         let x = unsafe { io.latents(&bridge, latents, batch, dt, true)? };
         // The loss value is read back to the host (one sync on a GPU): it is both the
@@ -596,8 +607,8 @@ pub unsafe extern "C" fn bridge_latent_loss_backward(
         if loss.is_null() {
             return Err(Error::invalid("loss is NULL"));
         }
-        check_output(grad_latents, batch, c.latent_numel(), dt, "grad_latents")?;
         let io = Io::new(&bridge, stream)?;
+        io.check_output(grad_latents, batch, c.latent_numel(), dt, "grad_latents")?;
         let x = unsafe { io.latents(&bridge, latents, batch, dt, true)? };
         let t = unsafe {
             io.read(
