@@ -4,16 +4,25 @@ to the CUDA build and PYTHONPATH to the bindings).
 Correctness: CUDA against the CPU path of the same library, on the fixtures and on the
 default config (forward f32 and bf16, loss_backward with a caller grid of twice the bridge
 grid, latent_loss_backward, train steps), all through the Python binding with torch CUDA
-tensors on a non-default stream. Safety: a host pointer given as a device pointer must get
-INVALID_ARGUMENT. Speed: forward, loss_backward and train step against PyTorch eager with
-the same weights. Prints one line per check and exits non-zero if any check fails.
+tensors on a non-default stream. Two host threads on one CUDA bridge (forwards against
+train steps) must each see one weight version. PyTorch's current device and stream, and
+the driver's current context, must be what they were before a call. Safety: a host
+pointer given as a device pointer must get INVALID_ARGUMENT. Speed: forward,
+loss_backward and train step against PyTorch eager with the same weights. Prints one line
+per check and exits non-zero if any check fails.
 
-    python tests/gpu/check_gpu.py FIXTURES_DIR [--quick]
+    python tests/gpu/check_gpu.py FIXTURES_DIR [--quick] [--dry-run]
+
+`--dry-run` runs every line it can without CUDA: the "GPU" bridge is a CPU bridge and the
+tensors are CPU tensors, the rest of the code is the same (CI runs it with the CPU build,
+so this script cannot rot). Checks that only mean something on a GPU print SKIP.
 """
+import contextlib
 import ctypes
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -26,7 +35,12 @@ from dino_bridge import _lib as L
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from torch_bridge import TorchBridge  # noqa: E402
 
+DRY = "--dry-run" in sys.argv
+DEVICE = -1 if DRY else 0  # the bridge under test
+TDEV = "cpu" if DRY else "cuda"  # where its tensors live
 FAILED = []
+# H200 SXM dense bf16 tensor-core peak (NVIDIA's datasheet, without sparsity).
+BF16_PEAK = 989e12
 
 
 def check(name, ok, detail=""):
@@ -35,29 +49,49 @@ def check(name, ok, detail=""):
         FAILED.append(name)
 
 
+def skip(name, why):
+    print(f"[SKIP] {name}: {why}", flush=True)
+
+
 def rel(a, b):
     a, b = torch.as_tensor(a).float().cpu(), torch.as_tensor(b).float().cpu()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
+def new_stream():
+    return None if DRY else torch.cuda.Stream()
+
+
+def on(stream):
+    """`with on(s):` makes `s` the current torch stream (nothing in a dry run)."""
+    return contextlib.nullcontext() if stream is None else torch.cuda.stream(stream)
+
+
+def sync(stream=None):
+    if DRY:
+        return
+    (stream or torch.cuda).synchronize()
+
+
 def compare(label, ckpt, batch, tol_f32, tol_bf16, steps):
     cpu = Bridge(ckpt, device=-1)
-    gpu = Bridge(ckpt, device=0)
-    gpu16 = Bridge(ckpt, device=0, compute_dtype="bf16")
-    info = cpu.info
+    gpu = Bridge(ckpt, device=DEVICE)
+    # bf16 compute needs CUDA; the dry run takes the f32 path through the same lines.
+    gpu16 = Bridge(ckpt, device=DEVICE, compute_dtype="f32" if DRY else "bf16")
+    info = cpu.info()
     g, d = info["grid"], info["target_dim"]
     gen = torch.Generator().manual_seed(0)
     lat = torch.randn(batch, info["in_ch"], info["latent_size"], info["latent_size"], generator=gen)
     pred = torch.randn(batch, (2 * g) ** 2, d, generator=gen)
     tgt = torch.randn(batch, g * g, d, generator=gen)
-    side = torch.cuda.Stream()
-    with torch.cuda.stream(side):
-        lat_d, pred_d, tgt_d = lat.cuda(), pred.cuda(), tgt.cuda()
+    side = new_stream()
+    with on(side):
+        lat_d, pred_d, tgt_d = lat.to(TDEV), pred.to(TDEV), tgt.to(TDEV)
         out = gpu.forward(lat_d)
         out16 = gpu16.forward(lat_d)
         loss_g, grad_g = gpu.loss_backward(pred_d, lat_d)
         lloss_g, lgrad_g = gpu.latent_loss_backward(lat_d, tgt_d)
-    side.synchronize()
+    sync(side)
     ref = cpu.forward(lat)
     check(f"{label}: forward f32", rel(out, ref) < tol_f32, f"rel {rel(out, ref):.2e}")
     check(f"{label}: forward bf16 compute", rel(out16, ref) < tol_bf16, f"rel {rel(out16, ref):.2e}")
@@ -68,9 +102,9 @@ def compare(label, ckpt, batch, tol_f32, tol_bf16, steps):
     check(f"{label}: latent_loss_backward", abs(lloss_g - lloss_c) < tol_f32 * abs(lloss_c) + 1e-6
           and rel(lgrad_g, lgrad_c) < 10 * tol_f32, f"grad rel {rel(lgrad_g, lgrad_c):.2e}")
     losses_c = [cpu.train_step(lat, tgt)["loss"] for _ in range(steps)]
-    with torch.cuda.stream(side):
+    with on(side):
         losses_g = [gpu.train_step(lat_d, tgt_d)["loss"] for _ in range(steps)]
-    side.synchronize()
+    sync(side)
     worst = max(abs(a - b) / abs(b) for a, b in zip(losses_g, losses_c))
     after = rel(gpu.forward(lat_d).cpu(), cpu.forward(lat))
     check(f"{label}: {steps} train steps", worst < 1e-3 and after < 1e-2,
@@ -79,46 +113,157 @@ def compare(label, ckpt, batch, tol_f32, tol_bf16, steps):
 
 
 def host_pointer_rejected(gpu):
-    info = gpu.info
+    info = gpu.info()
     host = np.zeros((1, info["in_ch"], info["latent_size"], info["latent_size"]), np.float32)
-    out = torch.empty(1, info["grid"] ** 2, info["target_dim"], device="cuda")
+    out = torch.empty(1, info["grid"] ** 2, info["target_dim"], device=TDEV)
     status = L.lib().bridge_forward_cuda_ptr(gpu._handle(), host.ctypes.data, out.data_ptr(), 1, L.DTYPE_F32, None)
     msg = (L.lib().bridge_last_error() or b"").decode()
-    check("host pointer as device pointer -> INVALID_ARGUMENT",
-          L.STATUS_NAMES.get(status) == "INVALID_ARGUMENT", f"status {L.STATUS_NAMES.get(status)}: {msg}")
+    # The CPU build has no CUDA entry points to reach: it says so.
+    want = "UNSUPPORTED" if DRY else "INVALID_ARGUMENT"
+    check(f"host pointer as device pointer -> {want}", L.STATUS_NAMES.get(status) == want,
+          f"status {L.STATUS_NAMES.get(status)}: {msg}")
+
+
+def no_such_device(ckpt):
+    want = ("UNSUPPORTED",) if DRY else ("DEVICE",)
+    try:
+        Bridge(ckpt, device=7)
+        check("device 7 -> error", False, "created")
+    except BridgeError as e:
+        check(f"device 7 -> {want[0]}", e.status_name in want, str(e))
+
+
+def current_context():
+    """The driver's current context on this thread (None where there is no driver)."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    ctx = ctypes.c_void_p()
+    status = cuda.cuCtxGetCurrent(ctypes.byref(ctx))
+    return (status, ctx.value)
+
+
+def caller_state_unchanged(ckpt):
+    """After every kind of call, on a side stream: the same torch device and stream, and
+    the same driver context, as before it."""
+    if DRY:
+        skip("torch device, stream and CUDA context unchanged by calls", "no CUDA in a dry run")
+        return
+    b = Bridge(ckpt, device=DEVICE)
+    info = b.info()
+    x = torch.randn(2, info["in_ch"], info["latent_size"], info["latent_size"], device=TDEV)
+    t = torch.randn(2, info["grid"] ** 2, info["target_dim"], device=TDEV)
+    side = new_stream()
+    changed = []
+    with on(side):
+        for name, call in [("forward", lambda: b.forward(x)), ("loss_backward", lambda: b.loss_backward(t, x)),
+                           ("latent_loss_backward", lambda: b.latent_loss_backward(x, t)),
+                           ("train_step", lambda: b.train_step(x, t)), ("info", b.info)]:
+            before = (torch.cuda.current_device(), torch.cuda.current_stream().cuda_stream, current_context())
+            call()
+            after = (torch.cuda.current_device(), torch.cuda.current_stream().cuda_stream, current_context())
+            if before != after:
+                changed.append(f"{name}: {before} -> {after}")
+    before = current_context()
+    b.close()
+    if current_context() != before:
+        changed.append(f"destroy: {before} -> {current_context()}")
+    sync()
+    check("torch device, stream and CUDA context unchanged by calls", not changed, "; ".join(changed))
+
+
+def threads_race(ckpt, steps):
+    """One bridge, two host threads: forwards at batch 64 on one torch stream against
+    train steps at batch 1 on another. Every forward must equal (within 1e-5 relative)
+    the output of one weight version: the trainer's own forward right after each step."""
+    b = Bridge(ckpt, device=DEVICE, lr=1e-2, warmup_steps=0)
+    info = b.info()
+    gen = torch.Generator().manual_seed(1)
+    shape = (info["in_ch"], info["latent_size"], info["latent_size"])
+    x = torch.randn(64, *shape, generator=gen).to(TDEV)
+    x1 = torch.randn(1, *shape, generator=gen).to(TDEV)
+    t1 = torch.randn(1, info["grid"] ** 2, info["target_dim"], generator=gen).to(TDEV)
+    versions, seen, errors = [], [], []
+    done = threading.Event()
+    start = threading.Barrier(2)
+
+    def trainer():
+        s = new_stream()
+        try:
+            with on(s):
+                start.wait()
+                versions.append(b.forward(x))
+                for _ in range(steps):
+                    b.train_step(x1, t1)
+                    versions.append(b.forward(x))
+            sync(s)
+        except Exception as e:  # noqa: BLE001 (reported as a failed check below)
+            errors.append(repr(e))
+        finally:
+            done.set()
+
+    def reader():
+        s = new_stream()
+        try:
+            with on(s):
+                start.wait()
+                while not done.is_set() or len(seen) < 2:
+                    seen.append(b.forward(x))
+            sync(s)
+        except Exception as e:  # noqa: BLE001
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=trainer), threading.Thread(target=reader)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    sync()
+    if errors:
+        check("two threads on one bridge: one weight version per forward", False, "; ".join(errors))
+        return
+    versions = [v.float().cpu() for v in versions]
+    closest = min(rel(versions[i + 1], versions[i]) for i in range(len(versions) - 1))
+    nearest = [min(range(len(versions)), key=lambda v: rel(y, versions[v])) for y in seen]
+    off = [rel(y, versions[v]) for y, v in zip(seen, nearest)]
+    mixed = sum(d > 1e-5 for d in off)
+    matched = len({v for v, d in zip(nearest, off) if d <= 1e-5})
+    check("two threads on one bridge: one weight version per forward",
+          mixed == 0 and closest > 1e-3,
+          f"{len(seen)} forwards, {len(versions)} versions (closest pair {closest:.2e} apart), "
+          f"{mixed} mixed, {matched} versions matched")
 
 
 def timed(fn, iters):
     fn()
-    torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     for _ in range(iters):
         fn()
-    torch.cuda.synchronize()
+    sync()
     return (time.perf_counter() - start) / iters
 
 
 def throughput(ckpt, batches, iters):
     tm, _ = TorchBridge.from_safetensors(ckpt)
-    tm = tm.cuda().eval()
-    peak = 790e12
-    flops = None
-    for compute in ("f32", "bf16"):
-        b = Bridge(ckpt, device=0, compute_dtype=compute)
-        flops = flops or b.info.get("forward_flops") or 8.9e9
+    tm = tm.to(TDEV).eval()
+    flops = 8.9e9  # per sample, the default config's forward (DESIGN.md)
+    for compute in ("f32",) if DRY else ("f32", "bf16"):
+        b = Bridge(ckpt, device=DEVICE, compute_dtype=compute)
         for batch in batches:
-            x = torch.randn(batch, 4, 32, 32, device="cuda")
+            x = torch.randn(batch, 4, 32, 32, device=TDEV)
             sb = timed(lambda: b.forward(x), iters)
-            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=compute == "bf16"):
+            with torch.no_grad(), torch.autocast(TDEV, dtype=torch.bfloat16, enabled=compute == "bf16"):
                 st = timed(lambda: tm(x), iters)
             print(f"forward {compute:4s} batch {batch:5d}: bridge {batch / sb:9.0f} samples/s "
-                  f"({batch * flops / sb / 1e12:6.1f} TFLOP/s, {100 * batch * flops / sb / peak:4.1f}% of bf16 peak), "
-                  f"torch eager {batch / st:9.0f}; ratio {st / sb:.2f}", flush=True)
-    b = Bridge(ckpt, device=0)
+                  f"({batch * flops / sb / 1e12:6.1f} TFLOP/s, {100 * batch * flops / sb / BF16_PEAK:4.1f}% of "
+                  f"the bf16 peak), torch eager {batch / st:9.0f}; ratio {st / sb:.2f}", flush=True)
+    b = Bridge(ckpt, device=DEVICE)
     for batch in batches:
-        x = torch.randn(batch, 4, 32, 32, device="cuda")
-        pred = torch.randn(batch, 64, 768, device="cuda")
-        tgt = torch.randn(batch, 64, 768, device="cuda")
+        x = torch.randn(batch, 4, 32, 32, device=TDEV)
+        pred = torch.randn(batch, 64, 768, device=TDEV)
+        tgt = torch.randn(batch, 64, 768, device=TDEV)
         sl = timed(lambda: b.loss_backward(pred, x), iters)
         strain = timed(lambda: b.train_step(x, tgt), max(1, iters // 2))
         print(f"batch {batch:5d}: loss_backward {1 / sl:8.1f} calls/s, train_step {batch / strain:8.0f} samples/s",
@@ -126,22 +271,28 @@ def throughput(ckpt, batches, iters):
 
 
 def main():
-    fx = Path(sys.argv[1])
-    quick = "--quick" in sys.argv
-    assert torch.cuda.is_available(), "no CUDA device visible to torch"
-    print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}; library {os.environ.get('DINO_BRIDGE_LIB')}")
-    tiny = compare("fixtures", fx / "model.safetensors", 4, 1e-4, 5e-2, 5)
+    fx = Path(next(a for a in sys.argv[1:] if not a.startswith("--")))
+    quick = "--quick" in sys.argv or DRY
+    if DRY:
+        print(f"dry run: CPU bridges and CPU tensors; library {os.environ.get('DINO_BRIDGE_LIB')}")
+    else:
+        assert torch.cuda.is_available(), "no CUDA device visible to torch"
+        print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}; "
+              f"library {os.environ.get('DINO_BRIDGE_LIB')}")
+    model = fx / "model.safetensors"
+    tiny = compare("fixtures", model, 4, 1e-4, 5e-2, 5)
     host_pointer_rejected(tiny)
-    try:
-        Bridge(fx / "model.safetensors", device=7)
-        check("device 7 -> error", False)
-    except BridgeError as e:
-        check("device 7 -> error", e.status_name in ("INVALID_ARGUMENT", "DEVICE"), str(e))
+    no_such_device(model)
+    caller_state_unchanged(model)
+    threads_race(model, 12 if quick else 24)
     tmp = tempfile.mkdtemp()
     ckpt = os.path.join(tmp, "default.safetensors")
     Bridge(seed=1, dropout=0.0).save(ckpt)
-    compare("default config", ckpt, 8, 1e-3, 8e-2, 3 if quick else 20)
-    throughput(ckpt, [256] if quick else [256, 1024], 3 if quick else 10)
+    compare("default config", ckpt, 2 if DRY else 8, 1e-3, 8e-2, 3 if quick else 20)
+    if DRY:
+        throughput(ckpt, [2], 1)
+    else:
+        throughput(ckpt, [256] if quick else [256, 1024], 3 if quick else 10)
     print(f"{len(FAILED)} checks failed: {FAILED}" if FAILED else "all checks passed")
     sys.exit(1 if FAILED else 0)
 
