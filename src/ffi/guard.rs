@@ -96,10 +96,18 @@ pub fn unregister(handle: *mut BridgeHandle) -> Option<Arc<Bridge>> {
     HANDLES.lock().remove(&(handle as usize))
 }
 
-/// Checks a caller's `struct_size` against ours: at least `min`, at most `size_of::<T>()`.
-pub fn check_struct_size<T>(name: &str, struct_size: u32, min: usize) -> Result<usize> {
+/// The `struct_size` the caller set in the struct `arg` points to, checked: the struct is
+/// there, and its size is at least `min` and at most ours (`size_of::<T>()`).
+///
+/// # Safety
+/// `ptr` must be NULL or point to a struct whose first field, a `u32`, is readable.
+pub unsafe fn struct_size<T>(ptr: *const T, arg: &str, name: &str, min: usize) -> Result<usize> {
+    if ptr.is_null() {
+        return Err(Error::invalid(format!("{arg} is NULL")));
+    }
+    // SAFETY: non-NULL, and the first field is always present; unaligned-safe read.
+    let size = unsafe { std::ptr::read_unaligned(ptr as *const u32) } as usize;
     let ours = std::mem::size_of::<T>();
-    let size = struct_size as usize;
     if size < min {
         return Err(Error::new(
             ErrorKind::AbiMismatch,
@@ -122,9 +130,11 @@ pub fn check_struct_size<T>(name: &str, struct_size: u32, min: usize) -> Result<
 /// Reads the caller's (possibly older, smaller) struct over `defaults`.
 ///
 /// # Safety
-/// `ptr` must point to at least `size` readable bytes.
+/// `ptr` must point to at least `size` readable bytes, and `size <= size_of::<T>()`
+/// (`struct_size` checks it).
 pub unsafe fn read_versioned<T: Copy>(ptr: *const T, size: usize, mut defaults: T) -> T {
-    // SAFETY: size <= size_of::<T>() was checked; byte copy so alignment does not matter.
+    // SAFETY: `size` bytes are readable at `ptr` and fit in `defaults` (the contract);
+    // a byte copy, so alignment does not matter.
     unsafe {
         std::ptr::copy_nonoverlapping(ptr as *const u8, &mut defaults as *mut T as *mut u8, size)
     };
@@ -134,9 +144,10 @@ pub unsafe fn read_versioned<T: Copy>(ptr: *const T, size: usize, mut defaults: 
 /// Writes `value` into the caller's struct, at most `size` bytes, keeping its `struct_size`.
 ///
 /// # Safety
-/// `ptr` must point to at least `size` writable bytes.
+/// `ptr` must point to at least `size` writable bytes, and `size <= size_of::<T>()`
+/// (`struct_size` checks it).
 pub unsafe fn write_versioned<T: Copy>(ptr: *mut T, size: usize, value: &T) {
-    // SAFETY: size <= size_of::<T>() was checked by the caller of this function.
+    // SAFETY: `size` bytes of `value` are readable and writable at `ptr` (the contract).
     unsafe { std::ptr::copy_nonoverlapping(value as *const T as *const u8, ptr as *mut u8, size) };
 }
 
@@ -148,6 +159,7 @@ mod tests {
     fn a_panic_becomes_the_internal_status_with_its_message() {
         let status = ffi_call("bridge_test", || panic!("boom {}", 42));
         assert_eq!(status, BRIDGE_ERR_INTERNAL);
+        // SAFETY: the thread's message is a live NUL-terminated CString.
         let msg = unsafe { std::ffi::CStr::from_ptr(last_error_ptr()) }
             .to_str()
             .unwrap()

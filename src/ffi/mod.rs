@@ -1,278 +1,73 @@
-//! The C API (`include/dino_bridge.h` is generated from this module by cbindgen).
+//! The C API: the entry points, and nothing else (`include/dino_bridge.h` is generated
+//! from this file and `types.rs` by cbindgen).
 //!
 //! Every entry point returns a status (`BRIDGE_OK` or a `BRIDGE_ERR_*` code), never
 //! panics across the boundary (`guard::ffi_call`), checks every pointer and size before
-//! use, and leaves a message for `bridge_last_error` on failure.
+//! use, and leaves a message for `bridge_last_error` on failure. The caller's buffers are
+//! read and written through `io::Io`; params and info structs convert in `params.rs`.
 
-pub mod buffers;
 pub mod guard;
+pub mod io;
+pub mod params;
 pub mod types;
 
-use crate::bridge::{Bridge, BridgeOptions, ComputeDtype};
-use crate::config::BridgeConfig;
+use crate::bridge::Bridge;
 use crate::error::{Error, ErrorKind, Result};
-use crate::loss::{LossWeights, check_pred_grid};
-use crate::optim::OptimConfig;
-use buffers::{BufDtype, check_finite, element_count, read_host, write_host};
-use candle_core::Tensor;
-use guard::{check_struct_size, ffi_call, lookup, read_versioned, write_versioned};
-use std::ffi::{CStr, c_void};
+use crate::loss::check_pred_grid;
+use guard::{ffi_call, lookup, struct_size, write_versioned};
+use io::{BufDtype, Io};
+use params::{OUT_MIN_SIZE, PARAMS_MIN_SIZE};
+use std::ffi::c_void;
 use std::os::raw::c_char;
-use std::path::PathBuf;
 use types::*;
 
-fn defaults() -> BridgeParams {
-    let c = BridgeConfig::default();
-    let l = LossWeights::default();
-    let o = OptimConfig::default();
-    BridgeParams {
-        struct_size: std::mem::size_of::<BridgeParams>() as u32,
-        checkpoint_path: std::ptr::null(),
-        device: BRIDGE_DEVICE_CPU,
-        compute_dtype: BRIDGE_DTYPE_F32,
-        seed: 0,
-        in_ch: c.in_ch as i32,
-        latent_size: c.latent_size as i32,
-        grid: c.grid as i32,
-        target_dim: c.target_dim as i32,
-        adapter_mid_channels: c.adapter_mid_channels as i32,
-        adapter_out_channels: c.adapter_out_channels as i32,
-        adapter_depth: c.adapter_depth as i32,
-        width: c.width as i32,
-        depth: c.depth as i32,
-        heads: c.heads as i32,
-        mlp_ratio: c.mlp_ratio,
-        dropout: c.dropout,
-        latent_shift: c.latent_shift,
-        latent_scale: c.latent_scale,
-        w_cos: l.cos,
-        w_norm: l.norm,
-        w_raw: l.raw,
-        lr: o.lr,
-        weight_decay: o.weight_decay,
-        beta1: o.beta1,
-        beta2: o.beta2,
-        eps: o.eps,
-        grad_clip: o.grad_clip,
-        warmup_steps: o.warmup_steps,
-        total_steps: o.total_steps,
-    }
-}
-
-/// Smallest `BridgeParams` this library accepts: up to and including `seed`.
-const PARAMS_MIN_SIZE: usize = std::mem::offset_of!(BridgeParams, in_ch);
-/// Smallest output struct: `struct_size` and one field.
-const OUT_MIN_SIZE: usize = 8;
-
-fn dim(name: &str, v: i32) -> Result<usize> {
-    usize::try_from(v).map_err(|_| Error::invalid(format!("params.{name} = {v}: must be >= 0")))
-}
-
-fn options_from(p: &BridgeParams) -> Result<BridgeOptions> {
-    let config = BridgeConfig {
-        in_ch: dim("in_ch", p.in_ch)?,
-        latent_size: dim("latent_size", p.latent_size)?,
-        grid: dim("grid", p.grid)?,
-        target_dim: dim("target_dim", p.target_dim)?,
-        adapter_mid_channels: dim("adapter_mid_channels", p.adapter_mid_channels)?,
-        adapter_out_channels: dim("adapter_out_channels", p.adapter_out_channels)?,
-        adapter_depth: dim("adapter_depth", p.adapter_depth)?,
-        width: dim("width", p.width)?,
-        depth: dim("depth", p.depth)?,
-        heads: dim("heads", p.heads)?,
-        mlp_ratio: p.mlp_ratio,
-        dropout: p.dropout,
-        latent_shift: p.latent_shift,
-        latent_scale: p.latent_scale,
-    };
-    let compute_dtype = match p.compute_dtype {
-        BRIDGE_DTYPE_F32 => ComputeDtype::F32,
-        BRIDGE_DTYPE_BF16 => ComputeDtype::Bf16,
-        other => {
-            return Err(Error::invalid(format!(
-                "params.compute_dtype = {other}: use 0 (f32) or 2 (bf16)"
-            )));
-        }
-    };
-    Ok(BridgeOptions {
-        config,
-        loss: LossWeights {
-            cos: p.w_cos,
-            norm: p.w_norm,
-            raw: p.w_raw,
-        },
-        optim: OptimConfig {
-            lr: p.lr,
-            weight_decay: p.weight_decay,
-            beta1: p.beta1,
-            beta2: p.beta2,
-            eps: p.eps,
-            grad_clip: p.grad_clip,
-            warmup_steps: p.warmup_steps,
-            total_steps: p.total_steps,
-        },
-        seed: p.seed,
-        device: p.device,
-        compute_dtype,
-        frozen_prefixes: Vec::new(),
-    })
-}
-
-/// # Safety
-/// `ptr` must be NULL or a NUL-terminated string.
-unsafe fn path_arg(ptr: *const c_char, name: &str) -> Result<PathBuf> {
-    if ptr.is_null() {
-        return Err(Error::invalid(format!("{name} is NULL")));
-    }
-    // SAFETY: checked non-NULL; NUL termination is the caller's contract.
-    let s = unsafe { CStr::from_ptr(ptr) }
-        .to_str()
-        .map_err(|_| Error::invalid(format!("{name} is not valid UTF-8")))?;
-    if s.is_empty() {
-        return Err(Error::invalid(format!("{name} is empty")));
-    }
-    Ok(PathBuf::from(s))
-}
-
-#[cfg(not(feature = "cuda"))]
-fn no_cuda() -> Error {
-    Error::new(
-        ErrorKind::Unsupported,
-        "this library was built without CUDA support (rebuild with `--features cuda`)",
-    )
-}
-
-/// Where the caller's buffers live for one call: host memory on a CPU bridge; on a CUDA
-/// bridge, device memory of its GPU, with the work ordered after the caller's `stream`.
-enum Io {
+/// Where a compute call's buffers live.
+enum Buffers {
+    /// Host memory, whatever the bridge's device (`bridge_forward`).
     Host,
-    #[cfg(feature = "cuda")]
-    Cuda(crate::cuda::CallerStream),
+    /// Where the bridge lives (device memory of its GPU ordered on this stream, or host
+    /// memory for a CPU bridge).
+    Bridge(*mut c_void),
 }
 
-impl Io {
-    fn new(bridge: &Bridge, stream: *mut c_void) -> Result<Io> {
-        #[cfg(feature = "cuda")]
-        if bridge.device().is_cuda() {
-            return Ok(Io::Cuda(crate::cuda::CallerStream::begin(
-                bridge.device(),
-                bridge.device_ordinal(),
-                stream,
-            )?));
-        }
-        let _ = (bridge, stream);
-        Ok(Io::Host)
-    }
-
-    /// `batch` samples of `shape` from the caller's buffer, as f32 on the bridge's
-    /// device. Host input is checked for NaN/Inf when `finite` is set; device input is
-    /// not (that would need a host sync).
-    ///
-    /// # Safety
-    /// `ptr` must be NULL or hold `batch * prod(shape)` elements of `dtype`, in host
-    /// memory for `Io::Host`, in device memory for `Io::Cuda`.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn read(
-        &self,
-        bridge: &Bridge,
-        ptr: *const c_void,
-        batch: i64,
-        shape: &[usize],
-        dtype: BufDtype,
-        name: &str,
-        finite: bool,
-    ) -> Result<Tensor> {
-        let n = element_count(batch, shape.iter().product(), dtype)?;
-        let mut dims = vec![batch as usize];
-        dims.extend_from_slice(shape);
-        match self {
-            Io::Host => {
-                // SAFETY: extent per the caller's contract.
-                let values = unsafe { read_host(ptr, n, dtype, name)? };
-                if finite {
-                    check_finite(&values, name)?;
-                }
-                Ok(Tensor::from_vec(values, dims, bridge.device())?)
-            }
-            #[cfg(feature = "cuda")]
-            Io::Cuda(s) => {
-                let t = s.read(bridge.device(), ptr, dims.into(), dtype.candle(), name)?;
-                Ok(t.to_dtype(candle_core::DType::F32)?)
-            }
-        }
-    }
-
-    /// The caller's `latents` `[batch, in_ch, latent_size, latent_size]`.
-    ///
-    /// # Safety
-    /// As `read`.
-    unsafe fn latents(
-        &self,
-        bridge: &Bridge,
-        ptr: *const c_void,
-        batch: i64,
-        dtype: BufDtype,
-        finite: bool,
-    ) -> Result<Tensor> {
-        let c = bridge.config();
-        let shape = [c.in_ch, c.latent_size, c.latent_size];
-        unsafe { self.read(bridge, ptr, batch, &shape, dtype, "latents", finite) }
-    }
-
-    /// Writes `t` into the caller's output buffer in `dtype`.
-    ///
-    /// # Safety
-    /// `ptr` must be NULL or hold `t`'s elements in `dtype`.
-    unsafe fn write(
-        &self,
-        ptr: *mut c_void,
-        t: &Tensor,
-        dtype: BufDtype,
-        name: &str,
-    ) -> Result<()> {
-        match self {
-            Io::Host => unsafe { write_host(ptr, &tensor_values(t)?, dtype, name) },
-            #[cfg(feature = "cuda")]
-            Io::Cuda(s) => s.write(t, ptr, dtype.candle(), name),
-        }
-    }
-
-    /// Checks an output buffer of `batch` samples of `per_sample` elements before any
-    /// work: not NULL, a size that fits in memory and, on CUDA, device memory of the
-    /// bridge's GPU at least that large.
-    fn check_output(
-        &self,
-        ptr: *const c_void,
-        batch: i64,
-        per_sample: usize,
-        dtype: BufDtype,
-        name: &str,
-    ) -> Result<()> {
-        if ptr.is_null() {
-            return Err(Error::invalid(format!("{name} is NULL")));
-        }
-        let bytes = element_count(batch, per_sample, dtype)? * dtype.size();
-        #[cfg(feature = "cuda")]
-        if let Io::Cuda(s) = self {
-            return s.check_device_ptr(ptr, bytes, name);
-        }
-        let _ = bytes;
-        Ok(())
-    }
-
-    /// Makes the caller's stream wait for the results (device buffers only); dropping
-    /// the `Io` does the same on error paths.
-    fn finish(&self) -> Result<()> {
-        match self {
-            Io::Host => Ok(()),
-            #[cfg(feature = "cuda")]
-            Io::Cuda(s) => s.finish(),
-        }
-    }
+/// What every compute entry point shares: the handle and dtype code resolved, the
+/// caller's buffers set up (`Io`), `body` run, and the caller's stream joined after it
+/// (dropping the `Io` joins it on error paths too). `R` is what the entry point writes
+/// to its host-side outputs (loss, stats) once everything else succeeded.
+fn compute<R>(
+    handle: *const BridgeHandle,
+    batch: i64,
+    dtype: i32,
+    buffers: Buffers,
+    body: impl FnOnce(&Bridge, &Io) -> Result<R>,
+) -> Result<R> {
+    let bridge = lookup(handle)?;
+    let dt = BufDtype::from_code(dtype)?;
+    let io = match buffers {
+        Buffers::Host => Io::host(&bridge, batch, dt),
+        Buffers::Bridge(stream) => Io::for_bridge(&bridge, batch, dt, stream)?,
+    };
+    let r = body(&bridge, &io)?;
+    io.finish()?;
+    Ok(r)
 }
 
-fn tensor_values(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.flatten_all()?.to_vec1::<f32>()?)
+/// The forward of `bridge_forward` and `bridge_forward_cuda_ptr`.
+///
+/// # Safety
+/// As the entry points: buffers NULL or holding `batch` samples.
+unsafe fn forward_into(
+    bridge: &Bridge,
+    io: &Io,
+    latents: *const c_void,
+    out: *mut c_void,
+) -> Result<()> {
+    io.check_output(out, bridge.config().output_numel(), "out")?;
+    // SAFETY: the entry points' contracts. (Device input is not scanned for NaN/Inf.)
+    let x = unsafe { io.latents(latents, true)? };
+    let y = bridge.forward(&x)?;
+    // SAFETY: `out` was checked to hold `batch` output samples (and is caller memory).
+    unsafe { io.write(out, &y, "out") }
 }
 
 fn finite_loss(loss: f32) -> Result<f32> {
@@ -284,6 +79,14 @@ fn finite_loss(loss: f32) -> Result<f32> {
             format!("the loss is {loss}; nothing was written"),
         ))
     }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn no_cuda() -> Error {
+    Error::new(
+        ErrorKind::Unsupported,
+        "this library was built without CUDA support (rebuild with `--features cuda`)",
+    )
 }
 
 /// Fills `*params` with the defaults (the published configuration, CPU, f32, fresh
@@ -298,15 +101,11 @@ fn finite_loss(loss: f32) -> Result<f32> {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn bridge_params_default(params: *mut BridgeParams) -> i32 {
     ffi_call("bridge_params_default", || {
-        if params.is_null() {
-            return Err(Error::invalid("params is NULL"));
-        }
-        // SAFETY: non-NULL; the first field is always present.
-        let size = unsafe { std::ptr::read_unaligned(params as *const u32) };
-        let size = check_struct_size::<BridgeParams>("BridgeParams", size, PARAMS_MIN_SIZE)?;
-        let mut d = defaults();
+        // SAFETY: NULL or the caller's struct (its first field is always present).
+        let size = unsafe { struct_size(params, "params", "BridgeParams", PARAMS_MIN_SIZE)? };
+        let mut d = params::defaults();
         d.struct_size = size as u32;
-        // SAFETY: size checked against ours; the caller guarantees it is writable.
+        // SAFETY: `size` is the caller's struct_size, checked against ours.
         unsafe { write_versioned(params, size, &d) };
         Ok(())
     })
@@ -346,24 +145,23 @@ pub unsafe extern "C" fn bridge_create(
     out: *mut *mut BridgeHandle,
 ) -> i32 {
     ffi_call("bridge_create", || {
-        if params.is_null() {
-            return Err(Error::invalid("params is NULL"));
-        }
+        // SAFETY: NULL or the caller's struct (its first field is always present).
+        let size = unsafe { struct_size(params, "params", "BridgeParams", PARAMS_MIN_SIZE)? };
         if out.is_null() {
             return Err(Error::invalid("out (the handle pointer) is NULL"));
         }
-        // SAFETY: non-NULL; struct_size is checked before more is read.
-        let size = unsafe { std::ptr::read_unaligned(params as *const u32) };
-        let size = check_struct_size::<BridgeParams>("BridgeParams", size, PARAMS_MIN_SIZE)?;
-        let p = unsafe { read_versioned(params, size, defaults()) };
-        let opts = options_from(&p)?;
+        // SAFETY: `size` readable bytes, checked above; older callers' missing fields
+        // keep their defaults.
+        let p = unsafe { guard::read_versioned(params, size, params::defaults()) };
+        let opts = params::options_from(&p)?;
         let bridge = if p.checkpoint_path.is_null() {
             Bridge::new(&opts)?
         } else {
-            let path = unsafe { path_arg(p.checkpoint_path, "params.checkpoint_path")? };
+            // SAFETY: a non-NULL path is a NUL-terminated string by contract.
+            let path = unsafe { params::path_arg(p.checkpoint_path, "params.checkpoint_path")? };
             Bridge::open(&path, &opts)?
         };
-        // SAFETY: checked non-NULL.
+        // SAFETY: checked non-NULL; the caller provides a writable handle slot.
         unsafe { *out = guard::register(bridge) };
         Ok(())
     })
@@ -406,34 +204,10 @@ pub unsafe extern "C" fn bridge_get_info(
 ) -> i32 {
     ffi_call("bridge_get_info", || {
         let bridge = lookup(handle)?;
-        if info.is_null() {
-            return Err(Error::invalid("info is NULL"));
-        }
-        let size = unsafe { std::ptr::read_unaligned(info as *const u32) };
-        let size = check_struct_size::<BridgeInfo>("BridgeInfo", size, OUT_MIN_SIZE)?;
-        let c = bridge.config();
-        let value = BridgeInfo {
-            struct_size: size as u32,
-            in_ch: c.in_ch as i32,
-            latent_size: c.latent_size as i32,
-            grid: c.grid as i32,
-            target_dim: c.target_dim as i32,
-            adapter_mid_channels: c.adapter_mid_channels as i32,
-            adapter_out_channels: c.adapter_out_channels as i32,
-            adapter_depth: c.adapter_depth as i32,
-            width: c.width as i32,
-            depth: c.depth as i32,
-            heads: c.heads as i32,
-            mlp_ratio: c.mlp_ratio,
-            dropout: c.dropout,
-            latent_shift: c.latent_shift,
-            latent_scale: c.latent_scale,
-            param_count: c.param_count() as i64,
-            device: bridge.device_ordinal(),
-            tokens: c.tokens() as i32,
-            step: bridge.step(),
-        };
-        unsafe { write_versioned(info, size, &value) };
+        // SAFETY: NULL or the caller's struct (its first field is always present).
+        let size = unsafe { struct_size(info, "info", "BridgeInfo", OUT_MIN_SIZE)? };
+        // SAFETY: `size` is the caller's struct_size, checked against ours.
+        unsafe { write_versioned(info, size, &params::info_of(&bridge, size)) };
         Ok(())
     })
 }
@@ -458,13 +232,10 @@ pub unsafe extern "C" fn bridge_forward(
     dtype: i32,
 ) -> i32 {
     ffi_call("bridge_forward", || {
-        let bridge = lookup(handle)?;
-        let dt = BufDtype::from_code(dtype)?;
-        let c = bridge.config().clone();
-        Io::Host.check_output(out, batch, c.output_numel(), dt, "out")?;
-        let x = unsafe { Io::Host.latents(&bridge, latents, batch, dt, true)? };
-        let y = tensor_values(&bridge.forward(&x)?)?;
-        unsafe { write_host(out, &y, dt, "out") }
+        compute(handle, batch, dtype, Buffers::Host, |bridge, io| {
+            // SAFETY: host buffers of `batch` samples, per the contract above.
+            unsafe { forward_into(bridge, io, latents, out) }
+        })
     })
 }
 
@@ -494,27 +265,29 @@ pub unsafe extern "C" fn bridge_forward_cuda_ptr(
     stream: *mut c_void,
 ) -> i32 {
     ffi_call("bridge_forward_cuda_ptr", || {
-        let bridge = lookup(handle)?;
-        let dt = BufDtype::from_code(dtype)?;
-        #[cfg(feature = "cuda")]
-        {
-            if !bridge.device().is_cuda() {
-                return Err(Error::invalid(
-                    "this bridge runs on the CPU: use bridge_forward with host buffers",
-                ));
-            }
-            let c = bridge.config().clone();
-            let io = Io::new(&bridge, stream)?;
-            io.check_output(out, batch, c.output_numel(), dt, "out")?;
-            let x = unsafe { io.latents(&bridge, latents, batch, dt, false)? };
-            unsafe { io.write(out, &bridge.forward(&x)?, dt, "out")? };
-            io.finish()
-        }
         #[cfg(not(feature = "cuda"))]
         {
-            let _ = (bridge, dt, latents, out, batch, stream);
+            lookup(handle)?;
+            BufDtype::from_code(dtype)?;
+            let _ = (latents, out, batch, stream);
             Err(no_cuda())
         }
+        #[cfg(feature = "cuda")]
+        compute(
+            handle,
+            batch,
+            dtype,
+            Buffers::Bridge(stream),
+            |bridge, io| {
+                if !bridge.device().is_cuda() {
+                    return Err(Error::invalid(
+                        "this bridge runs on the CPU: use bridge_forward with host buffers",
+                    ));
+                }
+                // SAFETY: device pointers, checked with the driver before each copy.
+                unsafe { forward_into(bridge, io, latents, out) }
+            },
+        )
     })
 }
 
@@ -545,34 +318,35 @@ pub unsafe extern "C" fn bridge_loss_backward(
     stream: *mut c_void,
 ) -> i32 {
     ffi_call("bridge_loss_backward", || {
-        let bridge = lookup(handle)?;
-        let dt = BufDtype::from_code(dtype)?;
-        let c = bridge.config().clone();
-        let g = check_pred_grid(pred_grid as i64, c.grid)?;
-        if loss.is_null() {
-            return Err(Error::invalid("loss is NULL"));
-        }
-        let pred_shape = [
-            g.checked_mul(g)
-                .ok_or_else(|| Error::invalid("pred_grid overflows"))?,
-            c.target_dim,
-        ];
-        let io = Io::new(&bridge, stream)?;
-        io.check_output(
-            grad_pred,
+        let value = compute(
+            handle,
             batch,
-            pred_shape[0] * pred_shape[1],
-            dt,
-            "grad_pred",
+            dtype,
+            Buffers::Bridge(stream),
+            |bridge, io| {
+                let c = bridge.config();
+                let g = check_pred_grid(pred_grid as i64, c.grid)?;
+                if loss.is_null() {
+                    return Err(Error::invalid("loss is NULL"));
+                }
+                let tokens = g
+                    .checked_mul(g)
+                    .ok_or_else(|| Error::invalid("pred_grid overflows"))?;
+                let pred_shape = [tokens, c.target_dim];
+                io.check_output(grad_pred, tokens * c.target_dim, "grad_pred")?;
+                // SAFETY (reads and write): buffers of `batch` samples by the contract above;
+                // device pointers are checked with the driver.
+                let p = unsafe { io.read(pred, &pred_shape, "pred", true)? };
+                let x = unsafe { io.latents(latents, true)? };
+                // The loss value is read back to the host (one sync on a GPU): it is both the
+                // output and the NaN check.
+                let (value, grad) = bridge.loss_backward(&p, &x, g)?;
+                let value = finite_loss(value)?;
+                unsafe { io.write(grad_pred, &grad, "grad_pred")? };
+                Ok(value)
+            },
         )?;
-        let p = unsafe { io.read(&bridge, pred, batch, &pred_shape, dt, "pred", true)? };
-        let x = unsafe { io.latents(&bridge, latents, batch, dt, true)? };
-        // The loss value is read back to the host (one sync on a GPU): it is both the
-        // output and the NaN check.
-        let (value, grad) = bridge.loss_backward(&p, &x, g)?;
-        let value = finite_loss(value)?;
-        unsafe { io.write(grad_pred, &grad, dt, "grad_pred")? };
-        io.finish()?;
+        // SAFETY: checked non-NULL above; the caller provides a writable float.
         unsafe { *loss = value };
         Ok(())
     })
@@ -601,30 +375,27 @@ pub unsafe extern "C" fn bridge_latent_loss_backward(
     stream: *mut c_void,
 ) -> i32 {
     ffi_call("bridge_latent_loss_backward", || {
-        let bridge = lookup(handle)?;
-        let dt = BufDtype::from_code(dtype)?;
-        let c = bridge.config().clone();
-        if loss.is_null() {
-            return Err(Error::invalid("loss is NULL"));
-        }
-        let io = Io::new(&bridge, stream)?;
-        io.check_output(grad_latents, batch, c.latent_numel(), dt, "grad_latents")?;
-        let x = unsafe { io.latents(&bridge, latents, batch, dt, true)? };
-        let t = unsafe {
-            io.read(
-                &bridge,
-                target,
-                batch,
-                &[c.tokens(), c.target_dim],
-                dt,
-                "target",
-                true,
-            )?
-        };
-        let (value, grad) = bridge.latent_loss_backward(&x, &t)?;
-        let value = finite_loss(value)?;
-        unsafe { io.write(grad_latents, &grad, dt, "grad_latents")? };
-        io.finish()?;
+        let value = compute(
+            handle,
+            batch,
+            dtype,
+            Buffers::Bridge(stream),
+            |bridge, io| {
+                let c = bridge.config();
+                if loss.is_null() {
+                    return Err(Error::invalid("loss is NULL"));
+                }
+                io.check_output(grad_latents, c.latent_numel(), "grad_latents")?;
+                // SAFETY: as in `bridge_loss_backward`.
+                let x = unsafe { io.latents(latents, true)? };
+                let t = unsafe { io.read(target, &[c.tokens(), c.target_dim], "target", true)? };
+                let (value, grad) = bridge.latent_loss_backward(&x, &t)?;
+                let value = finite_loss(value)?;
+                unsafe { io.write(grad_latents, &grad, "grad_latents")? };
+                Ok(value)
+            },
+        )?;
+        // SAFETY: checked non-NULL above; the caller provides a writable float.
         unsafe { *loss = value };
         Ok(())
     })
@@ -656,40 +427,25 @@ pub unsafe extern "C" fn bridge_train_step(
     stream: *mut c_void,
 ) -> i32 {
     ffi_call("bridge_train_step", || {
-        let bridge = lookup(handle)?;
-        let dt = BufDtype::from_code(dtype)?;
-        if stats.is_null() {
-            return Err(Error::invalid("stats is NULL"));
-        }
-        let size = unsafe { std::ptr::read_unaligned(stats as *const u32) };
-        let size = check_struct_size::<BridgeStepStats>("BridgeStepStats", size, OUT_MIN_SIZE)?;
-        let c = bridge.config().clone();
-        // Non-finite inputs are not an error here: they make a non-finite loss, which
-        // skips the update like any other.
-        let io = Io::new(&bridge, stream)?;
-        let x = unsafe { io.latents(&bridge, latents, batch, dt, false)? };
-        let t = unsafe {
-            io.read(
-                &bridge,
-                targets,
-                batch,
-                &[c.tokens(), c.target_dim],
-                dt,
-                "targets",
-                false,
-            )?
-        };
-        let s = bridge.train_step(&x, &t)?;
-        io.finish()?;
-        let value = BridgeStepStats {
-            struct_size: size as u32,
-            loss: s.loss,
-            grad_norm: s.grad_norm,
-            lr: s.lr,
-            step: s.step,
-            skipped: s.skipped as i32,
-        };
-        unsafe { write_versioned(stats, size, &value) };
+        let (s, size) = compute(
+            handle,
+            batch,
+            dtype,
+            Buffers::Bridge(stream),
+            |bridge, io| {
+                // SAFETY: NULL or the caller's struct (its first field is always present).
+                let size = unsafe { struct_size(stats, "stats", "BridgeStepStats", OUT_MIN_SIZE)? };
+                let c = bridge.config();
+                // Non-finite inputs are not an error here: they make a non-finite loss, which
+                // skips the update like any other.
+                // SAFETY: as in `bridge_loss_backward`.
+                let x = unsafe { io.latents(latents, false)? };
+                let t = unsafe { io.read(targets, &[c.tokens(), c.target_dim], "targets", false)? };
+                Ok((bridge.train_step(&x, &t)?, size))
+            },
+        )?;
+        // SAFETY: `size` is the caller's struct_size, checked against ours.
+        unsafe { write_versioned(stats, size, &params::stats_of(&s, size)) };
         Ok(())
     })
 }
@@ -708,7 +464,8 @@ pub unsafe extern "C" fn bridge_train_step(
 pub unsafe extern "C" fn bridge_save(handle: *const BridgeHandle, path: *const c_char) -> i32 {
     ffi_call("bridge_save", || {
         let bridge = lookup(handle)?;
-        let path = unsafe { path_arg(path, "path")? };
+        // SAFETY: NULL or a NUL-terminated string, by the contract above.
+        let path = unsafe { params::path_arg(path, "path")? };
         bridge.save(&path)
     })
 }
