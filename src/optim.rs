@@ -3,8 +3,8 @@
 //! saved in a checkpoint and a resumed run continues exactly.
 
 use crate::error::{Error, Result};
+use crate::kernels::adamw;
 use candle_core::{Tensor, Var};
-use rayon::prelude::*;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct OptimConfig {
@@ -103,31 +103,7 @@ impl AdamW {
 
     /// Global L2 norm of all gradients.
     pub fn global_norm(grads: &[Tensor]) -> Result<f32> {
-        let mut total = 0f64;
-        let mut on_device = Vec::new();
-        for g in grads {
-            // One pass, where candle's sqr + sum make two. Chunks are summed in order:
-            // the result does not depend on thread scheduling.
-            let fast = with_cpu_f32(g, |v| {
-                v.par_chunks(1 << 14)
-                    .map(crate::kernels::simd::sum_sq_f64)
-                    .collect::<Vec<f64>>()
-                    .into_iter()
-                    .sum::<f64>()
-            })?;
-            match fast {
-                Some(sq) => total += sq,
-                None => on_device.push(g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F32)?),
-            }
-        }
-        if !on_device.is_empty() {
-            // One read back for all device tensors instead of one per parameter.
-            total += Tensor::stack(&on_device, 0)?
-                .to_dtype(candle_core::DType::F64)?
-                .sum_all()?
-                .to_scalar::<f64>()?;
-        }
-        Ok(total.sqrt() as f32)
+        adamw::global_norm(grads)
     }
 
     /// One update with 1-based count `t`. Every new value is computed before any is
@@ -157,7 +133,7 @@ impl AdamW {
             } else {
                 1.0
             };
-            let k = Constants {
+            let k = adamw::Constants {
                 b1,
                 b2,
                 bc1,
@@ -167,26 +143,7 @@ impl AdamW {
                 decay,
                 grad_scale: grad_scale as f64,
             };
-            let (new_p, m, v) = match fused_update(p, g, &self.m[i], &self.v[i], &k)? {
-                Some(done) => done,
-                None => {
-                    let g = if grad_scale != 1.0 {
-                        (g * k.grad_scale)?
-                    } else {
-                        g.clone()
-                    };
-                    let m = ((&self.m[i] * b1)? + (&g * (1.0 - b1))?)?;
-                    let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-                    let denom = ((&v / bc2)?.sqrt()? + k.eps)?;
-                    let step = ((&m / denom)? * (lr / bc1))?;
-                    let decayed = if decay != 1.0 {
-                        (p * decay)?
-                    } else {
-                        p.clone()
-                    };
-                    ((decayed - step)?, m, v)
-                }
-            };
+            let (new_p, m, v) = adamw::update(p, g, &self.m[i], &self.v[i], &k)?;
             updates.push((i, new_p, m, v));
         }
         for (i, new_p, m, v) in updates {
@@ -196,96 +153,6 @@ impl AdamW {
         }
         Ok(())
     }
-}
-
-/// The scalars of one AdamW update.
-struct Constants {
-    b1: f64,
-    b2: f64,
-    bc1: f64,
-    bc2: f64,
-    lr: f64,
-    eps: f64,
-    decay: f64,
-    /// Applied to the gradient first (clipping).
-    grad_scale: f64,
-}
-
-/// `f` on the values of a contiguous f32 CPU tensor, read in place; `None` for other
-/// devices, dtypes and layouts.
-fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<Option<R>> {
-    use candle_core::{DType, Storage};
-    if !t.device().is_cpu() || t.dtype() != DType::F32 {
-        return Ok(None);
-    }
-    let (guard, layout) = t.storage_and_layout();
-    let (Storage::Cpu(cpu), Some((start, end))) = (&*guard, layout.contiguous_offsets()) else {
-        return Ok(None);
-    };
-    Ok(Some(f(&cpu.as_slice::<f32>()?[start..end])))
-}
-
-/// `(p', m', v')` of one AdamW update in a single pass over CPU f32 memory (candle's ops
-/// make about fourteen), or `None` where the caller should compose it.
-fn fused_update(
-    p: &Tensor,
-    g: &Tensor,
-    m: &Tensor,
-    v: &Tensor,
-    k: &Constants,
-) -> Result<Option<(Tensor, Tensor, Tensor)>> {
-    use candle_core::{DType, Storage};
-    let all = [p, g, m, v];
-    if !all
-        .iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous())
-    {
-        return Ok(None);
-    }
-    let guards: Vec<_> = all.iter().map(|t| t.storage_and_layout()).collect();
-    let mut slices = Vec::with_capacity(4);
-    for (guard, layout) in &guards {
-        let Storage::Cpu(cpu) = &**guard else {
-            return Ok(None);
-        };
-        let (start, end) = layout.contiguous_offsets().expect("checked contiguous");
-        slices.push(&cpu.as_slice::<f32>()?[start..end]);
-    }
-    let (ps, gs, ms, vs) = (slices[0], slices[1], slices[2], slices[3]);
-    let n = ps.len();
-    let out = crate::kernels::output_vec;
-    let (mut np, mut nm, mut nv) = (out(n), out(n), out(n));
-    let (b1, b2, scale) = (k.b1 as f32, k.b2 as f32, k.grad_scale as f32);
-    let (c1, c2) = ((1.0 - k.b1) as f32, (1.0 - k.b2) as f32);
-    let (inv_bc2, step, eps, decay) = (
-        (1.0 / k.bc2) as f32,
-        (k.lr / k.bc1) as f32,
-        k.eps as f32,
-        k.decay as f32,
-    );
-    const CHUNK: usize = 1 << 14;
-    np.par_chunks_mut(CHUNK)
-        .zip(nm.par_chunks_mut(CHUNK))
-        .zip(nv.par_chunks_mut(CHUNK))
-        .enumerate()
-        .for_each(|(c, ((np, nm), nv))| {
-            let lo = c * CHUNK;
-            for j in 0..np.len() {
-                let (pj, gj) = (ps[lo + j], gs[lo + j] * scale);
-                let mj = b1 * ms[lo + j] + c1 * gj;
-                let vj = b2 * vs[lo + j] + c2 * (gj * gj);
-                nm[j] = mj;
-                nv[j] = vj;
-                np[j] = pj * decay - step * (mj / ((vj * inv_bc2).sqrt() + eps));
-            }
-        });
-    drop(guards);
-    let shape = p.shape();
-    Ok(Some((
-        Tensor::from_vec(np, shape, p.device())?,
-        Tensor::from_vec(nm, shape, p.device())?,
-        Tensor::from_vec(nv, shape, p.device())?,
-    )))
 }
 
 #[cfg(test)]
@@ -343,60 +210,6 @@ mod tests {
         for (a, b) in got.iter().zip(expect) {
             assert!((a - b).abs() < 1e-6, "{got:?}");
         }
-    }
-
-    /// The one-pass CPU update against the composed candle ops, over several steps with
-    /// decay, gradient scaling and a tensor past one chunk.
-    #[test]
-    fn fused_update_matches_the_composed_ops() {
-        let dev = candle_core::Device::Cpu;
-        let n = 40_000;
-        let p0 = Tensor::randn(0f32, 1.0, (n / 100, 100), &dev).unwrap();
-        let cfg = OptimConfig {
-            weight_decay: 0.05,
-            ..Default::default()
-        };
-        let fused = Var::from_tensor(&p0).unwrap();
-        let params = vec![("w".to_string(), fused.clone())];
-        let mut opt = AdamW::new(&params).unwrap();
-        let (mut pc, mut mc, mut vc) = (
-            p0.clone(),
-            p0.zeros_like().unwrap(),
-            p0.zeros_like().unwrap(),
-        );
-        for t in 1..=4i64 {
-            let g = Tensor::randn(0f32, 1.0, (n / 100, 100), &dev).unwrap();
-            opt.step(&cfg, &params, &[true], &[g.clone()], 0.01, 0.5, t)
-                .unwrap();
-            // The same update from candle ops.
-            let (b1, b2) = (cfg.beta1 as f64, cfg.beta2 as f64);
-            let g = (g * 0.5).unwrap();
-            mc = ((&mc * b1).unwrap() + (&g * (1.0 - b1)).unwrap()).unwrap();
-            vc = ((&vc * b2).unwrap() + (g.sqr().unwrap() * (1.0 - b2)).unwrap()).unwrap();
-            let denom = ((&vc / (1.0 - b2.powi(t as i32))).unwrap().sqrt().unwrap()
-                + cfg.eps as f64)
-                .unwrap();
-            let step = ((&mc / denom).unwrap() * (0.01 / (1.0 - b1.powi(t as i32)))).unwrap();
-            pc = ((&pc * (1.0 - 0.01 * 0.05)).unwrap() - step).unwrap();
-        }
-        let diff = (fused.as_tensor() - &pc)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(diff < 1e-5, "fused and composed AdamW differ by {diff}");
-        let mdiff = (&opt.m[0] - &mc)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(mdiff < 1e-6, "first moments differ by {mdiff}");
     }
 
     /// Both paths of the norm: read in place (contiguous CPU f32) and through tensor ops

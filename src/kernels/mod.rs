@@ -2,6 +2,7 @@
 //! fallback for other devices: BLAS matmul, fused activations, norms, im2col.
 
 pub mod activation;
+pub mod adamw;
 pub mod attention;
 pub mod blas;
 pub mod conv;
