@@ -3,6 +3,7 @@
 
 use super::simd::{erf, exp, simd_fn};
 use super::{CHUNK, on_cpu_f32, slice};
+use crate::error::Result;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, InplaceOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -153,7 +154,7 @@ simd_fn!(
 /// `activation(&x)`, computed over `x`'s own storage when nothing needs the input
 /// afterwards: no gradient is tracked through it and the caller hands over the only
 /// reference (a fresh layer output). Otherwise the same as `activation`.
-pub fn activation_owned(x: Tensor, kind: Activation) -> crate::Result<Tensor> {
+pub fn activation_owned(x: Tensor, kind: Activation) -> Result<Tensor> {
     if on_cpu_f32(&x) && !x.track_op() && x.is_contiguous() {
         x.inplace_op1(&ActInPlace(kind))?;
         return Ok(x);
@@ -162,7 +163,7 @@ pub fn activation_owned(x: Tensor, kind: Activation) -> crate::Result<Tensor> {
 }
 
 /// `gelu(x)` with the exact (erf) form, or `silu(x)`.
-pub fn activation(x: &Tensor, kind: Activation) -> crate::Result<Tensor> {
+pub fn activation(x: &Tensor, kind: Activation) -> Result<Tensor> {
     if !on_cpu_f32(x) {
         return Ok(match kind {
             Activation::Gelu => x.gelu_erf()?,

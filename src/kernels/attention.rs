@@ -5,9 +5,11 @@
 //! gradient of `qkv` directly (the composed version pads each of q, k, v's gradients
 //! to the full width with zeros and adds them up).
 
-use super::blas::{SendPtr, available, sgemm_raw};
+use super::SendPtr;
+use super::blas::{available, sgemm_raw};
 use super::simd::{dot, exp, max, simd_fn, sum};
 use super::{on_cpu_f32, slice};
+use crate::error::Result;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -195,7 +197,7 @@ impl CustomOp2 for AttentionBwd {
 /// `qkv` `[B*T, 3W]` read as `[B, T, 3, heads, W/heads]` (a `[B, T, 3W]` input gives
 /// `[B, T, W]`), with a backward; `None` off the CPU or where no BLAS is loaded (the
 /// caller then composes it from candle ops).
-pub fn attention(qkv: &Tensor, tokens: usize, heads: usize) -> crate::Result<Option<Tensor>> {
+pub fn attention(qkv: &Tensor, tokens: usize, heads: usize) -> Result<Option<Tensor>> {
     if !on_cpu_f32(qkv) || !available() {
         return Ok(None);
     }

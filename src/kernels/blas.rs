@@ -6,6 +6,8 @@
 //! is installed (or `DINO_BRIDGE_BLAS=off`), `matmul` is candle's. The op has a backward
 //! (two more matmuls), so training uses it too.
 
+use crate::error::Result;
+use crate::kernels::SendPtr;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use once_cell::sync::Lazy;
 use rayon::prelude::*;
@@ -167,17 +169,6 @@ fn operand(layout: &Layout) -> Option<(c_int, usize, usize, usize)> {
         Some((TRANS, sc, layout.start_offset(), batch_stride))
     } else {
         None
-    }
-}
-
-#[derive(Clone, Copy)]
-pub(crate) struct SendPtr(pub(crate) *mut f32);
-// SAFETY: used only to hand disjoint blocks of one buffer to rayon's threads.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-impl SendPtr {
-    pub(crate) fn get(self) -> *mut f32 {
-        self.0
     }
 }
 
@@ -452,12 +443,7 @@ impl CustomOp3 for BlasLinearResidual {
 
 /// `residual + x @ w^T + bias` for 2-D `x` `[rows, in]`, `w` `[out, in]` and `residual`
 /// `[rows, out]`: one fused op in inference, else `linear` and an add.
-pub fn linear_residual(
-    x: &Tensor,
-    w: &Tensor,
-    bias: &Tensor,
-    residual: &Tensor,
-) -> crate::Result<Tensor> {
+pub fn linear_residual(x: &Tensor, w: &Tensor, bias: &Tensor, residual: &Tensor) -> Result<Tensor> {
     let tracked = [x, w, bias, residual].iter().any(|t| t.track_op());
     let fits = usable(x, w)
         && x.rank() == 2
@@ -486,7 +472,7 @@ pub(crate) fn column_sums(grad: &Tensor) -> candle_core::Result<Tensor> {
 
 /// `x @ w^T + bias` for 2-D `x` `[rows, in]`, `w` `[out, in]` (PyTorch's layout), `bias`
 /// `[out]`.
-pub fn linear(x: &Tensor, w: &Tensor, bias: &Tensor) -> crate::Result<Tensor> {
+pub fn linear(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
     if !(usable(x, w) && x.rank() == 2 && bias.dtype() == candle_core::DType::F32) {
         return Ok(x.matmul(&w.t()?)?.broadcast_add(bias)?);
     }
@@ -495,7 +481,7 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: &Tensor) -> crate::Result<Tensor> {
 
 /// `a @ b` for 2-D f32 tensors or 3-D batches of them: BLAS on the CPU when one is
 /// loaded, else candle.
-pub fn matmul(a: &Tensor, b: &Tensor) -> crate::Result<Tensor> {
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if !usable(a, b) {
         return Ok(a.matmul(b)?);
     }
@@ -516,7 +502,7 @@ fn usable(a: &Tensor, b: &Tensor) -> bool {
 }
 
 /// The operand as is when BLAS can read its layout, else a contiguous copy.
-fn fit(t: &Tensor) -> crate::Result<Tensor> {
+fn fit(t: &Tensor) -> Result<Tensor> {
     let (storage, layout) = t.storage_and_layout();
     let ok = operand(layout).is_some()
         && matches!(&*storage, candle_core::Storage::Cpu(CpuStorage::F32(_)));

@@ -9,8 +9,10 @@
 //! Weights are tap-major rows, `w[o, k*C + c]` with tap `k = ky*3 + kx`, so a patch row is
 //! nine contiguous runs of `C` channels.
 
-use super::blas::{SendPtr, available, sgemm_raw};
+use super::SendPtr;
+use super::blas::{available, sgemm_raw};
 use super::{on_cpu_f32, slice};
+use crate::error::Result;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -299,7 +301,7 @@ impl CustomOp2 for ConvWeightGrad {
 
 /// `conv3x3(x) + bias` for channels-last `x` and tap-major weight rows `[O, 9*C]`, or
 /// `None` where the caller should use its im2col path (not CPU f32, or no BLAS).
-pub fn conv3x3(x: &Tensor, w_rows: &Tensor, bias: &Tensor) -> crate::Result<Option<Tensor>> {
+pub fn conv3x3(x: &Tensor, w_rows: &Tensor, bias: &Tensor) -> Result<Option<Tensor>> {
     if !on_cpu_f32(x) || !available() {
         return Ok(None);
     }

@@ -3,6 +3,7 @@
 //! and an add in the backward, all thrown away) and a separate add node.
 
 use super::{CHUNK, on_cpu_f32, output_vec, slice};
+use crate::error::Result;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -90,7 +91,7 @@ impl CustomOp1 for Masked {
 }
 
 /// `x + h * mask` for same-shaped `x` and `h`: one op on the CPU, candle's ops elsewhere.
-pub fn add_masked(x: &Tensor, h: &Tensor, mask: Vec<f32>) -> crate::Result<Tensor> {
+pub fn add_masked(x: &Tensor, h: &Tensor, mask: Vec<f32>) -> Result<Tensor> {
     if !on_cpu_f32(x) || x.shape() != h.shape() {
         let mask = Tensor::from_vec(mask, h.shape(), h.device())?.to_dtype(h.dtype())?;
         return Ok((x + h.mul(&mask)?)?);

@@ -2,9 +2,10 @@
 //! (col2im), from `conv.rs`'s patch gather and scatter: the path for CPUs without a
 //! BLAS, where the product is candle's. `conv.rs` never builds the whole patch matrix.
 
-use super::blas::SendPtr;
+use super::SendPtr;
 use super::conv::{Dims, gather, scatter};
 use super::{on_cpu_f32, slice};
+use crate::error::Result;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -65,7 +66,7 @@ impl CustomOp1 for Col2Im {
 
 /// The 3x3 patches of a channels-last map as rows `[B*H*W, C*9]`, or `None` where the
 /// caller should build them from candle ops (not CPU f32).
-pub fn im2col_3x3(x: &Tensor) -> crate::Result<Option<Tensor>> {
+pub fn im2col_3x3(x: &Tensor) -> Result<Option<Tensor>> {
     if !on_cpu_f32(x) {
         return Ok(None);
     }

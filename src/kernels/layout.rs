@@ -8,6 +8,7 @@
 //!   gradient buffer and an add over the whole map in candle's backward.
 
 use super::{on_cpu_f32, output_vec, slice};
+use crate::error::Result;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -110,7 +111,7 @@ impl CustomOp1 for Patches2x2 {
 
 /// The 2x2 stride-2 patches of a channels-last map `[B, H, W, C]` as rows
 /// `[B*(H/2)*(W/2), 4C]`, each `(ky, kx, c)`.
-pub fn patches_2x2(x: &Tensor) -> crate::Result<Tensor> {
+pub fn patches_2x2(x: &Tensor) -> Result<Tensor> {
     let (b, h, w, c) = x.dims4()?;
     if !on_cpu_f32(x) || h % 2 != 0 || w % 2 != 0 {
         return Ok(x
@@ -127,7 +128,7 @@ pub fn patches_2x2(x: &Tensor) -> crate::Result<Tensor> {
 }
 
 /// `w` `[O, C, kh, kw]` as rows `[O, kh*kw*C]`, column `(ky*kw + kx)*C + c`.
-pub fn tap_major(w: &Tensor) -> crate::Result<Tensor> {
+pub fn tap_major(w: &Tensor) -> Result<Tensor> {
     let (o, c, kh, kw) = w.dims4()?;
     if !on_cpu_f32(w) {
         return Ok(w.permute((0, 2, 3, 1))?.reshape((o, kh * kw * c))?);

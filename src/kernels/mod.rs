@@ -47,6 +47,21 @@ pub(crate) fn output_vec(n: usize) -> Vec<f32> {
     v
 }
 
+/// A raw pointer into one buffer that rayon's threads may share: each thread writes only
+/// its own disjoint block of it.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr(pub(crate) *mut f32);
+// SAFETY: used only to hand disjoint blocks of one buffer to rayon's threads, which are
+// joined before the buffer is read or dropped.
+unsafe impl Send for SendPtr {}
+// SAFETY: as for `Send`: shared references only ever reach disjoint blocks.
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// Elements per work item of the element-wise kernels (64 KiB of f32).
 pub(crate) const CHUNK: usize = 1 << 14;
 

@@ -4,6 +4,7 @@
 
 use super::simd::{LANES, simd_fn, sum};
 use super::{on_cpu_f32, slice};
+use crate::error::Result;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -204,14 +205,14 @@ fn add_pairs(mut a: (Vec<f32>, Vec<f32>), b: (Vec<f32>, Vec<f32>)) -> (Vec<f32>,
 }
 
 /// LayerNorm of `x` over its last dimension with scale `w` and shift `b`.
-pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> crate::Result<Option<Tensor>> {
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<Option<Tensor>> {
     if !on_cpu_f32(x) {
         return Ok(None);
     }
     fused_layer_norm(x, w, b, eps).map(Some)
 }
 
-fn fused_layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> crate::Result<Tensor> {
+fn fused_layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<Tensor> {
     Ok(x.contiguous()?
         .apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNormOp { eps })?)
 }
@@ -403,7 +404,7 @@ pub fn group_norm(
     b: &Tensor,
     groups: usize,
     eps: f32,
-) -> crate::Result<Option<Tensor>> {
+) -> Result<Option<Tensor>> {
     if !on_cpu_f32(x) {
         return Ok(None);
     }
@@ -418,7 +419,7 @@ pub fn group_norm_silu(
     b: &Tensor,
     groups: usize,
     eps: f32,
-) -> crate::Result<Option<Tensor>> {
+) -> Result<Option<Tensor>> {
     if !on_cpu_f32(x) || x.track_op() || w.track_op() || b.track_op() {
         return Ok(None);
     }
@@ -433,13 +434,7 @@ pub fn group_norm_silu(
     )?))
 }
 
-fn fused_group_norm(
-    x: &Tensor,
-    w: &Tensor,
-    b: &Tensor,
-    groups: usize,
-    eps: f32,
-) -> crate::Result<Tensor> {
+fn fused_group_norm(x: &Tensor, w: &Tensor, b: &Tensor, groups: usize, eps: f32) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op3(
         &w.contiguous()?,
         &b.contiguous()?,

@@ -13,7 +13,8 @@
 //! ```
 //! Every transform runs across channels (channels-last), so its loops vectorise.
 
-use super::blas::{SendPtr, sgemm_raw};
+use super::SendPtr;
+use super::blas::sgemm_raw;
 use super::output_vec;
 use super::simd::simd_fn;
 use rayon::prelude::*;
