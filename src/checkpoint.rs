@@ -124,10 +124,10 @@ fn rename(key: &str, map: &HashMap<String, String>) -> String {
         return new.clone();
     }
     for (old, new) in map {
-        if old.ends_with('.') {
-            if let Some(rest) = key.strip_prefix(old.as_str()) {
-                return format!("{new}{rest}");
-            }
+        if old.ends_with('.')
+            && let Some(rest) = key.strip_prefix(old.as_str())
+        {
+            return format!("{new}{rest}");
         }
     }
     key.to_string()

@@ -161,7 +161,7 @@ impl BridgeConfig {
                 self.latent_size, self.grid, self.adapter_depth
             )));
         }
-        if self.width % self.heads != 0 {
+        if !self.width.is_multiple_of(self.heads) {
             return Err(Error::invalid(format!(
                 "config: width ({}) must be divisible by heads ({})",
                 self.width, self.heads

@@ -108,6 +108,7 @@ impl AdamW {
 
     /// One update with 1-based count `t`. Every new value is computed before any is
     /// written, so an error leaves parameters and moments as they were.
+    #[allow(clippy::too_many_arguments)] // the step's scalars, each used once
     pub fn step(
         &mut self,
         cfg: &OptimConfig,

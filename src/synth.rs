@@ -103,7 +103,7 @@ pub fn make(out: &Path, n: usize, config: &BridgeConfig, seed: u64) -> Result<()
     );
     let f = side / g;
     let feat = c * 4; // each grid cell's patch, average-pooled to 2x2 per channel
-    let mut trng = Rng::new(0x7eac_4e5 ^ seed.rotate_left(17));
+    let mut trng = Rng::new(0x07ea_c4e5 ^ seed.rotate_left(17));
     let teacher = Teacher {
         w1: gaussian(&[feat, HIDDEN], 1.0 / (feat as f32).sqrt(), &mut trng)?,
         w2: gaussian(&[HIDDEN, d], 1.0 / (HIDDEN as f32).sqrt(), &mut trng)?,
@@ -122,7 +122,7 @@ pub fn make(out: &Path, n: usize, config: &BridgeConfig, seed: u64) -> Result<()
         }
         // Patch features [b, g, g, c, 2, 2] from the latents [b, c, g, f, g, f].
         let x = Tensor::from_vec(lat.clone(), (b, c, side, side), &Device::Cpu)?;
-        let h2 = f / 2.max(1);
+        let h2 = f / 2;
         let pooled = x
             .reshape(&[b, c, g, 2, h2.max(1), g, 2, h2.max(1)][..])?
             .mean((4, 7))?

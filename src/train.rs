@@ -226,12 +226,12 @@ pub fn train(args: &TrainArgs) -> Result<Vec<EpochRecord>> {
     if args.batch == 0 || args.epochs == 0 {
         return Err(Error::invalid("--batch and --epochs must be > 0"));
     }
-    if let Some(d) = args.ema {
-        if !(0.0..1.0).contains(&d) {
-            return Err(Error::invalid(format!(
-                "--ema {d}: the decay must be in [0, 1)"
-            )));
-        }
+    if let Some(d) = args.ema
+        && !(0.0..1.0).contains(&d)
+    {
+        return Err(Error::invalid(format!(
+            "--ema {d}: the decay must be in [0, 1)"
+        )));
     }
     std::fs::create_dir_all(&args.out).map_err(|e| Error::io(&args.out, e))?;
     remove_stale_temporaries(&args.out);
@@ -384,7 +384,10 @@ pub fn train(args: &TrainArgs) -> Result<Vec<EpochRecord>> {
                 ts.dropped_rows += batch.dropped as i64;
             });
             bar.inc(1);
-            if args.save_every > 0 && position % args.save_every == 0 && position % per_epoch != 0 {
+            if args.save_every > 0
+                && position.is_multiple_of(args.save_every)
+                && !position.is_multiple_of(per_epoch)
+            {
                 bridge.save_training(&latest, (!ema.is_empty()).then_some(ema.as_slice()))?;
             }
         }

@@ -15,8 +15,7 @@ fn bin() -> Command {
 }
 
 fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap();
-    out
+    cmd.output().unwrap()
 }
 
 fn text(out: &Output) -> String {
@@ -283,7 +282,9 @@ fn bad_data_gets_an_error_naming_the_file_and_the_problem() {
     let lat =
         |d: &Path, n: usize| write_npy(&d.join("latents.npy"), "<f4", &[n, 4, 16, 16], false, 4);
     let tgt = |d: &Path, n: usize| write_npy(&d.join("targets.npy"), "<f2", &[n, 16, 48], false, 2);
-    let cases: Vec<(&str, Box<dyn FnOnce(&Path)>, &str)> = vec![
+    // (case, how to break the data folder, what the error must say)
+    type Case<'a> = (&'a str, Box<dyn FnOnce(&Path)>, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "missing",
             Box::new(move |d: &Path| lat(d, 50)),
