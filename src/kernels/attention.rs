@@ -1,14 +1,18 @@
-//! Multi-head self-attention straight from the fused qkv projection, with its backward:
-//! per (sample, head), `softmax(q k^T / sqrt(d)) v` with BLAS calls on strided views of
-//! `qkv` and the softmax in a per-thread buffer. It skips the three head-split copies,
-//! the score tensor and the passes of a composed softmax, and its backward writes the
-//! gradient of `qkv` directly (the composed version pads each of q, k, v's gradients
-//! to the full width with zeros and adds them up).
+//! Multi-head self-attention straight from the fused qkv projection, and the softmax.
+//!
+//! `attention` picks one of two paths. f32 on the CPU (with a BLAS): one op with its
+//! backward: per (sample, head), `softmax(q k^T / sqrt(d)) v` with BLAS calls on strided
+//! views of `qkv` and the softmax in a per-thread buffer. It skips the three head-split
+//! copies, the score tensor and the passes of a composed softmax, and its backward writes
+//! the gradient of `qkv` directly (the composed version pads each of q, k, v's gradients
+//! to the full width with zeros and adds them up). Elsewhere (CUDA, bf16): head split,
+//! two batched matmuls and `softmax_last_dim`, which is candle-nn's fused kernel where no
+//! gradient is tracked and differentiable ops where one is.
 
 use super::SendPtr;
 use super::blas::{available, sgemm_raw};
 use super::simd::{dot, exp, max, simd_fn, sum};
-use super::{on_cpu_f32, slice};
+use super::{on_cpu_f32, slice, tracked};
 use crate::error::Result;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -22,7 +26,7 @@ struct FusedAttention {
 /// `(B, T, W)` of a `qkv` layout, and the output shape (the input's with `W` last).
 fn dims(l: &Layout, tokens: usize) -> candle_core::Result<(usize, usize, usize, Shape)> {
     let w3 = *l.dims().last().unwrap_or(&0);
-    if w3 % 3 != 0 || tokens == 0 || l.shape().elem_count() % (w3 * tokens) != 0 {
+    if !w3.is_multiple_of(3) || tokens == 0 || !l.shape().elem_count().is_multiple_of(w3 * tokens) {
         candle_core::bail!("attention: qkv {:?} is not [B*{tokens}, 3W]", l.dims());
     }
     let b = l.shape().elem_count() / (w3 * tokens);
@@ -195,64 +199,114 @@ impl CustomOp2 for AttentionBwd {
 
 /// Attention output `[B*T, W]` (heads concatenated, before the output projection) from
 /// `qkv` `[B*T, 3W]` read as `[B, T, 3, heads, W/heads]` (a `[B, T, 3W]` input gives
-/// `[B, T, W]`), with a backward; `None` off the CPU or where no BLAS is loaded (the
-/// caller then composes it from candle ops).
-pub fn attention(qkv: &Tensor, tokens: usize, heads: usize) -> Result<Option<Tensor>> {
-    if !on_cpu_f32(qkv) || !available() {
-        return Ok(None);
+/// `[B, T, W]`).
+pub fn attention(qkv: &Tensor, tokens: usize, heads: usize) -> Result<Tensor> {
+    if on_cpu_f32(qkv) && available() {
+        let op = FusedAttention { heads, tokens };
+        return Ok(qkv.contiguous()?.apply_op1(op)?);
     }
-    let op = FusedAttention { heads, tokens };
-    Ok(Some(qkv.contiguous()?.apply_op1(op)?))
+    let dims = qkv.dims().to_vec();
+    let three_w = dims[dims.len() - 1];
+    let rows = qkv.elem_count() / three_w;
+    let (b, t, w) = (rows / tokens, tokens, three_w / 3);
+    let d = w / heads;
+    let split = qkv.reshape((b, t, 3, heads, d))?.permute((2, 0, 3, 1, 4))?;
+    let part = |i: usize| -> Result<Tensor> {
+        Ok(split.get(i)?.contiguous()?.reshape((b * heads, t, d))?)
+    };
+    let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+    let scores = (super::matmul(&q, &k.t()?)? * (1.0 / (d as f64).sqrt()))?;
+    let out = super::matmul(&softmax_last_dim(&scores)?, &v)?.reshape((b, heads, t, d))?;
+    let mut out_dims = dims;
+    *out_dims.last_mut().unwrap() = w;
+    Ok(out.transpose(1, 2)?.reshape(out_dims)?)
+}
+
+/// Softmax over the last dimension, in f32 also for bf16 inputs (as autocast does):
+/// candle-nn's fused kernel where no gradient is tracked (it has no backward), else
+/// differentiable ops (with the max detached: the result does not depend on it).
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(candle_core::DType::F32)?;
+    if !tracked(&[&x]) {
+        return Ok(candle_nn::ops::softmax_last_dim(&x.contiguous()?)?.to_dtype(dtype)?);
+    }
+    let max = x.max_keepdim(candle_core::D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let sum = e.sum_keepdim(candle_core::D::Minus1)?;
+    Ok(e.broadcast_div(&sum)?.to_dtype(dtype)?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use crate::kernels::testing::{blas_or_skip, grad_gaps, max_abs_diff};
+    use candle_core::{DType, Device, Var};
 
+    /// The fused CPU op against the composed path of the same function (taken for f64, as
+    /// on a GPU), forward and backward, in both input layouts.
     #[test]
-    fn matches_the_composed_attention() {
-        if !crate::kernels::testing::blas_or_skip("the fused attention") {
+    fn the_fused_op_matches_the_composed_path() {
+        if !blas_or_skip("the fused attention") {
             return;
         }
         let (b, t, heads, d) = (2, 9, 3, 8);
         let w = heads * d;
-        let var = candle_core::Var::from_tensor(
-            &Tensor::randn(0f32, 1.0, (b, t, 3 * w), &Device::Cpu).unwrap(),
-        )
-        .unwrap();
+        let var = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, t, 3 * w), &Device::Cpu).unwrap())
+            .unwrap();
         let qkv = var.as_tensor();
-        let ours = attention(qkv, t, heads).unwrap().unwrap();
+        let ours = attention(qkv, t, heads).unwrap();
         // Token rows `[B*T, 3W]` give the same values as `[B*T, W]`.
-        let rows = attention(&qkv.reshape((b * t, 3 * w)).unwrap(), t, heads)
-            .unwrap()
-            .unwrap();
+        let rows = attention(&qkv.reshape((b * t, 3 * w)).unwrap(), t, heads).unwrap();
         assert_eq!(rows.dims(), [b * t, w]);
-        let same = crate::kernels::testing::max_abs_diff(&rows.reshape((b, t, w)).unwrap(), &ours);
-        assert_eq!(same, 0.0);
-        let split = qkv
-            .reshape((b, t, 3, heads, d))
+        assert_eq!(max_abs_diff(&rows.reshape((b, t, w)).unwrap(), &ours), 0.0);
+        // The composed path, differentiable: f64 in, cast back to f32 for the gradient.
+        let composed = attention(&qkv.to_dtype(DType::F64).unwrap(), t, heads)
             .unwrap()
-            .permute((2, 0, 3, 1, 4))
+            .to_dtype(DType::F32)
             .unwrap();
-        let part = |i| split.get(i).unwrap().contiguous().unwrap();
-        let (q, k, v) = (part(0), part(1), part(2));
-        let scores = (q.matmul(&k.t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap();
-        // The differentiable softmax: candle_nn's fused one has no backward.
-        let attn = crate::model::layers::softmax_last_dim(&scores).unwrap();
-        let theirs = attn
-            .matmul(&v)
-            .unwrap()
-            .transpose(1, 2)
-            .unwrap()
-            .reshape((b, t, w))
-            .unwrap();
-        let diff = crate::kernels::testing::max_abs_diff(&ours, &theirs);
+        assert_eq!(composed.dims(), ours.dims());
+        let diff = max_abs_diff(&ours, &composed);
         assert!(diff < 1e-5, "{diff}");
-        let (gap, scale) = crate::kernels::testing::grad_gaps(&ours, &theirs, &[&var])[0];
+        let (gap, scale) = grad_gaps(&ours, &composed, &[&var])[0];
         assert!(
             gap < 1e-5 * scale.max(1.0),
             "d qkv off by {gap} (scale {scale})"
+        );
+    }
+
+    /// Both softmax paths: the fused kernel (untracked) and the differentiable ops.
+    #[test]
+    fn softmax_paths_agree_and_the_tracked_one_has_a_gradient() {
+        let x =
+            Var::from_tensor(&Tensor::randn(0f32, 3.0, (4, 5, 33), &Device::Cpu).unwrap()).unwrap();
+        let fused = softmax_last_dim(&x.as_tensor().detach()).unwrap();
+        let composed = softmax_last_dim(x.as_tensor()).unwrap();
+        assert!(max_abs_diff(&fused, &composed) < 1e-6);
+        let sums = fused
+            .sum(2)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5));
+        let probe = Tensor::randn(0f32, 1.0, (4, 5, 33), &Device::Cpu).unwrap();
+        let grads = (composed * probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g = grads.get(x.as_tensor()).expect("a gradient reaches x");
+        assert!(
+            g.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0
         );
     }
 }

@@ -1,6 +1,12 @@
-//! 3x3, padding-1 convolution over a channels-last map as one op, forward and backward:
-//! each work item gathers the patches of one block of output pixels into a per-thread
-//! buffer and multiplies it with the weights through BLAS. Where Winograd applies (even
+//! 3x3, padding-1 convolution over a channels-last map. `conv3x3` owns its three paths:
+//! - f32 on the CPU (with a BLAS): one op, forward and backward, described below;
+//! - elsewhere (CUDA, bf16) where no gradient is tracked: candle's `conv2d` (one im2col
+//!   kernel and one GEMM) on an NCHW view of the map, in batch chunks that keep its
+//!   32-bit launch size;
+//! - elsewhere with a gradient: im2col (`im2col.rs`) and one matmul, differentiable.
+//!
+//! The CPU op: each work item gathers the patches of one block of output pixels into a
+//! per-thread buffer and multiplies it with the weights through BLAS. Where Winograd applies (even
 //! sizes, 64+ channels) the forward is `winograd::conv3x3` instead; the backward is the
 //! same either way. The full `[B*H*W, 9*C]` patch
 //! matrix of an im2col is never materialised (75 MB per conv at batch 32 in the adapter:
@@ -11,7 +17,7 @@
 
 use super::SendPtr;
 use super::blas::{available, sgemm_raw};
-use super::{on_cpu_f32, slice};
+use super::{on_cpu_f32, slice, tracked};
 use crate::error::Result;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -299,24 +305,59 @@ impl CustomOp2 for ConvWeightGrad {
     }
 }
 
-/// `conv3x3(x) + bias` for channels-last `x` and tap-major weight rows `[O, 9*C]`, or
-/// `None` where the caller should use its im2col path (not CPU f32, or no BLAS).
-pub fn conv3x3(x: &Tensor, w_rows: &Tensor, bias: &Tensor) -> Result<Option<Tensor>> {
-    if !on_cpu_f32(x) || !available() {
-        return Ok(None);
+/// `conv3x3(x) + bias` (padding 1) for a channels-last map `x` `[B, H, W, C]`, the
+/// weight in PyTorch's layout `[O, C, 3, 3]` and `bias` `[O]`; out `[B, H, W, O]`.
+pub fn conv3x3(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let cpu_op = on_cpu_f32(x) && available();
+    if !cpu_op && !tracked(&[x, weight, bias]) {
+        return candle_conv2d(x, weight, bias, i32::MAX as usize);
     }
-    Ok(Some(x.contiguous()?.apply_op3(
-        &w_rows.contiguous()?,
-        &bias.contiguous()?,
-        Conv3x3Op,
-    )?))
+    // Tap-major rows `[O, 9*C]`, column (ky*3 + kx)*C + c: each tap's channels are
+    // contiguous in a channels-last patch. A copy per call (9.4 MB for 512 channels),
+    // made inside the graph so that training reaches the parameter.
+    let rows = super::layout::tap_major(weight)?;
+    if cpu_op {
+        return Ok(x
+            .contiguous()?
+            .apply_op3(&rows, &bias.contiguous()?, Conv3x3Op)?);
+    }
+    let (b, h, w, _) = x.dims4()?;
+    let cols = super::im2col::im2col_3x3(x)?;
+    Ok(super::linear(&cols, &rows, bias)?.reshape((b, h, w, ()))?)
+}
+
+/// candle's `conv2d` on the NCHW view of `x` (no copy: its im2col reads strides), in
+/// batch chunks whose patch matrix stays under `max_patch` elements (the kernel's launch
+/// size is 32-bit: 1024 samples of a 256-channel 32x32 map would be 2.4G).
+fn candle_conv2d(x: &Tensor, weight: &Tensor, bias: &Tensor, max_patch: usize) -> Result<Tensor> {
+    let (b, h, w, c) = x.dims4()?;
+    let weight = weight.to_dtype(x.dtype())?.contiguous()?;
+    let per_sample = h * w * c * 9;
+    let chunk = (max_patch / per_sample.max(1)).clamp(1, b);
+    let nchw = x.permute((0, 3, 1, 2))?;
+    let outs = (0..b)
+        .step_by(chunk)
+        .map(|s| {
+            Ok(nchw
+                .narrow(0, s, chunk.min(b - s))?
+                .conv2d(&weight, 1, 1, 1, 1)?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let y = if outs.len() == 1 {
+        outs.into_iter().next().unwrap()
+    } else {
+        Tensor::cat(&outs, 0)?
+    };
+    // Back to channels-last, with the bias, in one pass.
+    Ok(y.permute((0, 2, 3, 1))?
+        .broadcast_add(&bias.to_dtype(x.dtype())?)?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::kernels::testing::{blas_or_skip, grad_gaps, max_abs_diff};
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
 
     /// The reference: candle's NCHW conv2d, with the weight in PyTorch's layout.
     fn reference(x: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
@@ -330,29 +371,26 @@ mod tests {
         y.permute((0, 2, 3, 1)).unwrap()
     }
 
+    fn vars(b: usize, h: usize, w: usize, c: usize, o: usize) -> (Var, Var, Var) {
+        let dev = &Device::Cpu;
+        let v = |t: Tensor| Var::from_tensor(&t).unwrap();
+        (
+            v(Tensor::randn(0f32, 1.0, (b, h, w, c), dev).unwrap()),
+            v(Tensor::randn(0f32, 0.2, (o, c, 3, 3), dev).unwrap()),
+            v(Tensor::randn(0f32, 1.0, o, dev).unwrap()),
+        )
+    }
+
     #[test]
-    fn matches_candle_conv2d_forward_and_backward() {
+    fn the_cpu_op_matches_candle_conv2d_forward_and_backward() {
         if !blas_or_skip("the fused 3x3 convolution") {
             return;
         }
         // 300 pixels per image: blocks that end mid-image and images split into several.
         // The last case is Winograd's forward (even sizes, 64 channels).
         for (b, h, w, c, o) in [(2, 15, 20, 6, 7), (5, 3, 4, 6, 7), (3, 6, 10, 64, 72)] {
-            let dev = &Device::Cpu;
-            let x =
-                Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, h, w, c), dev).unwrap()).unwrap();
-            let wt =
-                Var::from_tensor(&Tensor::randn(0f32, 0.2, (o, c, 3, 3), dev).unwrap()).unwrap();
-            let bias = Var::from_tensor(&Tensor::randn(0f32, 1.0, o, dev).unwrap()).unwrap();
-            let rows = wt
-                .as_tensor()
-                .permute((0, 2, 3, 1))
-                .unwrap()
-                .reshape((o, 9 * c))
-                .unwrap();
-            let ours = conv3x3(x.as_tensor(), &rows, bias.as_tensor())
-                .unwrap()
-                .unwrap();
+            let (x, wt, bias) = vars(b, h, w, c, o);
+            let ours = conv3x3(x.as_tensor(), wt.as_tensor(), bias.as_tensor()).unwrap();
             let theirs = reference(x.as_tensor(), wt.as_tensor(), bias.as_tensor());
             assert!(max_abs_diff(&ours, &theirs) < 1e-4, "forward {b}x{h}x{w}");
             for (i, (d, _)) in grad_gaps(&ours, &theirs, &[&x, &wt, &bias])
@@ -361,6 +399,59 @@ mod tests {
             {
                 assert!(d < 1e-3, "gradient {i} off by {d} at {b}x{h}x{w}");
             }
+        }
+    }
+
+    /// The paths off the CPU op, taken here for f64 as a GPU takes them: candle's conv2d
+    /// when nothing is tracked (in several batch chunks when the patch matrix is large),
+    /// im2col + matmul with a gradient.
+    #[test]
+    fn the_device_paths_match_the_reference() {
+        let (x, wt, bias) = vars(5, 6, 7, 8, 9);
+        let f64s = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+        let (x64, w64, b64) = (
+            f64s(x.as_tensor()),
+            f64s(wt.as_tensor()),
+            f64s(bias.as_tensor()),
+        );
+        let theirs = reference(&x64, &w64, &b64);
+        let gap = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let untracked = conv3x3(&x64.detach(), &w64.detach(), &b64.detach()).unwrap();
+        assert!(gap(&untracked, &theirs) < 1e-10);
+        // Chunks of two samples (and one of one): the same values.
+        let chunked = candle_conv2d(&x64, &w64, &b64, 2 * 6 * 7 * 8 * 9).unwrap();
+        assert_eq!(gap(&chunked, &untracked), 0.0);
+        // With a gradient: im2col + matmul, every input reached as by the reference.
+        let vs: Vec<Var> = [&x64, &w64, &b64]
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
+        let (xt, wt, bt) = (vs[0].as_tensor(), vs[1].as_tensor(), vs[2].as_tensor());
+        let tracked = conv3x3(xt, wt, bt).unwrap();
+        assert!(
+            max_abs_diff(
+                &tracked.to_dtype(DType::F32).unwrap(),
+                &theirs.to_dtype(DType::F32).unwrap()
+            ) < 1e-6
+        );
+        let probe = Tensor::randn(0f64, 1.0, tracked.shape(), &Device::Cpu).unwrap();
+        let grads = |y: &Tensor| (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let (ours, refs) = (grads(&tracked), grads(&reference(xt, wt, bt)));
+        for (i, v) in vs.iter().enumerate() {
+            let f32s = |g: &candle_core::backprop::GradStore| {
+                g.get(v.as_tensor()).unwrap().to_dtype(DType::F32).unwrap()
+            };
+            let d = max_abs_diff(&f32s(&ours), &f32s(&refs));
+            assert!(d < 1e-4, "gradient {i} off by {d}");
         }
     }
 }

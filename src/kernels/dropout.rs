@@ -1,9 +1,13 @@
-//! The residual branch with dropout, `x + h * mask`, as one op: candle's composed form
-//! makes a mask tensor that gets a gradient of its own (a product, a zero-filled buffer
-//! and an add in the backward, all thrown away) and a separate add node.
+//! The residual branch with dropout, `x + dropout(h)`. Masks come from where the tensors
+//! live: on the CPU from the bridge's own RNG (so runs repeat and resume bit for bit),
+//! on a GPU from the device's RNG (seeded once per step by the bridge), so that no mask
+//! is drawn on the host and uploaded. On the CPU, `x + h * mask` is one op: candle's
+//! composed form makes a mask tensor that gets a gradient of its own (a product, a
+//! zero-filled buffer and an add in the backward, all thrown away) and a separate add node.
 
 use super::{CHUNK, on_cpu_f32, output_vec, slice};
 use crate::error::Result;
+use crate::rng::Rng;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -90,8 +94,29 @@ impl CustomOp1 for Masked {
     }
 }
 
+/// `x + dropout(h)` with drop probability `p` (inverted dropout: kept values are scaled
+/// by `1 / (1 - p)`); on the CPU the mask is drawn from `rng`, on a GPU from the device's
+/// RNG (`rng` is not advanced).
+pub fn residual_dropout(x: &Tensor, h: &Tensor, p: f32, rng: &mut Rng) -> Result<Tensor> {
+    if !h.device().is_cpu() {
+        return Ok((x + h.mul(&device_mask(h, p)?)?)?);
+    }
+    let scale = 1.0 / (1.0 - p);
+    let mask: Vec<f32> = (0..h.elem_count())
+        .map(|_| if rng.uniform() >= p { scale } else { 0.0 })
+        .collect();
+    add_masked(x, h, mask)
+}
+
+/// A mask shaped and typed like `h`, drawn on `h`'s device: `1 / (1 - p)` where a
+/// uniform draw is `>= p`, else 0.
+fn device_mask(h: &Tensor, p: f32) -> Result<Tensor> {
+    let keep = Tensor::rand(0f32, 1f32, h.shape(), h.device())?.ge(p as f64)?;
+    Ok((keep.to_dtype(h.dtype())? * (1.0 / (1.0 - p as f64)))?)
+}
+
 /// `x + h * mask` for same-shaped `x` and `h`: one op on the CPU, candle's ops elsewhere.
-pub fn add_masked(x: &Tensor, h: &Tensor, mask: Vec<f32>) -> Result<Tensor> {
+fn add_masked(x: &Tensor, h: &Tensor, mask: Vec<f32>) -> Result<Tensor> {
     if !on_cpu_f32(x) || x.shape() != h.shape() {
         let mask = Tensor::from_vec(mask, h.shape(), h.device())?.to_dtype(h.dtype())?;
         return Ok((x + h.mul(&mask)?)?);
@@ -104,7 +129,7 @@ pub fn add_masked(x: &Tensor, h: &Tensor, mask: Vec<f32>) -> Result<Tensor> {
 mod tests {
     use super::*;
     use crate::kernels::testing::{grad_gaps, max_abs_diff};
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
 
     #[test]
     fn matches_the_composed_ops_forward_and_backward() {
@@ -122,5 +147,26 @@ mod tests {
         for (d, _) in grad_gaps(&ours, &theirs, &[&x, &h]) {
             assert_eq!(d, 0.0);
         }
+    }
+
+    /// The GPU's mask, drawn here by candle's CPU RNG: values 0 or 1 / (1 - p), a kept
+    /// fraction within 1% of 1 - p, and the residual sum's gradient through it.
+    #[test]
+    fn device_masks_keep_one_minus_p_and_scale_the_rest() {
+        let dev = Device::Cpu;
+        let n = 200_000;
+        let p = 0.1f32;
+        let h = Var::from_tensor(&Tensor::randn(0f32, 1.0, n, &dev).unwrap()).unwrap();
+        let mask = device_mask(h.as_tensor(), p).unwrap();
+        let values = mask.to_vec1::<f32>().unwrap();
+        let scale = 1.0 / (1.0 - p);
+        assert!(values.iter().all(|&v| v == 0.0 || (v - scale).abs() < 1e-6));
+        let kept = values.iter().filter(|&&v| v > 0.0).count() as f32 / n as f32;
+        assert!((kept - (1.0 - p)).abs() < 0.01, "kept {kept}");
+        let x = Var::from_tensor(&Tensor::zeros(n, DType::F32, &dev).unwrap()).unwrap();
+        let y = (x.as_tensor() + h.as_tensor().mul(&mask).unwrap()).unwrap();
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        let gh = grads.get(h.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(gh, values);
     }
 }

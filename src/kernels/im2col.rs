@@ -1,6 +1,8 @@
-//! im2col for a 3x3, padding-1 convolution over a channels-last map, with its backward
-//! (col2im), from `conv.rs`'s patch gather and scatter: the path for CPUs without a
-//! BLAS, where the product is candle's. `conv.rs` never builds the whole patch matrix.
+//! im2col for a 3x3, padding-1 convolution over a channels-last map, with its backward:
+//! for f32 on the CPU one op (col2im its adjoint, from `conv.rs`'s patch gather and
+//! scatter), elsewhere nine shifted views of the padded map, stacked. The composed
+//! convolution of `conv.rs` (CPUs without a BLAS, and training off the CPU) multiplies it
+//! with the weight rows; `conv.rs`'s own CPU op never builds the whole patch matrix.
 
 use super::SendPtr;
 use super::conv::{Dims, gather, scatter};
@@ -64,13 +66,22 @@ impl CustomOp1 for Col2Im {
     }
 }
 
-/// The 3x3 patches of a channels-last map as rows `[B*H*W, C*9]`, or `None` where the
-/// caller should build them from candle ops (not CPU f32).
-pub fn im2col_3x3(x: &Tensor) -> Result<Option<Tensor>> {
-    if !on_cpu_f32(x) {
-        return Ok(None);
+/// The 3x3 patches of a channels-last map `[B, H, W, C]` as rows `[B*H*W, 9*C]`,
+/// column `(ky*3 + kx)*C + c`.
+pub fn im2col_3x3(x: &Tensor) -> Result<Tensor> {
+    if on_cpu_f32(x) {
+        return Ok(x.contiguous()?.apply_op1(Im2Col)?);
     }
-    Ok(Some(x.contiguous()?.apply_op1(Im2Col)?))
+    let (b, h, wd, c) = x.dims4()?;
+    let padded = x.pad_with_zeros(1, 1, 1)?.pad_with_zeros(2, 1, 1)?;
+    let mut taps = Vec::with_capacity(9);
+    for ky in 0..3 {
+        for kx in 0..3 {
+            taps.push(padded.narrow(1, ky, h)?.narrow(2, kx, wd)?);
+        }
+    }
+    // [B, H, W, 9, C] -> rows of 9*C patch values, ordered as the weight rows.
+    Ok(Tensor::stack(&taps, 3)?.reshape((b * h * wd, 9 * c))?)
 }
 
 #[cfg(test)]
@@ -83,17 +94,13 @@ mod tests {
     fn matches_stacked_views_forward_and_backward() {
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 5, 4, 3), &Device::Cpu).unwrap())
             .unwrap();
-        let ours = im2col_3x3(x.as_tensor()).unwrap().unwrap();
-        let p = x
-            .as_tensor()
-            .pad_with_zeros(1, 1, 1)
+        let ours = im2col_3x3(x.as_tensor()).unwrap();
+        // The stacked views, as off the CPU (f64 here), cast back for the gradient.
+        let theirs = im2col_3x3(&x.as_tensor().to_dtype(candle_core::DType::F64).unwrap())
             .unwrap()
-            .pad_with_zeros(2, 1, 1)
+            .to_dtype(candle_core::DType::F32)
             .unwrap();
-        let taps: Vec<Tensor> = (0..9)
-            .map(|k| p.narrow(1, k / 3, 5).unwrap().narrow(2, k % 3, 4).unwrap())
-            .collect();
-        let theirs = Tensor::stack(&taps, 3).unwrap().reshape((40, 27)).unwrap();
+        assert_eq!(theirs.dims(), [40, 27]);
         assert_eq!(max_abs_diff(&ours, &theirs), 0.0);
         let (d, _) = grad_gaps(&ours, &theirs, &[&x])[0];
         assert!(d < 1e-5, "{d}");

@@ -36,9 +36,16 @@ pub(crate) fn on_cpu_f32(x: &Tensor) -> bool {
     enabled() && x.device().is_cpu() && x.dtype() == candle_core::DType::F32
 }
 
+/// Whether any of `ts` tracks a gradient: the fused ops without a backward are for
+/// untracked tensors only.
+pub(crate) fn tracked(ts: &[&Tensor]) -> bool {
+    ts.iter().any(|t| t.track_op())
+}
+
 /// A vector of `n` floats for a kernel that writes every element before any is read.
 /// Zeroing it first would cost a pass over memory (a `memset` of a reused buffer, or
 /// fresh pages from the kernel); candle's CPU backend allocates its outputs this way too.
+#[allow(clippy::uninit_vec)] // the point of it: see the SAFETY line
 pub(crate) fn output_vec(n: usize) -> Vec<f32> {
     let mut v = Vec::with_capacity(n);
     // SAFETY: f32 has no invalid bit patterns, and callers write all `n` values before

@@ -1,9 +1,14 @@
-//! LayerNorm over the last dimension and GroupNorm over channels-last maps, as fused CPU
-//! ops with their backward (candle's fused versions have none, and composing them from
-//! mean/sub/div ops costs five passes over memory).
+//! LayerNorm over the last dimension and GroupNorm over channels-last maps. Each public
+//! function owns every path of its op and picks one:
+//! - f32 on the CPU: fused CPU ops with their backward (candle's fused versions have none,
+//!   and composing them from mean/sub/div ops costs five passes over memory);
+//! - elsewhere (CUDA, bf16) where no gradient is tracked: candle-nn's fused layer norm
+//!   (one kernel; statistics in f32, variance in one pass: `tests/gpu_path.rs` checks it
+//!   against the fixtures' tolerance);
+//! - elsewhere with a gradient: the composed, differentiable ops (`normalize`).
 
 use super::simd::{LANES, simd_fn, sum};
-use super::{on_cpu_f32, slice};
+use super::{on_cpu_f32, slice, tracked};
 use crate::error::Result;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -205,11 +210,44 @@ fn add_pairs(mut a: (Vec<f32>, Vec<f32>), b: (Vec<f32>, Vec<f32>)) -> (Vec<f32>,
 }
 
 /// LayerNorm of `x` over its last dimension with scale `w` and shift `b`.
-pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<Option<Tensor>> {
-    if !on_cpu_f32(x) {
-        return Ok(None);
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<Tensor> {
+    if on_cpu_f32(x) {
+        return fused_layer_norm(x, w, b, eps);
     }
-    fused_layer_norm(x, w, b, eps).map(Some)
+    if !tracked(&[x, w, b]) {
+        return Ok(candle_nn::ops::layer_norm(
+            &x.contiguous()?,
+            &w.to_dtype(x.dtype())?,
+            &b.to_dtype(x.dtype())?,
+            eps,
+        )?);
+    }
+    composed_layer_norm(x, w, b, eps)
+}
+
+/// The differentiable LayerNorm from candle ops.
+fn composed_layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<Tensor> {
+    let xn = normalize(x, candle_core::D::Minus1, eps as f64)?;
+    Ok(xn.broadcast_mul(w)?.broadcast_add(b)?)
+}
+
+/// Normalises `x` over the dimensions `dims` (kept), `(x - mean) / sqrt(var + eps)`,
+/// with the biased variance as PyTorch uses. Statistics are taken in f32 also when the
+/// network runs in bf16 (as autocast does): a bf16 mean over thousands of values loses
+/// the digits the normalisation needs.
+fn normalize<Ds: candle_core::shape::Dims + Copy>(
+    x: &Tensor,
+    dims: Ds,
+    eps: f64,
+) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(candle_core::DType::F32)?;
+    let mean = x.mean_keepdim(dims)?;
+    let centered = x.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(dims)?;
+    Ok(centered
+        .broadcast_div(&(var + eps)?.sqrt()?)?
+        .to_dtype(dtype)?)
 }
 
 fn fused_layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<Tensor> {
@@ -397,41 +435,39 @@ impl CustomOp3 for GroupNormBwd {
     }
 }
 
-/// GroupNorm of a channels-last map `[B, ..., C]` (statistics per sample and group).
-pub fn group_norm(
-    x: &Tensor,
-    w: &Tensor,
-    b: &Tensor,
-    groups: usize,
-    eps: f32,
-) -> Result<Option<Tensor>> {
-    if !on_cpu_f32(x) {
-        return Ok(None);
+/// GroupNorm of a channels-last map `[B, H, W, C]` (statistics per sample and group):
+/// the fused CPU op (with its backward) for f32 on the CPU, else composed.
+pub fn group_norm(x: &Tensor, w: &Tensor, b: &Tensor, groups: usize, eps: f32) -> Result<Tensor> {
+    if on_cpu_f32(x) {
+        return fused_group_norm(x, w, b, groups, eps);
     }
-    fused_group_norm(x, w, b, groups, eps).map(Some)
+    let (n, h, wd, c) = x.dims4()?;
+    let grouped = x.reshape((n, h * wd, groups, c / groups))?;
+    let xn = normalize(&grouped, (1, 3), eps as f64)?.reshape((n, h, wd, c))?;
+    Ok(xn.broadcast_mul(w)?.broadcast_add(b)?)
 }
 
-/// `silu(group_norm(x))` in one pass over memory where nothing tracks a gradient (the
-/// fused op has no backward); `None` where the caller should compose it.
+/// `silu(group_norm(x))`: in one pass over memory for f32 on the CPU where nothing tracks
+/// a gradient (that fused op has no backward), else the two ops.
 pub fn group_norm_silu(
     x: &Tensor,
     w: &Tensor,
     b: &Tensor,
     groups: usize,
     eps: f32,
-) -> Result<Option<Tensor>> {
-    if !on_cpu_f32(x) || x.track_op() || w.track_op() || b.track_op() {
-        return Ok(None);
+) -> Result<Tensor> {
+    if on_cpu_f32(x) && !tracked(&[x, w, b]) {
+        return Ok(x.contiguous()?.apply_op3(
+            &w.contiguous()?,
+            &b.contiguous()?,
+            GroupNormOp {
+                groups,
+                eps,
+                silu: true,
+            },
+        )?);
     }
-    Ok(Some(x.contiguous()?.apply_op3(
-        &w.contiguous()?,
-        &b.contiguous()?,
-        GroupNormOp {
-            groups,
-            eps,
-            silu: true,
-        },
-    )?))
+    super::activation_owned(group_norm(x, w, b, groups, eps)?, super::Activation::Silu)
 }
 
 fn fused_group_norm(x: &Tensor, w: &Tensor, b: &Tensor, groups: usize, eps: f32) -> Result<Tensor> {
@@ -450,35 +486,14 @@ fn fused_group_norm(x: &Tensor, w: &Tensor, b: &Tensor, groups: usize, eps: f32)
 mod tests {
     use super::*;
     use crate::kernels::testing::{grad_gaps, max_abs_diff};
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
 
-    /// Composed reference: normalise over `dims`, then scale and shift.
-    fn reference(
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        grouped: &[usize],
-        dims: &[usize],
-        eps: f64,
-    ) -> Tensor {
-        let g = x.reshape(grouped).unwrap();
-        let mean = g.mean_keepdim(dims.to_vec()).unwrap();
-        let c = g.broadcast_sub(&mean).unwrap();
-        let var = c.sqr().unwrap().mean_keepdim(dims.to_vec()).unwrap();
-        let xn = c
-            .broadcast_div(&(var + eps).unwrap().sqrt().unwrap())
-            .unwrap()
-            .reshape(x.shape())
-            .unwrap();
-        xn.broadcast_mul(w).unwrap().broadcast_add(b).unwrap()
-    }
-
-    fn check(x: Var, w: Var, b: Var, ours: Tensor, theirs: Tensor) {
-        assert!(max_abs_diff(&ours, &theirs) < 1e-4, "forward");
-        for (name, (gap, scale)) in
-            ["x", "w", "b"]
-                .iter()
-                .zip(grad_gaps(&ours, &theirs, &[&x, &w, &b]))
+    /// Forward within 1e-4 and every gradient within 1e-4 of its scale.
+    fn check(x: &Var, w: &Var, b: &Var, ours: &Tensor, theirs: &Tensor) {
+        assert!(max_abs_diff(ours, theirs) < 1e-4, "forward");
+        for (name, (gap, scale)) in ["x", "w", "b"]
+            .iter()
+            .zip(grad_gaps(ours, theirs, &[x, w, b]))
         {
             assert!(
                 gap <= 1e-4 * scale.max(1.0),
@@ -487,62 +502,61 @@ mod tests {
         }
     }
 
-    #[test]
-    fn layer_norm_matches_the_composed_ops() {
+    fn vars(shape: &[usize], c: usize, mean: f32) -> (Var, Var, Var) {
         let dev = Device::Cpu;
-        let x = Var::from_tensor(&(Tensor::randn(0.5f32, 2.0, (2, 7, 37), &dev).unwrap())).unwrap();
-        let w = Var::from_tensor(&Tensor::randn(1f32, 0.3, 37, &dev).unwrap()).unwrap();
-        let b = Var::from_tensor(&Tensor::randn(0f32, 0.3, 37, &dev).unwrap()).unwrap();
-        let ours = fused_layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-6).unwrap();
-        // Training takes the fused op too: the public entry serves tracked tensors.
-        assert!(
-            layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-6)
-                .unwrap()
-                .is_some()
-        );
-        let theirs = reference(
-            x.as_tensor(),
-            w.as_tensor(),
-            b.as_tensor(),
-            &[2, 7, 37],
-            &[2],
-            1e-6,
-        );
-        check(x, w, b, ours, theirs);
+        let v = |t: Tensor| Var::from_tensor(&t).unwrap();
+        (
+            v(Tensor::randn(mean, 2.0, shape, &dev).unwrap()),
+            v(Tensor::randn(1f32, 0.3, c, &dev).unwrap()),
+            v(Tensor::randn(0f32, 0.3, c, &dev).unwrap()),
+        )
     }
 
     #[test]
-    fn group_norm_matches_the_composed_ops() {
-        let dev = Device::Cpu;
-        let x =
-            Var::from_tensor(&(Tensor::randn(0.3f32, 1.5, (3, 5, 6, 64), &dev).unwrap())).unwrap();
-        let w = Var::from_tensor(&Tensor::randn(1f32, 0.3, 64, &dev).unwrap()).unwrap();
-        let b = Var::from_tensor(&Tensor::randn(0f32, 0.3, 64, &dev).unwrap()).unwrap();
-        let ours = fused_group_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 32, 1e-5).unwrap();
-        let theirs = reference(
-            x.as_tensor(),
-            w.as_tensor(),
-            b.as_tensor(),
-            &[3, 30, 32, 2],
-            &[1, 3],
-            1e-5,
-        );
-        let fused = group_norm_silu(
-            &x.as_tensor().detach(),
-            &w.as_tensor().detach(),
-            &b.as_tensor().detach(),
-            32,
-            1e-5,
-        )
-        .unwrap()
-        .expect("untracked inputs take the fused op");
-        let d = max_abs_diff(&fused, &theirs.silu().unwrap());
+    fn layer_norm_paths_agree() {
+        let (x, w, b) = vars(&[2, 7, 37], 37, 0.5);
+        let (xt, wt, bt) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
+        // f32 on the CPU: the fused op, for tracked tensors too (training uses it).
+        let ours = layer_norm(xt, wt, bt, 1e-6).unwrap();
+        let composed = composed_layer_norm(xt, wt, bt, 1e-6).unwrap();
+        check(&x, &w, &b, &ours, &composed);
+        // Off that path (bf16 here, as on a GPU) without a gradient, the function picks
+        // candle-nn's fused kernel ...
+        let bf16s = |t: &Tensor| t.detach().to_dtype(DType::BF16).unwrap();
+        let untracked = layer_norm(&bf16s(xt), &bf16s(wt), &bf16s(bt), 1e-6).unwrap();
+        let direct = candle_nn::ops::layer_norm(&bf16s(xt), &bf16s(wt), &bf16s(bt), 1e-6).unwrap();
+        let f32s = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        assert_eq!(max_abs_diff(&f32s(&untracked), &f32s(&direct)), 0.0);
+        // ... whose one-pass variance meets the fixtures' tolerance here (f32).
+        let fused = candle_nn::ops::layer_norm(&xt.detach(), wt, bt, 1e-6).unwrap();
+        assert!(max_abs_diff(&fused, &composed) < 1e-4);
+        let f64s = |t: &Tensor| t.detach().to_dtype(DType::F64).unwrap();
+        // ... and with a gradient: the composed ops, which reach every variable.
+        let xv = Var::from_tensor(&f64s(xt)).unwrap();
+        let tracked = layer_norm(xv.as_tensor(), &f64s(wt), &f64s(bt), 1e-6).unwrap();
+        let grads = tracked.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(xv.as_tensor()).is_some());
+    }
+
+    #[test]
+    fn group_norm_paths_agree() {
+        let (x, w, b) = vars(&[3, 5, 6, 64], 64, 0.3);
+        let (xt, wt, bt) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
+        let ours = group_norm(xt, wt, bt, 32, 1e-5).unwrap();
+        let f64s = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+        // The composed path (f64) with its gradient, as CUDA and bf16 take it.
+        let composed = group_norm(&f64s(xt), &f64s(wt), &f64s(bt), 32, 1e-5)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        check(&x, &w, &b, &ours, &composed);
+        let detached = |t: &Tensor| t.detach();
+        let fused = group_norm_silu(&detached(xt), &detached(wt), &detached(bt), 32, 1e-5).unwrap();
+        let d = max_abs_diff(&fused, &composed.silu().unwrap());
         assert!(d < 1e-5, "group norm + silu off by {d}");
-        assert!(
-            group_norm_silu(x.as_tensor(), w.as_tensor(), b.as_tensor(), 32, 1e-5)
-                .unwrap()
-                .is_none()
-        );
-        check(x, w, b, ours, theirs);
+        // Tracked: the two ops, with a gradient.
+        let tracked = group_norm_silu(xt, wt, bt, 32, 1e-5).unwrap();
+        let (gap, scale) = grad_gaps(&tracked, &composed.silu().unwrap(), &[&x])[0];
+        assert!(gap <= 1e-4 * scale.max(1.0), "{gap}");
     }
 }

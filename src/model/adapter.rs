@@ -6,7 +6,7 @@ use crate::config::{BridgeConfig, GROUPS};
 use crate::error::Result;
 use candle_core::Tensor;
 
-const GN_EPS: f64 = 1e-5;
+const GN_EPS: f32 = 1e-5;
 
 /// `x + conv2(silu(norm2(conv1(silu(norm1(x))))))`
 #[derive(Clone)]

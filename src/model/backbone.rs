@@ -1,13 +1,13 @@
 //! The transformer body: pre-norm ViT blocks over the token grid (DESIGN.md, Model step 3).
 
-use super::layers::{LayerNorm, Linear, WeightSource, residual_dropout, softmax_last_dim};
+use super::layers::{LayerNorm, Linear, WeightSource};
 use crate::config::BridgeConfig;
 use crate::error::Result;
-use crate::kernels::{self, Activation, activation_owned, matmul};
+use crate::kernels::{self, Activation, activation_owned};
 use crate::rng::Rng;
 use candle_core::Tensor;
 
-const LN_EPS: f64 = 1e-6;
+const LN_EPS: f32 = 1e-6;
 
 #[derive(Clone)]
 pub struct Attention {
@@ -18,31 +18,10 @@ pub struct Attention {
 
 impl Attention {
     /// Token rows `x` `[B*T, W]` of `tokens` per sample; `residual + attn(x)` where a
-    /// residual is given, else `attn(x)`.
+    /// residual is given, else `attn(x)`, with `attn(x) = proj(attention(qkv(x)))`.
     fn forward(&self, x: &Tensor, tokens: usize, residual: Option<&Tensor>) -> Result<Tensor> {
-        let (rows, w) = x.dims2()?;
-        let (b, t, d) = (rows / tokens, tokens, w / self.heads);
-        // qkv rows read as [B, T, 3, heads, d]; q, k, v in that order.
-        let qkv = self.qkv.forward(x)?;
-        if let Some(out) = kernels::attention::attention(&qkv, t, self.heads)? {
-            return self.proj.forward_onto(&out, residual);
-        }
-        let qkv = qkv
-            .reshape((b, t, 3, self.heads, d))?
-            .permute((2, 0, 3, 1, 4))?;
-        let q = qkv.get(0)?.contiguous()?;
-        let k = qkv.get(1)?.contiguous()?;
-        let v = qkv.get(2)?.contiguous()?;
-        let bh = b * self.heads;
-        let (q, k, v) = (
-            q.reshape((bh, t, d))?,
-            k.reshape((bh, t, d))?,
-            v.reshape((bh, t, d))?,
-        );
-        let scores = (matmul(&q, &k.t()?)? * (1.0 / (d as f64).sqrt()))?;
-        let out = matmul(&softmax_last_dim(&scores)?, &v)?.reshape((b, self.heads, t, d))?;
-        self.proj
-            .forward_onto(&out.transpose(1, 2)?.reshape((rows, w))?, residual)
+        let heads = kernels::attention::attention(&self.qkv.forward(x)?, tokens, self.heads)?;
+        self.proj.forward_onto(&heads, residual)
     }
 }
 
@@ -88,24 +67,18 @@ impl Block {
 
     /// `x + drop(attn(norm1(x)))`, then `x + drop(mlp(norm2(x)))`, on token rows
     /// `[B*T, W]` of `tokens` per sample.
-    fn forward(
-        &self,
-        x: &Tensor,
-        tokens: usize,
-        p: f32,
-        mut rng: Option<&mut Rng>,
-    ) -> Result<Tensor> {
-        if rng.is_none() || p <= 0.0 {
+    fn forward(&self, x: &Tensor, tokens: usize, p: f32, rng: Option<&mut Rng>) -> Result<Tensor> {
+        let Some(rng) = rng.filter(|_| p > 0.0) else {
             // No dropout: the residual adds go into the output projections.
             let x = self
                 .attn
                 .forward(&self.norm1.forward(x)?, tokens, Some(x))?;
             return self.mlp.forward(&self.norm2.forward(&x)?, Some(&x));
-        }
+        };
         let h = self.attn.forward(&self.norm1.forward(x)?, tokens, None)?;
-        let x = residual_dropout(x, &h, p, rng.as_deref_mut())?;
+        let x = kernels::dropout::residual_dropout(x, &h, p, rng)?;
         let h = self.mlp.forward(&self.norm2.forward(&x)?, None)?;
-        residual_dropout(&x, &h, p, rng)
+        kernels::dropout::residual_dropout(&x, &h, p, rng)
     }
 }
 
