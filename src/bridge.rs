@@ -69,9 +69,11 @@ struct State {
     params: Vec<(String, Var)>,
     /// Per parameter: false when frozen.
     trainable: Vec<bool>,
-    /// Built over the variables: gradients flow to them.
+    /// Built over the variables: gradients flow to them (f32 compute only; bf16 training
+    /// builds its model over differentiable casts on every step).
     train_model: BridgeModel,
-    /// Built over detached views of the same storage: no autograd graph is recorded.
+    /// No autograd graph to the weights: over detached views of the variables' storage
+    /// (f32), or over bf16 copies made once and again after every update (bf16).
     eval_model: BridgeModel,
     optim: AdamW,
     train: TrainState,
@@ -137,6 +139,25 @@ pub fn init_weights(config: &BridgeConfig, seed: u64) -> Result<HashMap<String, 
         out.insert(name, Tensor::from_vec(values, shape, &Device::Cpu)?);
     }
     Ok(out)
+}
+
+/// The eval model over `params`: detached views of their storage in f32 (an update is
+/// seen at once), bf16 copies otherwise (rebuilt after every update).
+fn eval_model(
+    params: &[(String, Var)],
+    config: &BridgeConfig,
+    dtype: DType,
+) -> Result<BridgeModel> {
+    let weights: HashMap<String, Tensor> = params
+        .iter()
+        .map(|(n, v)| Ok((n.clone(), v.as_tensor().detach().to_dtype(dtype)?)))
+        .collect::<Result<_>>()?;
+    BridgeModel::load(&weights, config)
+}
+
+/// The seed of a GPU's dropout masks for the update with 0-based index `step`.
+fn dropout_seed(seed: u64, step: i64) -> u64 {
+    Rng::new(seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)).next_u64()
 }
 
 /// The gradient of `t` in `grads`. A tensor on the loss's path always gets one, so a
@@ -234,10 +255,10 @@ impl Bridge {
             .iter()
             .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
             .collect();
-        let detached: HashMap<String, Tensor> = var_map
-            .iter()
-            .map(|(n, t)| (n.clone(), t.detach()))
-            .collect();
+        let compute = match opts.compute_dtype {
+            ComputeDtype::F32 => DType::F32,
+            ComputeDtype::Bf16 => DType::BF16,
+        };
         let trainable = params
             .iter()
             .map(|(n, _)| {
@@ -250,7 +271,7 @@ impl Bridge {
         let state = State {
             trainable,
             train_model: BridgeModel::load(&var_map, &config)?,
-            eval_model: BridgeModel::load(&detached, &config)?,
+            eval_model: eval_model(&params, &config, compute)?,
             params,
             optim,
             train,
@@ -262,10 +283,7 @@ impl Bridge {
             optim_cfg: opts.optim.clone(),
             device,
             device_ordinal,
-            compute: match opts.compute_dtype {
-                ComputeDtype::F32 => DType::F32,
-                ComputeDtype::Bf16 => DType::BF16,
-            },
+            compute,
             state: RwLock::new(state),
         })
     }
@@ -355,9 +373,9 @@ impl Bridge {
         self.run(&st, false, latents, None)
     }
 
-    /// The model on `latents` in the compute dtype, f32 out. In f32 the prebuilt models
-    /// run; in bf16 a model is built over bf16 casts of the f32 weights (the casts are
-    /// differentiable, so training still updates the f32 masters).
+    /// The model on `latents` in the compute dtype, f32 out: the eval model, or in
+    /// training the model over the variables (in bf16, over differentiable casts of them,
+    /// so that the gradient reaches the f32 masters).
     fn run(
         &self,
         st: &State,
@@ -366,28 +384,19 @@ impl Bridge {
         rng: Option<&mut Rng>,
     ) -> Result<Tensor> {
         let x = latents.to_dtype(self.compute)?;
-        if self.compute == DType::F32 {
-            let model = if train {
-                &st.train_model
-            } else {
-                &st.eval_model
-            };
-            return model.forward(&x, rng);
-        }
-        let cast: HashMap<String, Tensor> = st
-            .params
-            .iter()
-            .map(|(n, v)| {
-                let t = if train {
-                    v.as_tensor().clone()
-                } else {
-                    v.as_tensor().detach()
-                };
-                Ok((n.clone(), t.to_dtype(self.compute)?))
-            })
-            .collect::<Result<_>>()?;
-        let model = BridgeModel::load(&cast, &self.config)?;
-        Ok(model.forward(&x, rng)?.to_dtype(DType::F32)?)
+        let y = match (train, self.compute) {
+            (false, _) => st.eval_model.forward(&x, None)?,
+            (true, DType::F32) => st.train_model.forward(&x, rng)?,
+            (true, dtype) => {
+                let cast: HashMap<String, Tensor> = st
+                    .params
+                    .iter()
+                    .map(|(n, v)| Ok((n.clone(), v.as_tensor().to_dtype(dtype)?)))
+                    .collect::<Result<_>>()?;
+                BridgeModel::load(&cast, &self.config)?.forward(&x, rng)?
+            }
+        };
+        Ok(y.to_dtype(DType::F32)?)
     }
 
     /// REPA alignment: the loss between the caller's `pred` (`[B, g*g, D]`, pooled to the
@@ -429,13 +438,15 @@ impl Bridge {
     }
 
     /// The training loss on a batch and the gradient of every parameter, by name, without
-    /// updating anything (dropout on, drawn from a copy of the RNG).
+    /// updating anything (dropout on, with the masks the next train step would draw). It
+    /// takes the write lock like a train step: on a GPU the masks come from the device's
+    /// RNG, which it seeds.
     pub fn param_grads(
         &self,
         latents: &Tensor,
         targets: &Tensor,
     ) -> Result<(f32, Vec<(String, Tensor)>)> {
-        let st = self.state.read();
+        let st = self.state.write();
         let mut rng = st.rng.clone();
         let (loss, grads) = self.loss_and_grads(&st, latents, targets, &mut rng)?;
         let named = st
@@ -454,6 +465,12 @@ impl Bridge {
         targets: &Tensor,
         rng: &mut Rng,
     ) -> Result<(f32, Vec<Tensor>)> {
+        if self.device.is_cuda() {
+            // Dropout masks on a GPU come from the device's RNG, seeded from (seed, step)
+            // so that a resumed run draws the same ones.
+            self.device
+                .set_seed(dropout_seed(st.train.seed, st.train.step))?;
+        }
         let pred = self.run(st, true, latents, Some(rng))?;
         let loss = alignment_loss(&pred, &targets.to_dtype(DType::F32)?, &self.loss)?;
         let loss_value = loss.to_scalar::<f32>()?;
@@ -512,6 +529,9 @@ impl Bridge {
             ..
         } = &mut *st;
         optim.step(&self.optim_cfg, params, trainable, &grads, lr, scale, t)?;
+        if self.compute != DType::F32 {
+            st.eval_model = eval_model(&st.params, &self.config, self.compute)?;
+        }
         st.train.step = t;
         st.rng = rng;
         Ok(StepStats {
