@@ -19,6 +19,11 @@
  *   the order of their host calls; it is ordered against the caller's stream with
  *   events, never a host sync (except where a function says it reads a value back).
  *   Every call leaves the calling thread's current CUDA context as it found it.
+ *   The bridge allocates from the device's default memory pool, the process-wide one,
+ *   and raises that pool's release threshold to UINT64_MAX once per device, so that a
+ *   synchronisation does not hand its memory back to the driver. PyTorch's caching
+ *   allocator does not use that pool unless it runs with
+ *   PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync; then the setting applies to it too.
  * - No call panics or aborts on bad input; a bug inside becomes BRIDGE_ERR_INTERNAL.
  */
 

@@ -273,10 +273,48 @@ fn with_device_ptr<R>(t: &Tensor, f: impl FnOnce(sys::CUdeviceptr) -> Result<R>)
 /// candle's per-thread default stream, on which cudarc records no events and which
 /// serialises with the legacy default stream), with a clear error where there is none.
 pub fn new_device(ordinal: i32) -> Result<Device> {
-    Device::new_cuda_with_stream(ordinal as usize).map_err(|e| {
+    let device = Device::new_cuda_with_stream(ordinal as usize).map_err(|e| {
         Error::new(
             ErrorKind::Device,
             format!("device = {ordinal}: no usable CUDA device ({e})"),
         )
-    })
+    })?;
+    keep_pool_memory(&device)?;
+    Ok(device)
+}
+
+/// Raises the release threshold of the device's default memory pool (which cudarc's
+/// stream-ordered allocations come from) to "never", once per device. At the default of
+/// 0 every synchronisation (a PyTorch `.item()`, our loss read back) returns the pool's
+/// free memory to the driver, and the next call maps gigabytes again. The pool is the
+/// process-wide default one: PyTorch shares it only when it runs with
+/// `PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync`.
+fn keep_pool_memory(device: &Device) -> Result<()> {
+    static DONE: std::sync::Mutex<Vec<i32>> = std::sync::Mutex::new(Vec::new());
+    let ctx = cuda_device(device)?.cuda_stream().context().clone();
+    let ordinal = ctx.ordinal() as i32;
+    let mut done = DONE.lock().unwrap_or_else(|e| e.into_inner());
+    if done.contains(&ordinal) {
+        return Ok(());
+    }
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: `pool` receives the device's default pool handle (owned by the driver, never
+    // freed by us); the attribute's value is a u64, as the driver reads it.
+    unsafe {
+        driver(
+            sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()),
+            "cuDeviceGetDefaultMemPool",
+        )?;
+        driver(
+            sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                &mut threshold as *mut u64 as *mut c_void,
+            ),
+            "cuMemPoolSetAttribute(RELEASE_THRESHOLD)",
+        )?;
+    }
+    done.push(ordinal);
+    Ok(())
 }
