@@ -11,6 +11,7 @@
 //!   3. the work, then device-to-device copies into the caller's output buffers;
 //!   4. an event recorded on the bridge's stream, which the caller's stream waits for:
 //!      in `Drop`, so a call that fails half-way still orders the copies it enqueued.
+//!
 //! No host synchronisation, and no tensor ever wraps foreign memory (candle would free it).
 //! Every entry point restores the caller's current context (`RestoreContext`).
 
