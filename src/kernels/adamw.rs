@@ -158,6 +158,7 @@ pub fn global_norm(grads: &[Tensor]) -> Result<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::testing::max_abs_diff;
     use candle_core::{DType, Device};
 
     /// Both paths of `update`: the one pass over CPU f32, and the composed ops (taken here
@@ -183,16 +184,7 @@ mod tests {
         let fused = update(&p, &g, &m, &v, &k).unwrap();
         let f64s = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
         let composed = update(&f64s(&p), &f64s(&g), &f64s(&m), &f64s(&v), &k).unwrap();
-        let gap = |a: &Tensor, b: &Tensor| {
-            (a.to_dtype(DType::F64).unwrap() - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
-        };
+        let gap = max_abs_diff;
         assert!(gap(&fused.0, &composed.0) < 1e-5, "parameters");
         assert!(gap(&fused.1, &composed.1) < 1e-6, "first moments");
         assert!(gap(&fused.2, &composed.2) < 1e-6, "second moments");

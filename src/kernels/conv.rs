@@ -415,21 +415,11 @@ mod tests {
             f64s(bias.as_tensor()),
         );
         let theirs = reference(&x64, &w64, &b64);
-        let gap = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
-        };
         let untracked = conv3x3(&x64.detach(), &w64.detach(), &b64.detach()).unwrap();
-        assert!(gap(&untracked, &theirs) < 1e-10);
+        assert!(max_abs_diff(&untracked, &theirs) < 1e-10);
         // Chunks of two samples (and one of one): the same values.
         let chunked = candle_conv2d(&x64, &w64, &b64, 2 * 6 * 7 * 8 * 9).unwrap();
-        assert_eq!(gap(&chunked, &untracked), 0.0);
+        assert_eq!(max_abs_diff(&chunked, &untracked), 0.0);
         // With a gradient: im2col + matmul, every input reached as by the reference.
         let vs: Vec<Var> = [&x64, &w64, &b64]
             .iter()
@@ -437,20 +427,13 @@ mod tests {
             .collect();
         let (xt, wt, bt) = (vs[0].as_tensor(), vs[1].as_tensor(), vs[2].as_tensor());
         let tracked = conv3x3(xt, wt, bt).unwrap();
-        assert!(
-            max_abs_diff(
-                &tracked.to_dtype(DType::F32).unwrap(),
-                &theirs.to_dtype(DType::F32).unwrap()
-            ) < 1e-6
-        );
+        assert!(max_abs_diff(&tracked, &theirs) < 1e-10);
         let probe = Tensor::randn(0f64, 1.0, tracked.shape(), &Device::Cpu).unwrap();
         let grads = |y: &Tensor| (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
         let (ours, refs) = (grads(&tracked), grads(&reference(xt, wt, bt)));
         for (i, v) in vs.iter().enumerate() {
-            let f32s = |g: &candle_core::backprop::GradStore| {
-                g.get(v.as_tensor()).unwrap().to_dtype(DType::F32).unwrap()
-            };
-            let d = max_abs_diff(&f32s(&ours), &f32s(&refs));
+            let grad = |g: &candle_core::backprop::GradStore| g.get(v.as_tensor()).unwrap().clone();
+            let d = max_abs_diff(&grad(&ours), &grad(&refs));
             assert!(d < 1e-4, "gradient {i} off by {d}");
         }
     }

@@ -97,15 +97,17 @@ pub(crate) mod testing {
     //! Comparing a kernel with candle's ops, forward and backward.
     use candle_core::{Tensor, Var};
 
+    /// Largest `|a - b|`, compared in f64 (any float dtypes).
     pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
+        let f64s = |t: &Tensor| t.to_dtype(candle_core::DType::F64).unwrap();
+        (f64s(a) - f64s(b))
             .unwrap()
             .abs()
             .unwrap()
             .max_all()
             .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap() as f32
     }
 
     /// Backpropagates `sum(ours * probe)` and `sum(theirs * probe)` for one random probe
