@@ -139,11 +139,11 @@ fn main() -> dino_bridge::Result<()> {
     // loss_backward: the bridge's forward on the latents (the target) plus the gradient
     // of the loss for caller predictions at the full grid.
     let pred = random(&[batch, config.tokens(), config.target_dim], &mut rng);
-    bridge.loss_backward(&pred, &x, config.grid)?; // warm-up
+    bridge.loss_backward(&pred, &x, (config.grid, config.grid))?; // warm-up
     let mut calls = Vec::new();
     for _ in 0..iters {
         let start = Instant::now();
-        bridge.loss_backward(&pred, &x, config.grid)?;
+        bridge.loss_backward(&pred, &x, (config.grid, config.grid))?;
         calls.push(start.elapsed().as_secs_f64());
     }
     let secs = median(&mut calls);

@@ -49,7 +49,7 @@ fn main() -> dino_bridge::Result<()> {
 
     // A REPA projector's output on a 16x16 grid, pooled to the bridge's 8x8.
     let pred = random(&[4, 256, c.target_dim], &mut rng);
-    let (loss, grad) = bridge.loss_backward(&pred, &latents, 16)?;
+    let (loss, grad) = bridge.loss_backward(&pred, &latents, (16, 16))?;
     println!(
         "REPA loss on a 16x16 caller grid: {loss:.4}, gradient {:?}",
         grad.dims()

@@ -1,6 +1,7 @@
 /*
- * dino-bridge C API: predicts DINOv2-base patch tokens [B, 64, 768] from SD VAE latents
- * [B, 4, 32, 32], as a REPA alignment target.
+ * dino-bridge C API: predicts DINOv2-base patch tokens [B, h*w, 768] from VAE latents
+ * [B, C, H, W] (token grid (h, w) = (H, W) / 2^adapter_depth: 8x8 from SD's 32x32 latents
+ * for the published bridge, 16x16 for the `repa` preset), as a REPA alignment target.
  *
  * Conventions
  * - Every function returns an int32_t status: BRIDGE_OK (0) or a BRIDGE_ERR_* code;
@@ -36,7 +37,7 @@
 #include <stddef.h>
 
 // ABI version: bumped when a struct or function signature changes incompatibly.
-#define BRIDGE_ABI_VERSION 1
+#define BRIDGE_ABI_VERSION 2
 
 // Success.
 #define BRIDGE_OK 0
@@ -44,7 +45,8 @@
 // An argument is NULL, out of range, or otherwise malformed (dtype code, batch, grid, path).
 #define BRIDGE_ERR_INVALID_ARGUMENT 1
 
-// A tensor shape does not fit the model.
+// A shape does not fit the model: a latent side that is not a positive multiple of
+// `2^adapter_depth` (or too large), or a call too large for the device's memory.
 #define BRIDGE_ERR_SHAPE 2
 
 // A file could not be read or written.
@@ -123,6 +125,11 @@ typedef struct BridgeParams {
   int64_t warmup_steps;
   // Length of the cosine schedule; 0 = constant rate after warmup.
   int64_t total_steps;
+  // (ABI 2) Weight of the spatial-structure loss term (token self-similarity); 0 = off.
+  float w_gram;
+  // (ABI 2) iREPA's spatial normalisation of the alignment target in
+  // `bridge_loss_backward` (0 = off).
+  float spatial_norm_gamma;
 } BridgeParams;
 
 // What a handle holds (`bridge_get_info`). Set `struct_size` before the call.
@@ -145,7 +152,8 @@ typedef struct BridgeInfo {
   int64_t param_count;
   // -1 = CPU, else the CUDA ordinal.
   int32_t device;
-  // grid * grid: tokens per sample.
+  // grid * grid: tokens per sample at the stored latent size. Other latent sizes give
+  // the token grid `(height, width) / 2^adapter_depth`.
   int32_t tokens;
   // Optimiser updates applied so far.
   int64_t step;
@@ -224,18 +232,21 @@ int32_t bridge_destroy(struct BridgeHandle *handle);
 // `info` must be NULL or point to `info->struct_size` writable bytes.
 int32_t bridge_get_info(const struct BridgeHandle *handle, struct BridgeInfo *info);
 
-// Predicts DINOv2 tokens: `latents` `[batch, in_ch, latent_size, latent_size]` in,
-// `out` `[batch, grid*grid, target_dim]` out, both host buffers of `dtype`
-// (`BRIDGE_DTYPE_*`). Evaluation mode (no dropout).
+// Predicts DINOv2 tokens: `latents` `[batch, in_ch, height, width]` in, `out`
+// `[batch, h*w, target_dim]` out on the token grid `(h, w) = (height, width) /
+// 2^adapter_depth` (row-major), both host buffers of `dtype` (`BRIDGE_DTYPE_*`).
+// Evaluation mode (no dropout). Any latent size whose sides are multiples of
+// `2^adapter_depth` runs on the same weights (the position embedding is resized).
 //
 // Returns `BRIDGE_OK`, `INVALID_ARGUMENT` (NULL, dead handle, batch <= 0 or
-// overflowing, unknown dtype), `NON_FINITE` (NaN/Inf in `latents`; `out` untouched),
-// `INTERNAL`. Thread-safe: forward and loss calls on one handle run concurrently; a
+// overflowing, unknown dtype), `SHAPE` (a side zero, negative, not a multiple of
+// `2^adapter_depth` or too large; a call larger than the device's memory),
+// `NON_FINITE` (NaN/Inf in `latents`; `out` untouched), `INTERNAL`. Thread-safe: forward and loss calls on one handle run concurrently; a
 // train step or save waits for them.
 //
 // # Safety
 // Buffers must be NULL or hold `batch` samples of `dtype`.
-int32_t bridge_forward(const struct BridgeHandle *handle, const void *latents, void *out, int64_t batch, int32_t dtype);
+int32_t bridge_forward(const struct BridgeHandle *handle, const void *latents, void *out, int64_t batch, int32_t height, int32_t width, int32_t dtype);
 
 // `bridge_forward` on caller-owned CUDA device pointers of the bridge's GPU, ordered on
 // the caller's `cudaStream_t` `stream` (NULL: the legacy default stream). The bridge
@@ -247,45 +258,52 @@ int32_t bridge_forward(const struct BridgeHandle *handle, const void *latents, v
 //
 // Returns `BRIDGE_OK`, `INVALID_ARGUMENT` (NULL, dead handle, batch, dtype, a host
 // pointer or another device's memory, a buffer smaller than `batch` samples, a CPU
-// bridge), `UNSUPPORTED` (a build without CUDA; nothing touched), `INTERNAL` (a CUDA
+// bridge), `SHAPE` (as `bridge_forward`), `UNSUPPORTED` (a build without CUDA; nothing touched), `INTERNAL` (a CUDA
 // driver error, named in the message). Thread-safe like `bridge_forward`.
 //
 // # Safety
 // Pointers must be NULL or device addresses; sizes are checked against the driver's
 // record of the allocation.
-int32_t bridge_forward_cuda_ptr(const struct BridgeHandle *handle, const void *latents, void *out, int64_t batch, int32_t dtype, void *stream);
+int32_t bridge_forward_cuda_ptr(const struct BridgeHandle *handle, const void *latents, void *out, int64_t batch, int32_t height, int32_t width, int32_t dtype, void *stream);
 
-// REPA alignment loss. `pred` is the caller's projection `[batch, pred_grid^2,
-// target_dim]` (`pred_grid` a positive multiple of the bridge grid; it is average-pooled
-// to the bridge grid), the target is the frozen bridge's prediction for `latents`.
-// Writes the loss to `*loss` and d loss / d pred (same shape as `pred`) to `grad_pred`.
+// REPA alignment loss. The target is the frozen bridge's prediction for `latents`
+// `[batch, in_ch, height, width]`, on its token grid `(h, w)`; `pred` is the caller's
+// projection `[batch, pred_h*pred_w, target_dim]` on its grid `(pred_h, pred_w)`, which
+// must equal `(h, w)` or be `k` times it (then `pred` is average-pooled `k x k`) or `1/k`
+// of it (then the target is pooled), with the same `k` on both sides. With
+// `spatial_norm_gamma > 0` the (pooled) target is spatially normalised. Writes the loss
+// to `*loss` and d loss / d pred (same shape as `pred`) to `grad_pred`.
 // On a CPU bridge the buffers are host memory and `stream` is ignored; on a CUDA bridge
 // they are device memory of its GPU, ordered on `stream` as in
 // `bridge_forward_cuda_ptr`, and the loss value is read back to the host (one sync).
 // The caller owns every buffer; nothing is retained.
 //
-// Returns `BRIDGE_OK`, `INVALID_ARGUMENT` (NULL, dead handle, batch, dtype, pred_grid),
+// Returns `BRIDGE_OK`, `INVALID_ARGUMENT` (NULL, dead handle, batch, dtype, a caller
+// grid that is no integer multiple or divisor of the bridge's, spatial normalisation on
+// a one-token loss grid), `SHAPE` (the latent size, as in `bridge_forward`),
 // `NON_FINITE` (NaN/Inf input or loss; nothing written), `INTERNAL`. Thread-safe.
 //
 // # Safety
 // Buffers must be NULL or hold `batch` samples of `dtype`; `loss` NULL or writable.
-int32_t bridge_loss_backward(const struct BridgeHandle *handle, const void *pred, const void *latents, void *grad_pred, int64_t batch, int32_t pred_grid, int32_t dtype, float *loss, void *stream);
+int32_t bridge_loss_backward(const struct BridgeHandle *handle, const void *pred, const void *latents, void *grad_pred, int64_t batch, int32_t height, int32_t width, int32_t pred_h, int32_t pred_w, int32_t dtype, float *loss, void *stream);
 
-// Loss between bridge(`latents`) and `target` `[batch, grid^2, target_dim]` and its
+// Loss between bridge(`latents`) (`[batch, in_ch, height, width]`) and `target`
+// `[batch, h*w, target_dim]` on the token grid `(h, w)` of that latent size, and its
 // gradient with respect to the latents through the frozen bridge, written to
 // `grad_latents` (shape of `latents`). Buffers, streams and ownership as in
-// `bridge_loss_backward`.
+// `bridge_loss_backward`; no spatial normalisation.
 //
-// Returns `BRIDGE_OK`, `INVALID_ARGUMENT` (NULL, dead handle, batch, dtype),
-// `NON_FINITE` (NaN/Inf input or loss; nothing written), `INTERNAL`. Thread-safe: runs
+// Returns `BRIDGE_OK`, `INVALID_ARGUMENT` (NULL, dead handle, batch, dtype), `SHAPE`
+// (the latent size, as in `bridge_forward`), `NON_FINITE` (NaN/Inf input or loss; nothing written), `INTERNAL`. Thread-safe: runs
 // alongside forward and loss calls.
 //
 // # Safety
 // Buffers must be NULL or hold `batch` samples of `dtype`; `loss` NULL or writable.
-int32_t bridge_latent_loss_backward(const struct BridgeHandle *handle, const void *latents, const void *target, void *grad_latents, int64_t batch, int32_t dtype, float *loss, void *stream);
+int32_t bridge_latent_loss_backward(const struct BridgeHandle *handle, const void *latents, const void *target, void *grad_latents, int64_t batch, int32_t height, int32_t width, int32_t dtype, float *loss, void *stream);
 
-// One AdamW step on the bridge's own weights: `latents` `[batch, in_ch, L, L]`,
-// `targets` `[batch, grid^2, target_dim]` (DINOv2 tokens). Dropout is on. Fills
+// One AdamW step on the bridge's own weights: `latents` `[batch, in_ch, height, width]`,
+// `targets` `[batch, h*w, target_dim]` (DINOv2 tokens on the token grid `(h, w)` of that
+// latent size). Dropout is on. Fills
 // `*stats` (set `stats->struct_size` first). A non-finite loss or gradient skips the
 // update, leaves every weight and the step count unchanged, and returns `BRIDGE_OK`
 // with `stats->skipped = 1`.
@@ -293,13 +311,14 @@ int32_t bridge_latent_loss_backward(const struct BridgeHandle *handle, const voi
 // Buffers are host memory on a CPU bridge, device memory on a CUDA bridge (ordered on
 // `stream` as in `bridge_forward_cuda_ptr`); the caller owns them, nothing is retained.
 //
-// Returns `BRIDGE_OK`, `INVALID_ARGUMENT` (NULL, dead handle, batch, dtype),
-// `ABI_MISMATCH` (`stats->struct_size`), `INTERNAL`. Thread-safe: takes the handle's
+// Returns `BRIDGE_OK`, `INVALID_ARGUMENT` (NULL, dead handle, batch, dtype), `SHAPE`
+// (the latent size, as in `bridge_forward`), `ABI_MISMATCH` (`stats->struct_size`),
+// `INTERNAL`. Thread-safe: takes the handle's
 // write lock, so concurrent forward/loss calls wait and never see a half-applied update.
 //
 // # Safety
 // Buffers must be NULL or hold `batch` samples of `dtype`; `stats` NULL or writable.
-int32_t bridge_train_step(const struct BridgeHandle *handle, const void *latents, const void *targets, int64_t batch, int32_t dtype, struct BridgeStepStats *stats, void *stream);
+int32_t bridge_train_step(const struct BridgeHandle *handle, const void *latents, const void *targets, int64_t batch, int32_t height, int32_t width, int32_t dtype, struct BridgeStepStats *stats, void *stream);
 
 // Writes a training checkpoint (weights, optimiser state, train state) to `path`
 // atomically: a crash mid-save leaves the previous file intact.

@@ -5,7 +5,7 @@
 use crate::checkpoint::{self, Checkpoint, SaveParts, TrainState};
 use crate::config::BridgeConfig;
 use crate::error::{Error, ErrorKind, Result};
-use crate::loss::{LossWeights, alignment_loss, check_pred_grid, pool_tokens};
+use crate::loss::{GridMatch, LossWeights, alignment_loss, pool_tokens, spatial_norm};
 use crate::model::BridgeModel;
 use crate::optim::{AdamW, OptimConfig};
 use crate::rng::Rng;
@@ -28,6 +28,9 @@ pub struct BridgeOptions {
     /// Model config for fresh weights (a checkpoint brings its own).
     pub config: BridgeConfig,
     pub loss: LossWeights,
+    /// iREPA's spatial normalisation of the alignment target (0 = off); applies to
+    /// `loss_backward` only.
+    pub spatial_norm_gamma: f32,
     pub optim: OptimConfig,
     pub seed: u64,
     /// -1 = CPU, n >= 0 = CUDA ordinal.
@@ -43,12 +46,28 @@ impl Default for BridgeOptions {
         BridgeOptions {
             config: BridgeConfig::default(),
             loss: LossWeights::default(),
+            spatial_norm_gamma: 0.0,
             optim: OptimConfig::default(),
             seed: 0,
             device: -1,
             compute_dtype: ComputeDtype::F32,
             frozen_prefixes: Vec::new(),
         }
+    }
+}
+
+impl BridgeOptions {
+    /// The settings besides the config (which the bridge's weights bring).
+    pub fn validate(&self) -> Result<()> {
+        self.loss.validate()?;
+        self.optim.validate()?;
+        let g = self.spatial_norm_gamma;
+        if !g.is_finite() || g < 0.0 {
+            return Err(Error::invalid(format!(
+                "spatial_norm_gamma = {g}: must be finite and >= 0 (0 = off)"
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -83,6 +102,7 @@ struct State {
 pub struct Bridge {
     config: BridgeConfig,
     loss: LossWeights,
+    spatial_norm_gamma: f32,
     optim_cfg: OptimConfig,
     device: Device,
     device_ordinal: i32,
@@ -115,6 +135,26 @@ fn make_device(ordinal: i32, compute: ComputeDtype) -> Result<Device> {
         ));
     }
     Ok(Device::Cpu)
+}
+
+/// The memory of `device` in bytes: the host's physical memory, or the GPU's.
+fn device_memory(device: &Device) -> Result<u64> {
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        return crate::cuda::total_memory(device);
+    }
+    let _ = device;
+    // SAFETY: sysconf only reads system configuration.
+    let (pages, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    if pages <= 0 || page <= 0 {
+        return Ok(u64::MAX);
+    }
+    Ok(pages as u64 * page as u64)
 }
 
 /// Fresh weights: truncated-normal (std 0.02) linears and position embedding, PyTorch's
@@ -196,8 +236,7 @@ impl Bridge {
     /// A bridge over `ckpt` on a device of its own (`opts.device`; on CUDA, a stream of
     /// its own).
     pub fn from_checkpoint(ckpt: Checkpoint, opts: &BridgeOptions) -> Result<Self> {
-        opts.loss.validate()?;
-        opts.optim.validate()?;
+        opts.validate()?;
         let device = make_device(opts.device, opts.compute_dtype)?;
         Self::on_device(ckpt, opts, device, opts.device)
     }
@@ -206,8 +245,7 @@ impl Bridge {
     /// read): the trainer's EMA and evaluation copies, whose tensors then mix with this
     /// bridge's and whose GPU work is ordered with it.
     pub fn derive(&self, ckpt: Checkpoint, opts: &BridgeOptions) -> Result<Self> {
-        opts.loss.validate()?;
-        opts.optim.validate()?;
+        opts.validate()?;
         if opts.compute_dtype == ComputeDtype::Bf16 && !self.device.is_cuda() {
             return Err(Error::new(
                 ErrorKind::Unsupported,
@@ -280,6 +318,7 @@ impl Bridge {
         Ok(Bridge {
             config,
             loss: opts.loss,
+            spatial_norm_gamma: opts.spatial_norm_gamma,
             optim_cfg: opts.optim.clone(),
             device,
             device_ordinal,
@@ -343,30 +382,64 @@ impl Bridge {
             .collect()
     }
 
-    fn check_latents(&self, latents: &Tensor) -> Result<usize> {
+    /// The batch and token grid of `latents` `[B, in_ch, H, W]`.
+    fn check_latents(&self, latents: &Tensor) -> Result<(usize, (usize, usize))> {
         let c = &self.config;
-        let want = [c.in_ch, c.latent_size, c.latent_size];
         match latents.dims() {
-            [b, rest @ ..] if *b > 0 && rest == want => Ok(*b),
+            &[b, ch, h, w] if b > 0 && ch == c.in_ch => {
+                let grid = c.token_grid(h as i64, w as i64)?;
+                self.check_fits(b as i64, grid)?;
+                Ok((b, grid))
+            }
             dims => Err(Error::shape(format!(
-                "latents have shape {dims:?}; expected [B, {}, {}, {}] with B > 0",
-                c.in_ch, c.latent_size, c.latent_size
+                "latents have shape {dims:?}; expected [B, {}, H, W] with B > 0 and H, W \
+                 multiples of {}",
+                c.in_ch,
+                c.side_multiple()
             ))),
         }
     }
 
-    fn check_tokens(&self, name: &str, x: &Tensor, batch: usize, grid: usize) -> Result<()> {
-        let want = [batch, grid * grid, self.config.target_dim];
+    /// Checks that `x` is `[batch, h*w, target_dim]` for the token grid `(h, w)`.
+    fn check_tokens(
+        &self,
+        name: &str,
+        x: &Tensor,
+        batch: usize,
+        (h, w): (usize, usize),
+    ) -> Result<()> {
+        let want = [batch, h * w, self.config.target_dim];
         if x.dims() != want {
             return Err(Error::shape(format!(
-                "{name} has shape {:?}; expected {want:?}",
+                "{name} has shape {:?}; expected {want:?} (a {h}x{w} token grid)",
                 x.dims()
             )));
         }
         Ok(())
     }
 
-    /// Predicted DINOv2 tokens `[B, T, D]` for latents `[B, C, L, L]` (evaluation mode).
+    /// Checks that a call on `batch` samples with the token grid `grid` can fit this
+    /// device's memory: an impossible size is a shape error here, not an allocation failure
+    /// (which aborts the process) half-way through the call.
+    pub fn check_fits(&self, batch: i64, grid: (usize, usize)) -> Result<()> {
+        let need = self.config.min_working_bytes(batch.max(0) as u64, grid);
+        let have = device_memory(&self.device)?;
+        if need > have as f64 {
+            let gib = |b: f64| b / (1u64 << 30) as f64;
+            return Err(Error::shape(format!(
+                "batch {batch} on a {}x{} token grid needs at least {:.1} GiB; this device \
+                 has {:.1} GiB",
+                grid.0,
+                grid.1,
+                gib(need),
+                gib(have as f64)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Predicted DINOv2 tokens `[B, h*w, D]` for latents `[B, C, H, W]` (evaluation mode),
+    /// on the token grid `(h, w) = (H, W) / 2^adapter_depth`.
     pub fn forward(&self, latents: &Tensor) -> Result<Tensor> {
         self.check_latents(latents)?;
         let st = self.state.read();
@@ -399,22 +472,32 @@ impl Bridge {
         Ok(y.to_dtype(DType::F32)?)
     }
 
-    /// REPA alignment: the loss between the caller's `pred` (`[B, g*g, D]`, pooled to the
-    /// bridge grid) and the frozen bridge's prediction for `latents`, and d loss / d pred.
+    /// REPA alignment: the loss between the caller's `pred` `[B, ph*pw, D]` on its grid
+    /// `(ph, pw)` and the frozen bridge's prediction for `latents`, and d loss / d pred.
+    /// The finer of the two grids is average-pooled onto the coarser (DESIGN.md), then
+    /// the target is spatially normalised when `spatial_norm_gamma > 0`.
     pub fn loss_backward(
         &self,
         pred: &Tensor,
         latents: &Tensor,
-        pred_grid: usize,
+        pred_grid: (usize, usize),
     ) -> Result<(f32, Tensor)> {
-        let batch = self.check_latents(latents)?;
-        let grid = self.config.grid;
-        check_pred_grid(pred_grid as i64, grid)?;
+        let (batch, grid) = self.check_latents(latents)?;
+        let matched = GridMatch::of((pred_grid.0 as i64, pred_grid.1 as i64), grid)?;
         self.check_tokens("pred", pred, batch, pred_grid)?;
         let target = self.forward(latents)?;
         let pred = Var::from_tensor(&pred.to_dtype(DType::F32)?)?;
-        let pooled = pool_tokens(pred.as_tensor(), pred_grid, grid)?;
-        let loss = alignment_loss(&pooled, &target, &self.loss)?;
+        let (p, target) = match matched {
+            GridMatch::Same => (pred.as_tensor().clone(), target),
+            GridMatch::PoolPred(k) => (pool_tokens(pred.as_tensor(), pred_grid, k)?, target),
+            GridMatch::PoolTarget(k) => (pred.as_tensor().clone(), pool_tokens(&target, grid, k)?),
+        };
+        let target = if self.spatial_norm_gamma > 0.0 {
+            spatial_norm(&target, self.spatial_norm_gamma)?
+        } else {
+            target
+        };
+        let loss = alignment_loss(&p, &target, &self.loss)?;
         let grads = loss.backward()?;
         let grad = grad_of(&grads, pred.as_tensor(), "pred")?;
         Ok((loss.to_scalar::<f32>()?, grad))
@@ -425,8 +508,8 @@ impl Bridge {
     /// backward: the eval model's weights are views of the variables' storage, so an update
     /// landing mid-backward would mix two weight versions in one gradient.
     pub fn latent_loss_backward(&self, latents: &Tensor, target: &Tensor) -> Result<(f32, Tensor)> {
-        let batch = self.check_latents(latents)?;
-        self.check_tokens("target", target, batch, self.config.grid)?;
+        let (batch, grid) = self.check_latents(latents)?;
+        self.check_tokens("target", target, batch, grid)?;
         let latents = Var::from_tensor(&latents.to_dtype(DType::F32)?)?;
         let st = self.state.read();
         let pred = self.run(&st, false, latents.as_tensor(), None)?;
@@ -446,6 +529,8 @@ impl Bridge {
         latents: &Tensor,
         targets: &Tensor,
     ) -> Result<(f32, Vec<(String, Tensor)>)> {
+        let (batch, grid) = self.check_latents(latents)?;
+        self.check_tokens("targets", targets, batch, grid)?;
         let st = self.state.write();
         let mut rng = st.rng.clone();
         let (loss, grads) = self.loss_and_grads(&st, latents, targets, &mut rng)?;
@@ -489,8 +574,8 @@ impl Bridge {
     /// One AdamW step on `latents` `[B, C, L, L]` and `targets` `[B, T, D]`. A non-finite
     /// loss or gradient norm skips the update and leaves every weight untouched.
     pub fn train_step(&self, latents: &Tensor, targets: &Tensor) -> Result<StepStats> {
-        let batch = self.check_latents(latents)?;
-        self.check_tokens("targets", targets, batch, self.config.grid)?;
+        let (batch, grid) = self.check_latents(latents)?;
+        self.check_tokens("targets", targets, batch, grid)?;
         let mut st = self.state.write();
         let lr = self.optim_cfg.lr_at(st.train.step);
         let mut rng = st.rng.clone();

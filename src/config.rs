@@ -51,15 +51,27 @@ impl Default for BridgeConfig {
 /// Upper bound on any single dimension: a config read from a file must not make us
 /// allocate terabytes before the shapes are checked.
 const MAX_DIM: usize = 1 << 16;
+/// Upper bound on a latent side (a 64k px image has 8192): products of sides, channels
+/// and batch are then checked for overflow where buffers are sized.
+const MAX_SIDE: usize = 1 << 14;
 
 impl BridgeConfig {
-    /// Named configurations: `default` (the published bridge), `flux` (16-channel
+    /// Named configurations: `default` (the published bridge: 8x8 tokens from 32x32
+    /// latents), `repa` (REPA's own target, DINOv2-B at 224 px: 16x16 tokens from 32x32
+    /// latents, one adapter stage), `flux` / `repa-flux` (the same for 16-channel
     /// latents), `small` (a fast one for demos and tests), `tiny` (the fixtures' shape).
     pub fn preset(name: &str) -> Option<Self> {
         let d = BridgeConfig::default();
+        let repa = BridgeConfig {
+            adapter_depth: 1,
+            grid: 16,
+            ..d.clone()
+        };
         Some(match name {
             "default" => d,
             "flux" => BridgeConfig { in_ch: 16, ..d },
+            "repa" => repa,
+            "repa-flux" => BridgeConfig { in_ch: 16, ..repa },
             "small" => BridgeConfig {
                 adapter_mid_channels: 32,
                 adapter_out_channels: 64,
@@ -95,26 +107,55 @@ impl BridgeConfig {
         let path = std::path::Path::new(spec);
         if !path.is_file() {
             return Err(Error::invalid(format!(
-                "--config {spec}: neither a preset (default, flux, small, tiny) nor a file"
+                "--config {spec}: neither a preset ({}) nor a file",
+                Self::PRESETS.join(", ")
             )));
         }
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         Self::from_json(&text).map_err(|e| e.context(path.display()))
     }
 
+    /// The preset names, for messages.
+    pub const PRESETS: [&'static str; 6] =
+        ["default", "repa", "flux", "repa-flux", "small", "tiny"];
+
+    /// Tokens of the stored grid (`pos_embed`), `grid * grid`.
     pub fn tokens(&self) -> usize {
         self.grid * self.grid
+    }
+
+    /// Latent sides must be multiples of this: each adapter stage halves them.
+    pub fn side_multiple(&self) -> usize {
+        1 << self.adapter_depth
+    }
+
+    /// The token grid `(h, w)` for latents of `height x width`: the sides divided by
+    /// `2^adapter_depth`. Sides that are not positive multiples of it, or too large for
+    /// this library's sizes, are a shape error naming the size.
+    pub fn token_grid(&self, height: i64, width: i64) -> Result<(usize, usize)> {
+        let m = self.side_multiple();
+        let side = |name: &str, v: i64| -> Result<usize> {
+            match usize::try_from(v) {
+                Ok(s) if s > 0 && s.is_multiple_of(m) && s <= MAX_SIDE => Ok(s / m),
+                _ => Err(Error::shape(format!(
+                    "latent {name} = {v}: must be a positive multiple of {m} \
+                     (2^adapter_depth) and at most {MAX_SIDE}"
+                ))),
+            }
+        };
+        Ok((side("height", height)?, side("width", width)?))
     }
     pub fn mlp_hidden(&self) -> usize {
         (self.width as f64 * self.mlp_ratio as f64).round() as usize
     }
-    /// Elements of one latent sample `[in_ch, latent_size, latent_size]`.
-    pub fn latent_numel(&self) -> usize {
-        self.in_ch * self.latent_size * self.latent_size
+    /// Elements of one latent sample `[in_ch, height, width]` (sides checked by
+    /// `token_grid`, so the product fits).
+    pub fn latent_numel(&self, height: usize, width: usize) -> usize {
+        self.in_ch * height * width
     }
-    /// Elements of one output sample `[tokens, target_dim]`.
-    pub fn output_numel(&self) -> usize {
-        self.tokens() * self.target_dim
+    /// Elements of one output sample on the token grid `(h, w)`: `[h * w, target_dim]`.
+    pub fn output_numel(&self, grid: (usize, usize)) -> usize {
+        grid.0 * grid.1 * self.target_dim
     }
     /// `(c_in, c_out)` of each adapter stage.
     pub fn stage_channels(&self) -> Vec<(usize, usize)> {
@@ -273,20 +314,37 @@ impl BridgeConfig {
             .sum()
     }
 
-    /// Forward FLOPs (2 per multiply-add) of one sample, counting convolutions, linears
-    /// and the attention matmuls; norms and activations are left out.
+    /// A lower bound of the memory a forward of `batch` samples on the token grid `grid`
+    /// needs, in bytes: the largest activation map of the batch, and one attention score
+    /// matrix. A call above the device's memory cannot succeed.
+    pub fn min_working_bytes(&self, batch: u64, grid: (usize, usize)) -> f64 {
+        let m = self.side_multiple() as f64;
+        let (h, w) = (grid.0 as f64, grid.1 as f64);
+        let t = h * w;
+        let adapter = (h * m) * (w * m) * self.adapter_mid_channels as f64;
+        let body = t * (3 * self.width).max(self.mlp_hidden()) as f64;
+        4.0 * (batch as f64 * adapter.max(body) + t * t)
+    }
+
+    /// Forward FLOPs (2 per multiply-add) of one sample at the stored latent size.
     pub fn forward_flops(&self) -> u64 {
+        self.forward_flops_at(self.latent_size, self.latent_size)
+    }
+
+    /// Forward FLOPs (2 per multiply-add) of one `height x width` latent sample, counting
+    /// convolutions, linears and the attention matmuls; norms and activations are left out.
+    pub fn forward_flops_at(&self, height: usize, width: usize) -> u64 {
         let u = |x: usize| x as u64;
         let mut macs: u64 = 0;
-        let l = u(self.latent_size);
-        macs += l * l * u(self.adapter_mid_channels) * u(self.in_ch) * 9;
-        let mut side = l;
+        let (mut sh, mut sw) = (u(height), u(width));
+        macs += sh * sw * u(self.adapter_mid_channels) * u(self.in_ch) * 9;
         for (c_in, c_out) in self.stage_channels() {
-            side /= 2;
-            macs += side * side * u(c_out) * u(c_in) * 4;
-            macs += 2 * side * side * u(c_out) * u(c_out) * 9;
+            sh /= 2;
+            sw /= 2;
+            macs += sh * sw * u(c_out) * u(c_in) * 4;
+            macs += 2 * sh * sw * u(c_out) * u(c_out) * 9;
         }
-        let (t, w) = (u(self.tokens()), u(self.width));
+        let (t, w) = (sh * sw, u(self.width));
         macs += t * u(self.adapter_out_channels) * w;
         let block = t * w * 3 * w + 2 * t * t * w + t * w * w + 2 * t * w * u(self.mlp_hidden());
         macs += u(self.depth) * block;

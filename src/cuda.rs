@@ -284,6 +284,18 @@ pub fn new_device(ordinal: i32) -> Result<Device> {
     Ok(device)
 }
 
+/// The total memory of the bridge's GPU, in bytes.
+pub fn total_memory(device: &Device) -> Result<u64> {
+    let ctx = cuda_device(device)?.cuda_stream().context().clone();
+    let mut bytes: usize = 0;
+    // SAFETY: writes one size into `bytes`; the device handle is the context's own.
+    driver(
+        unsafe { sys::cuDeviceTotalMem_v2(&mut bytes, ctx.cu_device()) },
+        "cuDeviceTotalMem",
+    )?;
+    Ok(bytes as u64)
+}
+
 /// Raises the release threshold of the device's default memory pool (which cudarc's
 /// stream-ordered allocations come from) to "never", once per device. At the default of
 /// 0 every synchronisation (a PyTorch `.item()`, our loss read back) returns the pool's

@@ -1,15 +1,18 @@
-//! The alignment loss of DESIGN.md and the pooling of a caller's token grid onto the
-//! bridge's. Written with differentiable ops; gradients come from candle's autograd.
+//! The alignment loss of DESIGN.md, and what REPA alignment does to the two token grids
+//! before it: pooling the finer one onto the coarser, and iREPA's spatial normalisation
+//! of the target. Written with differentiable ops; gradients come from candle's autograd.
 
 use crate::error::{Error, Result};
 use candle_core::{D, Tensor};
 
-/// Weights of the three loss terms.
+/// Weights of the loss terms.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LossWeights {
     pub cos: f32,
     pub norm: f32,
     pub raw: f32,
+    /// The spatial-structure term: token self-similarity matrices compared.
+    pub gram: f32,
 }
 
 impl Default for LossWeights {
@@ -19,6 +22,7 @@ impl Default for LossWeights {
             cos: 1.0,
             norm: 0.25,
             raw: 0.05,
+            gram: 0.0,
         }
     }
 }
@@ -29,6 +33,7 @@ impl LossWeights {
         cos: 1.0,
         norm: 0.0,
         raw: 0.0,
+        gram: 0.0,
     };
 
     pub fn validate(&self) -> Result<()> {
@@ -36,6 +41,7 @@ impl LossWeights {
             ("w_cos", self.cos),
             ("w_norm", self.norm),
             ("w_raw", self.raw),
+            ("w_gram", self.gram),
         ] {
             if !v.is_finite() || v < 0.0 {
                 return Err(Error::invalid(format!(
@@ -63,8 +69,15 @@ pub fn token_cosine(pred: &Tensor, target: &Tensor) -> Result<Tensor> {
     Ok((dot / denom)?.squeeze(D::Minus1)?)
 }
 
-/// `w_cos * mean(1 - cos) + w_norm * mean((n(p) - n(t))^2) + w_raw * mean((p - t)^2)`,
-/// a scalar. `target` is treated as a constant.
+/// The token cosine matrices `[B, T, T]` of `x` `[B, T, D]`: `c_tu = cos(x_t, x_u)`.
+fn self_similarity(x: &Tensor) -> Result<Tensor> {
+    let n = x.broadcast_div(&clamped_norm(x, 1e-8)?)?;
+    Ok(n.matmul(&n.t()?.contiguous()?)?)
+}
+
+/// The loss of DESIGN.md for `[B, T, D]` tensors, a scalar: `w_cos * mean(1 - cos)
+/// + w_norm * mean((n(p) - n(t))^2) + w_raw * mean((p - t)^2) + w_gram * mean((c(p) -
+/// c(t))^2)`. `target` is treated as a constant.
 pub fn alignment_loss(pred: &Tensor, target: &Tensor, w: &LossWeights) -> Result<Tensor> {
     if pred.dims() != target.dims() {
         return Err(Error::shape(format!(
@@ -87,34 +100,84 @@ pub fn alignment_loss(pred: &Tensor, target: &Tensor, w: &LossWeights) -> Result
     if w.raw != 0.0 {
         loss = (loss + ((pred - &target)?.sqr()?.mean_all()? * w.raw as f64)?)?;
     }
+    if w.gram != 0.0 {
+        let gap = (self_similarity(pred)? - self_similarity(&target)?)?;
+        loss = (loss + (gap.sqr()?.mean_all()? * w.gram as f64)?)?;
+    }
     Ok(loss)
 }
 
-/// A caller token grid must be a positive multiple of the bridge's grid.
-pub fn check_pred_grid(pred_grid: i64, grid: usize) -> Result<usize> {
-    match usize::try_from(pred_grid) {
-        Ok(g) if g > 0 && g % grid == 0 && g <= 1 << 12 => Ok(g),
-        _ => Err(Error::invalid(format!(
-            "pred_grid = {pred_grid}: must be a positive multiple of the bridge grid ({grid})"
-        ))),
+/// How REPA alignment meets a caller's token grid with the bridge's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GridMatch {
+    /// The same grid: both as they are.
+    Same,
+    /// The caller's grid is `k` times the bridge's: `pred` is pooled `k x k`.
+    PoolPred(usize),
+    /// The bridge's grid is `k` times the caller's: the target is pooled `k x k`.
+    PoolTarget(usize),
+}
+
+impl GridMatch {
+    /// The match of a caller grid `(ph, pw)` with the bridge's token grid `(h, w)`: the
+    /// same integer factor on both sides, one way or the other. Anything else is an
+    /// invalid argument naming both grids.
+    pub fn of(caller: (i64, i64), bridge: (usize, usize)) -> Result<GridMatch> {
+        let (ph, pw) = caller;
+        let (h, w) = (bridge.0 as i64, bridge.1 as i64);
+        let bad = || {
+            Error::invalid(format!(
+                "pred grid {ph}x{pw}: must equal the bridge's token grid {h}x{w}, or be an \
+                 integer multiple or divisor of it by the same factor on both sides"
+            ))
+        };
+        if ph <= 0 || pw <= 0 || ph > 1 << 14 || pw > 1 << 14 {
+            return Err(bad());
+        }
+        if (ph, pw) == (h, w) {
+            Ok(GridMatch::Same)
+        } else if ph % h == 0 && pw % w == 0 && ph / h == pw / w {
+            Ok(GridMatch::PoolPred((ph / h) as usize))
+        } else if h % ph == 0 && w % pw == 0 && h / ph == w / pw {
+            Ok(GridMatch::PoolTarget((h / ph) as usize))
+        } else {
+            Err(bad())
+        }
     }
 }
 
-/// Average-pools caller tokens `[B, g*g, D]` (row-major grid `g`) to `[B, grid*grid, D]`.
-/// `g` must be a positive multiple of `grid`; the gradient spreads evenly back.
-pub fn pool_tokens(x: &Tensor, from_grid: usize, grid: usize) -> Result<Tensor> {
-    check_pred_grid(from_grid as i64, grid)?;
-    if from_grid == grid {
-        return Ok(x.clone());
-    }
+/// Average-pools tokens `[B, h*w, D]` on the row-major grid `(h, w)` by `k x k` to
+/// `[B, (h/k)*(w/k), D]`; the gradient spreads evenly back.
+pub fn pool_tokens(x: &Tensor, grid: (usize, usize), k: usize) -> Result<Tensor> {
     let (b, t, d) = x.dims3()?;
-    if t != from_grid * from_grid {
+    let (h, w) = grid;
+    if t != h * w || k == 0 || !h.is_multiple_of(k) || !w.is_multiple_of(k) {
         return Err(Error::shape(format!(
-            "pool: {t} tokens is not a {from_grid}x{from_grid} grid"
+            "pool: {t} tokens on a {h}x{w} grid cannot be pooled {k}x{k}"
         )));
     }
-    let f = from_grid / grid;
-    Ok(x.reshape(&[b, grid, f, grid, f, d][..])?
+    if k == 1 {
+        return Ok(x.clone());
+    }
+    let (oh, ow) = (h / k, w / k);
+    Ok(x.reshape(&[b, oh, k, ow, k, d][..])?
         .mean((2, 4))?
-        .reshape((b, grid * grid, d))?)
+        .reshape((b, oh * ow, d))?)
+}
+
+/// iREPA's spatial normalisation of a target `[B, T, D]`, over tokens per sample and
+/// channel: `y = x - gamma * mean_t(x)`, then `y / (std_t(y) + 1e-6)` with the population
+/// standard deviation. Over one token it is undefined (`std = 0`): an invalid argument.
+pub fn spatial_norm(x: &Tensor, gamma: f32) -> Result<Tensor> {
+    let t = x.dim(1)?;
+    if t < 2 {
+        return Err(Error::invalid(format!(
+            "spatial_norm_gamma = {gamma}: the loss grid has {t} token; spatial \
+             normalisation needs at least 2"
+        )));
+    }
+    let y = x.broadcast_sub(&(x.mean_keepdim(1)? * gamma as f64)?)?;
+    let centered = y.broadcast_sub(&y.mean_keepdim(1)?)?;
+    let std = centered.sqr()?.mean_keepdim(1)?.sqrt()?;
+    Ok(y.broadcast_div(&(std + 1e-6)?)?)
 }

@@ -49,7 +49,7 @@ fn loss_and_its_gradient_match_for_default_and_repa_weights() {
 fn caller_grid_is_pooled_and_the_gradient_spread_back() {
     let bridge = open("model.safetensors");
     let (loss, grad) = bridge
-        .loss_backward(&load("pred_grid8.npy"), &load("latents.npy"), 8)
+        .loss_backward(&load("pred_grid8.npy"), &load("latents.npy"), (8, 8))
         .unwrap();
     assert_scalar(
         "loss_grid8",
@@ -58,9 +58,10 @@ fn caller_grid_is_pooled_and_the_gradient_spread_back() {
     );
     assert_close("grad_pred_grid8", &grad, &load("grad_pred_grid8.npy"));
     let err = bridge
-        .loss_backward(&load("pred_grid8.npy"), &load("latents.npy"), 6)
+        .loss_backward(&load("pred_grid8.npy"), &load("latents.npy"), (6, 6))
         .unwrap_err();
-    assert!(err.message.contains("pred_grid = 6"), "{err}");
+    assert_eq!(err.kind, dino_bridge::ErrorKind::InvalidArgument);
+    assert!(err.message.contains("pred grid 6x6"), "{err}");
 }
 
 #[test]

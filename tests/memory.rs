@@ -42,7 +42,15 @@ fn resident_memory_is_flat_over_10000_forward_calls() {
     let mut forward = |n: usize| {
         for _ in 0..n {
             let s = unsafe {
-                ffi::bridge_forward(h, lat.as_ptr().cast(), out.as_mut_ptr().cast(), 1, 0)
+                ffi::bridge_forward(
+                    h,
+                    lat.as_ptr().cast(),
+                    out.as_mut_ptr().cast(),
+                    1,
+                    16,
+                    16,
+                    0,
+                )
             };
             assert_eq!(s, 0);
         }

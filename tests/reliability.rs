@@ -176,7 +176,8 @@ fn concurrent_calls_see_whole_weight_versions() {
                         let y = bits(&bridge.forward(&x).unwrap());
                         seen.lock().unwrap().push(y);
                     } else {
-                        let (loss, grad) = bridge.loss_backward(&pred, &x, c.grid).unwrap();
+                        let (loss, grad) =
+                            bridge.loss_backward(&pred, &x, (c.grid, c.grid)).unwrap();
                         assert!(loss.is_finite());
                         assert_eq!(grad.dims(), pred.dims());
                     }

@@ -160,16 +160,44 @@ pub struct Io<'a> {
     bridge: &'a Bridge,
     batch: i64,
     dtype: BufDtype,
+    shape: CallShape,
     place: Place,
+}
+
+/// The latent size of a call and the token grid it gives.
+#[derive(Clone, Copy, Debug)]
+pub struct CallShape {
+    pub height: usize,
+    pub width: usize,
+    pub grid: (usize, usize),
+}
+
+impl CallShape {
+    /// `height x width` latents on `bridge`: sides that are positive multiples of
+    /// `2^adapter_depth` (a shape error otherwise).
+    pub fn of(bridge: &Bridge, height: i32, width: i32) -> Result<Self> {
+        let grid = bridge.config().token_grid(height as i64, width as i64)?;
+        Ok(CallShape {
+            height: height as usize,
+            width: width as usize,
+            grid,
+        })
+    }
+
+    /// Tokens per sample.
+    pub fn tokens(&self) -> usize {
+        self.grid.0 * self.grid.1
+    }
 }
 
 impl<'a> Io<'a> {
     /// Host buffers, whatever the bridge's device.
-    pub fn host(bridge: &'a Bridge, batch: i64, dtype: BufDtype) -> Self {
+    pub fn host(bridge: &'a Bridge, batch: i64, dtype: BufDtype, shape: CallShape) -> Self {
         Io {
             bridge,
             batch,
             dtype,
+            shape,
             place: Place::Host,
         }
     }
@@ -180,6 +208,7 @@ impl<'a> Io<'a> {
         bridge: &'a Bridge,
         batch: i64,
         dtype: BufDtype,
+        shape: CallShape,
         stream: *mut c_void,
     ) -> Result<Self> {
         #[cfg(feature = "cuda")]
@@ -188,11 +217,22 @@ impl<'a> Io<'a> {
                 crate::cuda::CallerStream::begin(bridge.device(), bridge.device_ordinal(), stream)?;
             return Ok(Io {
                 place: Place::Cuda(s),
-                ..Self::host(bridge, batch, dtype)
+                ..Self::host(bridge, batch, dtype, shape)
             });
         }
         let _ = stream;
-        Ok(Self::host(bridge, batch, dtype))
+        Ok(Self::host(bridge, batch, dtype, shape))
+    }
+
+    /// The call's latent size and token grid.
+    pub fn shape(&self) -> CallShape {
+        self.shape
+    }
+
+    /// Elements of one latent sample `[in_ch, height, width]`.
+    pub fn latent_numel(&self) -> usize {
+        let s = self.shape;
+        self.bridge.config().latent_numel(s.height, s.width)
     }
 
     /// Checks an output buffer of `per_sample` elements per sample before any work: not
@@ -244,13 +284,16 @@ impl<'a> Io<'a> {
         }
     }
 
-    /// The caller's `latents` `[batch, in_ch, latent_size, latent_size]`.
+    /// The caller's `latents` `[batch, in_ch, height, width]`.
     ///
     /// # Safety
     /// As `read`.
     pub unsafe fn latents(&self, ptr: *const c_void, finite: bool) -> Result<Tensor> {
-        let c = self.bridge.config();
-        let shape = [c.in_ch, c.latent_size, c.latent_size];
+        let shape = [
+            self.bridge.config().in_ch,
+            self.shape.height,
+            self.shape.width,
+        ];
         // SAFETY: forwarded contract.
         unsafe { self.read(ptr, &shape, "latents", finite) }
     }

@@ -13,9 +13,9 @@ pub mod types;
 
 use crate::bridge::Bridge;
 use crate::error::{Error, ErrorKind, Result};
-use crate::loss::check_pred_grid;
+use crate::loss::GridMatch;
 use guard::{ffi_call, lookup, struct_size, write_versioned};
-use io::{BufDtype, Io};
+use io::{BufDtype, CallShape, Io};
 use params::{OUT_MIN_SIZE, PARAMS_MIN_SIZE};
 use std::ffi::c_void;
 use std::os::raw::c_char;
@@ -36,16 +36,18 @@ enum Buffers {
 /// to its host-side outputs (loss, stats) once everything else succeeded.
 fn compute<R>(
     handle: *const BridgeHandle,
-    batch: i64,
+    (batch, height, width): (i64, i32, i32),
     dtype: i32,
     buffers: Buffers,
     body: impl FnOnce(&Bridge, &Io) -> Result<R>,
 ) -> Result<R> {
     let bridge = lookup(handle)?;
     let dt = BufDtype::from_code(dtype)?;
+    let shape = CallShape::of(&bridge, height, width)?;
+    bridge.check_fits(batch, shape.grid)?;
     let io = match buffers {
-        Buffers::Host => Io::host(&bridge, batch, dt),
-        Buffers::Bridge(stream) => Io::for_bridge(&bridge, batch, dt, stream)?,
+        Buffers::Host => Io::host(&bridge, batch, dt, shape),
+        Buffers::Bridge(stream) => Io::for_bridge(&bridge, batch, dt, shape, stream)?,
     };
     let r = body(&bridge, &io)?;
     io.finish()?;
@@ -62,7 +64,7 @@ unsafe fn forward_into(
     latents: *const c_void,
     out: *mut c_void,
 ) -> Result<()> {
-    io.check_output(out, bridge.config().output_numel(), "out")?;
+    io.check_output(out, bridge.config().output_numel(io.shape().grid), "out")?;
     // SAFETY: the entry points' contracts. (Device input is not scanned for NaN/Inf.)
     let x = unsafe { io.latents(latents, true)? };
     let y = bridge.forward(&x)?;
@@ -212,13 +214,16 @@ pub unsafe extern "C" fn bridge_get_info(
     })
 }
 
-/// Predicts DINOv2 tokens: `latents` `[batch, in_ch, latent_size, latent_size]` in,
-/// `out` `[batch, grid*grid, target_dim]` out, both host buffers of `dtype`
-/// (`BRIDGE_DTYPE_*`). Evaluation mode (no dropout).
+/// Predicts DINOv2 tokens: `latents` `[batch, in_ch, height, width]` in, `out`
+/// `[batch, h*w, target_dim]` out on the token grid `(h, w) = (height, width) /
+/// 2^adapter_depth` (row-major), both host buffers of `dtype` (`BRIDGE_DTYPE_*`).
+/// Evaluation mode (no dropout). Any latent size whose sides are multiples of
+/// `2^adapter_depth` runs on the same weights (the position embedding is resized).
 ///
 /// Returns `BRIDGE_OK`, `INVALID_ARGUMENT` (NULL, dead handle, batch <= 0 or
-/// overflowing, unknown dtype), `NON_FINITE` (NaN/Inf in `latents`; `out` untouched),
-/// `INTERNAL`. Thread-safe: forward and loss calls on one handle run concurrently; a
+/// overflowing, unknown dtype), `SHAPE` (a side zero, negative, not a multiple of
+/// `2^adapter_depth` or too large; a call larger than the device's memory),
+/// `NON_FINITE` (NaN/Inf in `latents`; `out` untouched), `INTERNAL`. Thread-safe: forward and loss calls on one handle run concurrently; a
 /// train step or save waits for them.
 ///
 /// # Safety
@@ -229,13 +234,21 @@ pub unsafe extern "C" fn bridge_forward(
     latents: *const c_void,
     out: *mut c_void,
     batch: i64,
+    height: i32,
+    width: i32,
     dtype: i32,
 ) -> i32 {
     ffi_call("bridge_forward", || {
-        compute(handle, batch, dtype, Buffers::Host, |bridge, io| {
-            // SAFETY: host buffers of `batch` samples, per the contract above.
-            unsafe { forward_into(bridge, io, latents, out) }
-        })
+        compute(
+            handle,
+            (batch, height, width),
+            dtype,
+            Buffers::Host,
+            |bridge, io| {
+                // SAFETY: host buffers of `batch` samples, per the contract above.
+                unsafe { forward_into(bridge, io, latents, out) }
+            },
+        )
     })
 }
 
@@ -249,7 +262,7 @@ pub unsafe extern "C" fn bridge_forward(
 ///
 /// Returns `BRIDGE_OK`, `INVALID_ARGUMENT` (NULL, dead handle, batch, dtype, a host
 /// pointer or another device's memory, a buffer smaller than `batch` samples, a CPU
-/// bridge), `UNSUPPORTED` (a build without CUDA; nothing touched), `INTERNAL` (a CUDA
+/// bridge), `SHAPE` (as `bridge_forward`), `UNSUPPORTED` (a build without CUDA; nothing touched), `INTERNAL` (a CUDA
 /// driver error, named in the message). Thread-safe like `bridge_forward`.
 ///
 /// # Safety
@@ -261,6 +274,8 @@ pub unsafe extern "C" fn bridge_forward_cuda_ptr(
     latents: *const c_void,
     out: *mut c_void,
     batch: i64,
+    height: i32,
+    width: i32,
     dtype: i32,
     stream: *mut c_void,
 ) -> i32 {
@@ -269,13 +284,13 @@ pub unsafe extern "C" fn bridge_forward_cuda_ptr(
         {
             lookup(handle)?;
             BufDtype::from_code(dtype)?;
-            let _ = (latents, out, batch, stream);
+            let _ = (latents, out, batch, height, width, stream);
             Err(no_cuda())
         }
         #[cfg(feature = "cuda")]
         compute(
             handle,
-            batch,
+            (batch, height, width),
             dtype,
             Buffers::Bridge(stream),
             |bridge, io| {
@@ -291,16 +306,21 @@ pub unsafe extern "C" fn bridge_forward_cuda_ptr(
     })
 }
 
-/// REPA alignment loss. `pred` is the caller's projection `[batch, pred_grid^2,
-/// target_dim]` (`pred_grid` a positive multiple of the bridge grid; it is average-pooled
-/// to the bridge grid), the target is the frozen bridge's prediction for `latents`.
-/// Writes the loss to `*loss` and d loss / d pred (same shape as `pred`) to `grad_pred`.
+/// REPA alignment loss. The target is the frozen bridge's prediction for `latents`
+/// `[batch, in_ch, height, width]`, on its token grid `(h, w)`; `pred` is the caller's
+/// projection `[batch, pred_h*pred_w, target_dim]` on its grid `(pred_h, pred_w)`, which
+/// must equal `(h, w)` or be `k` times it (then `pred` is average-pooled `k x k`) or `1/k`
+/// of it (then the target is pooled), with the same `k` on both sides. With
+/// `spatial_norm_gamma > 0` the (pooled) target is spatially normalised. Writes the loss
+/// to `*loss` and d loss / d pred (same shape as `pred`) to `grad_pred`.
 /// On a CPU bridge the buffers are host memory and `stream` is ignored; on a CUDA bridge
 /// they are device memory of its GPU, ordered on `stream` as in
 /// `bridge_forward_cuda_ptr`, and the loss value is read back to the host (one sync).
 /// The caller owns every buffer; nothing is retained.
 ///
-/// Returns `BRIDGE_OK`, `INVALID_ARGUMENT` (NULL, dead handle, batch, dtype, pred_grid),
+/// Returns `BRIDGE_OK`, `INVALID_ARGUMENT` (NULL, dead handle, batch, dtype, a caller
+/// grid that is no integer multiple or divisor of the bridge's, spatial normalisation on
+/// a one-token loss grid), `SHAPE` (the latent size, as in `bridge_forward`),
 /// `NON_FINITE` (NaN/Inf input or loss; nothing written), `INTERNAL`. Thread-safe.
 ///
 /// # Safety
@@ -312,7 +332,10 @@ pub unsafe extern "C" fn bridge_loss_backward(
     latents: *const c_void,
     grad_pred: *mut c_void,
     batch: i64,
-    pred_grid: i32,
+    height: i32,
+    width: i32,
+    pred_h: i32,
+    pred_w: i32,
     dtype: i32,
     loss: *mut f32,
     stream: *mut c_void,
@@ -320,28 +343,27 @@ pub unsafe extern "C" fn bridge_loss_backward(
     ffi_call("bridge_loss_backward", || {
         let value = compute(
             handle,
-            batch,
+            (batch, height, width),
             dtype,
             Buffers::Bridge(stream),
             |bridge, io| {
                 let c = bridge.config();
-                let g = check_pred_grid(pred_grid as i64, c.grid)?;
+                GridMatch::of((pred_h as i64, pred_w as i64), io.shape().grid)?;
                 if loss.is_null() {
                     return Err(Error::invalid("loss is NULL"));
                 }
-                let tokens = g
-                    .checked_mul(g)
-                    .ok_or_else(|| Error::invalid("pred_grid overflows"))?;
-                let pred_shape = [tokens, c.target_dim];
-                io.check_output(grad_pred, tokens * c.target_dim, "grad_pred")?;
-                // SAFETY (reads and write): buffers of `batch` samples by the contract above;
-                // device pointers are checked with the driver.
+                let pred_grid = (pred_h as usize, pred_w as usize);
+                let pred_shape = [pred_grid.0 * pred_grid.1, c.target_dim];
+                io.check_output(grad_pred, pred_shape[0] * pred_shape[1], "grad_pred")?;
+                // SAFETY: buffers of `batch` samples by the contract above; device pointers
+                // are checked with the driver.
                 let p = unsafe { io.read(pred, &pred_shape, "pred", true)? };
                 let x = unsafe { io.latents(latents, true)? };
                 // The loss value is read back to the host (one sync on a GPU): it is both the
                 // output and the NaN check.
-                let (value, grad) = bridge.loss_backward(&p, &x, g)?;
+                let (value, grad) = bridge.loss_backward(&p, &x, pred_grid)?;
                 let value = finite_loss(value)?;
+                // SAFETY: `grad_pred` was checked to hold `batch` samples of `pred`'s shape.
                 unsafe { io.write(grad_pred, &grad, "grad_pred")? };
                 Ok(value)
             },
@@ -352,13 +374,14 @@ pub unsafe extern "C" fn bridge_loss_backward(
     })
 }
 
-/// Loss between bridge(`latents`) and `target` `[batch, grid^2, target_dim]` and its
+/// Loss between bridge(`latents`) (`[batch, in_ch, height, width]`) and `target`
+/// `[batch, h*w, target_dim]` on the token grid `(h, w)` of that latent size, and its
 /// gradient with respect to the latents through the frozen bridge, written to
 /// `grad_latents` (shape of `latents`). Buffers, streams and ownership as in
-/// `bridge_loss_backward`.
+/// `bridge_loss_backward`; no spatial normalisation.
 ///
-/// Returns `BRIDGE_OK`, `INVALID_ARGUMENT` (NULL, dead handle, batch, dtype),
-/// `NON_FINITE` (NaN/Inf input or loss; nothing written), `INTERNAL`. Thread-safe: runs
+/// Returns `BRIDGE_OK`, `INVALID_ARGUMENT` (NULL, dead handle, batch, dtype), `SHAPE`
+/// (the latent size, as in `bridge_forward`), `NON_FINITE` (NaN/Inf input or loss; nothing written), `INTERNAL`. Thread-safe: runs
 /// alongside forward and loss calls.
 ///
 /// # Safety
@@ -370,6 +393,8 @@ pub unsafe extern "C" fn bridge_latent_loss_backward(
     target: *const c_void,
     grad_latents: *mut c_void,
     batch: i64,
+    height: i32,
+    width: i32,
     dtype: i32,
     loss: *mut f32,
     stream: *mut c_void,
@@ -377,7 +402,7 @@ pub unsafe extern "C" fn bridge_latent_loss_backward(
     ffi_call("bridge_latent_loss_backward", || {
         let value = compute(
             handle,
-            batch,
+            (batch, height, width),
             dtype,
             Buffers::Bridge(stream),
             |bridge, io| {
@@ -385,12 +410,15 @@ pub unsafe extern "C" fn bridge_latent_loss_backward(
                 if loss.is_null() {
                     return Err(Error::invalid("loss is NULL"));
                 }
-                io.check_output(grad_latents, c.latent_numel(), "grad_latents")?;
+                io.check_output(grad_latents, io.latent_numel(), "grad_latents")?;
                 // SAFETY: as in `bridge_loss_backward`.
                 let x = unsafe { io.latents(latents, true)? };
-                let t = unsafe { io.read(target, &[c.tokens(), c.target_dim], "target", true)? };
+                let t = unsafe {
+                    io.read(target, &[io.shape().tokens(), c.target_dim], "target", true)?
+                };
                 let (value, grad) = bridge.latent_loss_backward(&x, &t)?;
                 let value = finite_loss(value)?;
+                // SAFETY: `grad_latents` was checked to hold `batch` latent samples.
                 unsafe { io.write(grad_latents, &grad, "grad_latents")? };
                 Ok(value)
             },
@@ -401,8 +429,9 @@ pub unsafe extern "C" fn bridge_latent_loss_backward(
     })
 }
 
-/// One AdamW step on the bridge's own weights: `latents` `[batch, in_ch, L, L]`,
-/// `targets` `[batch, grid^2, target_dim]` (DINOv2 tokens). Dropout is on. Fills
+/// One AdamW step on the bridge's own weights: `latents` `[batch, in_ch, height, width]`,
+/// `targets` `[batch, h*w, target_dim]` (DINOv2 tokens on the token grid `(h, w)` of that
+/// latent size). Dropout is on. Fills
 /// `*stats` (set `stats->struct_size` first). A non-finite loss or gradient skips the
 /// update, leaves every weight and the step count unchanged, and returns `BRIDGE_OK`
 /// with `stats->skipped = 1`.
@@ -410,8 +439,9 @@ pub unsafe extern "C" fn bridge_latent_loss_backward(
 /// Buffers are host memory on a CPU bridge, device memory on a CUDA bridge (ordered on
 /// `stream` as in `bridge_forward_cuda_ptr`); the caller owns them, nothing is retained.
 ///
-/// Returns `BRIDGE_OK`, `INVALID_ARGUMENT` (NULL, dead handle, batch, dtype),
-/// `ABI_MISMATCH` (`stats->struct_size`), `INTERNAL`. Thread-safe: takes the handle's
+/// Returns `BRIDGE_OK`, `INVALID_ARGUMENT` (NULL, dead handle, batch, dtype), `SHAPE`
+/// (the latent size, as in `bridge_forward`), `ABI_MISMATCH` (`stats->struct_size`),
+/// `INTERNAL`. Thread-safe: takes the handle's
 /// write lock, so concurrent forward/loss calls wait and never see a half-applied update.
 ///
 /// # Safety
@@ -422,6 +452,8 @@ pub unsafe extern "C" fn bridge_train_step(
     latents: *const c_void,
     targets: *const c_void,
     batch: i64,
+    height: i32,
+    width: i32,
     dtype: i32,
     stats: *mut BridgeStepStats,
     stream: *mut c_void,
@@ -429,7 +461,7 @@ pub unsafe extern "C" fn bridge_train_step(
     ffi_call("bridge_train_step", || {
         let (s, size) = compute(
             handle,
-            batch,
+            (batch, height, width),
             dtype,
             Buffers::Bridge(stream),
             |bridge, io| {
@@ -440,7 +472,14 @@ pub unsafe extern "C" fn bridge_train_step(
                 // skips the update like any other.
                 // SAFETY: as in `bridge_loss_backward`.
                 let x = unsafe { io.latents(latents, false)? };
-                let t = unsafe { io.read(targets, &[c.tokens(), c.target_dim], "targets", false)? };
+                let t = unsafe {
+                    io.read(
+                        targets,
+                        &[io.shape().tokens(), c.target_dim],
+                        "targets",
+                        false,
+                    )?
+                };
                 Ok((bridge.train_step(&x, &t)?, size))
             },
         )?;

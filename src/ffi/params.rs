@@ -53,6 +53,8 @@ pub fn defaults() -> BridgeParams {
         grad_clip: o.grad_clip,
         warmup_steps: o.warmup_steps,
         total_steps: o.total_steps,
+        w_gram: l.gram,
+        spatial_norm_gamma: 0.0,
     }
 }
 
@@ -93,7 +95,9 @@ pub fn options_from(p: &BridgeParams) -> Result<BridgeOptions> {
             cos: p.w_cos,
             norm: p.w_norm,
             raw: p.w_raw,
+            gram: p.w_gram,
         },
+        spatial_norm_gamma: p.spatial_norm_gamma,
         optim: OptimConfig {
             lr: p.lr,
             weight_decay: p.weight_decay,

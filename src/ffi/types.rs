@@ -4,13 +4,14 @@
 use std::os::raw::c_char;
 
 /// ABI version: bumped when a struct or function signature changes incompatibly.
-pub const BRIDGE_ABI_VERSION: u32 = 1;
+pub const BRIDGE_ABI_VERSION: u32 = 2;
 
 /// Success.
 pub const BRIDGE_OK: i32 = 0;
 /// An argument is NULL, out of range, or otherwise malformed (dtype code, batch, grid, path).
 pub const BRIDGE_ERR_INVALID_ARGUMENT: i32 = 1;
-/// A tensor shape does not fit the model.
+/// A shape does not fit the model: a latent side that is not a positive multiple of
+/// `2^adapter_depth` (or too large), or a call too large for the device's memory.
 pub const BRIDGE_ERR_SHAPE: i32 = 2;
 /// A file could not be read or written.
 pub const BRIDGE_ERR_IO: i32 = 3;
@@ -84,6 +85,11 @@ pub struct BridgeParams {
     pub warmup_steps: i64,
     /// Length of the cosine schedule; 0 = constant rate after warmup.
     pub total_steps: i64,
+    /// (ABI 2) Weight of the spatial-structure loss term (token self-similarity); 0 = off.
+    pub w_gram: f32,
+    /// (ABI 2) iREPA's spatial normalisation of the alignment target in
+    /// `bridge_loss_backward` (0 = off).
+    pub spatial_norm_gamma: f32,
 }
 
 /// What a handle holds (`bridge_get_info`). Set `struct_size` before the call.
@@ -108,7 +114,8 @@ pub struct BridgeInfo {
     pub param_count: i64,
     /// -1 = CPU, else the CUDA ordinal.
     pub device: i32,
-    /// grid * grid: tokens per sample.
+    /// grid * grid: tokens per sample at the stored latent size. Other latent sizes give
+    /// the token grid `(height, width) / 2^adapter_depth`.
     pub tokens: i32,
     /// Optimiser updates applied so far.
     pub step: i64,

@@ -71,14 +71,16 @@ impl Adapter {
     }
 
     /// `[B, C, L, L]` latents (NCHW, as trainers hold them) to `[B, grid*grid, width]`.
-    pub fn forward(&self, latents: &Tensor) -> Result<Tensor> {
+    /// Latents `[B, C, H, W]` to tokens `[B, h*w, width]` on the token grid `(h, w)`
+    /// (row-major), which it also returns.
+    pub fn forward(&self, latents: &Tensor) -> Result<(Tensor, (usize, usize))> {
         let x = latents.affine(self.latent_scale, -self.latent_shift * self.latent_scale)?;
         let mut x = self.stem.forward(&x.permute((0, 2, 3, 1))?)?;
         for stage in &self.stages {
             x = stage.res.forward(&stage.down.forward(&x)?)?;
         }
         let x = self.norm_out.forward_silu(&x)?;
-        let (b, g, _, c) = x.dims4()?;
-        self.proj.forward(&x.reshape((b, g * g, c))?)
+        let (b, h, w, c) = x.dims4()?;
+        Ok((self.proj.forward(&x.reshape((b, h * w, c))?)?, (h, w)))
     }
 }

@@ -1,6 +1,7 @@
 //! The transformer body: pre-norm ViT blocks over the token grid (DESIGN.md, Model step 3).
 
 use super::layers::{LayerNorm, Linear, WeightSource};
+use super::position;
 use crate::config::BridgeConfig;
 use crate::error::Result;
 use crate::kernels::{self, Activation, activation_owned};
@@ -85,6 +86,8 @@ impl Block {
 #[derive(Clone)]
 pub struct Backbone {
     pos_embed: Tensor,
+    /// The grid `pos_embed` is stored for.
+    grid: usize,
     blocks: Vec<Block>,
     norm: LayerNorm,
     dropout: f32,
@@ -97,18 +100,26 @@ impl Backbone {
             .collect::<Result<Vec<_>>>()?;
         Ok(Backbone {
             pos_embed: w.get("backbone.pos_embed")?,
+            grid: cfg.grid,
             blocks,
             norm: LayerNorm::load(w, "backbone.norm", LN_EPS)?,
             dropout: cfg.dropout,
         })
     }
 
-    /// `[B, T, width]` tokens through the blocks, out as token rows `[B*T, width]`;
-    /// `rng` is `Some` in training only. The blocks work on rows: each reshape in the
-    /// graph costs training a zero-filled gradient buffer and an add (candle's backward).
-    pub fn forward(&self, tokens: &Tensor, mut rng: Option<&mut Rng>) -> Result<Tensor> {
+    /// `[B, h*w, width]` tokens on the grid `grid` through the blocks, out as token rows
+    /// `[B*h*w, width]`; `rng` is `Some` in training only. The blocks work on rows: each
+    /// reshape in the graph costs training a zero-filled gradient buffer and an add
+    /// (candle's backward).
+    pub fn forward(
+        &self,
+        tokens: &Tensor,
+        grid: (usize, usize),
+        mut rng: Option<&mut Rng>,
+    ) -> Result<Tensor> {
         let (b, t, w) = tokens.dims3()?;
-        let mut x = tokens.broadcast_add(&self.pos_embed)?.reshape((b * t, w))?;
+        let pos = position::on_grid(&self.pos_embed, self.grid, grid)?;
+        let mut x = tokens.broadcast_add(&pos)?.reshape((b * t, w))?;
         for block in &self.blocks {
             x = block.forward(&x, t, self.dropout, rng.as_deref_mut())?;
         }

@@ -1,9 +1,11 @@
-//! The bridge network: latents `[B, C, L, L]` -> adapter -> body -> head -> `[B, T, D]`.
+//! The bridge network: latents `[B, C, H, W]` -> adapter -> body -> head -> tokens
+//! `[B, h*w, D]` on the grid `(H, W) / 2^adapter_depth`.
 
 pub mod adapter;
 pub mod backbone;
 pub mod head;
 pub mod layers;
+pub mod position;
 
 use crate::config::BridgeConfig;
 use crate::error::Result;
@@ -30,10 +32,12 @@ impl BridgeModel {
     }
 
     /// `rng` is `Some` in training (dropout on), `None` in evaluation.
+    /// Latents `[B, C, H, W]` to predicted tokens `[B, h*w, target_dim]` on the token
+    /// grid `(H, W) / 2^adapter_depth`.
     pub fn forward(&self, latents: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
-        let tokens = self.adapter.forward(latents)?;
+        let (tokens, grid) = self.adapter.forward(latents)?;
         let (b, t, _) = tokens.dims3()?;
-        let rows = self.backbone.forward(&tokens, rng)?;
+        let rows = self.backbone.forward(&tokens, grid, rng)?;
         Ok(self.head.forward(&rows)?.reshape((b, t, ()))?)
     }
 }

@@ -21,6 +21,30 @@ pub fn fixtures() -> PathBuf {
     dir
 }
 
+/// `../shared/fixtures/shapes` (or `$DINO_BRIDGE_FIXTURES/shapes`): one REPA-grid bridge
+/// at several latent sizes, and the alignment options.
+pub fn shapes() -> PathBuf {
+    let dir = fixtures().parent().unwrap().join("shapes");
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "fixtures not found at {}",
+        dir.display()
+    );
+    dir
+}
+
+/// An array of `shapes/`.
+pub fn load_shapes(name: &str) -> Tensor {
+    let (shape, data) = npy::read_f32(&shapes().join(name)).unwrap();
+    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+}
+
+/// `shapes/expected.json`.
+pub fn expected_shapes() -> serde_json::Value {
+    let text = std::fs::read_to_string(shapes().join("expected.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
 pub fn load(name: &str) -> Tensor {
     let (shape, data) = npy::read_f32(&fixtures().join(name)).unwrap();
     Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
