@@ -75,9 +75,9 @@ fn self_similarity(x: &Tensor) -> Result<Tensor> {
     Ok(n.matmul(&n.t()?.contiguous()?)?)
 }
 
-/// The loss of DESIGN.md for `[B, T, D]` tensors, a scalar: `w_cos * mean(1 - cos)
-/// + w_norm * mean((n(p) - n(t))^2) + w_raw * mean((p - t)^2) + w_gram * mean((c(p) -
-/// c(t))^2)`. `target` is treated as a constant.
+/// The loss of DESIGN.md for `[B, T, D]` tensors, a scalar: the sum of
+/// `w_cos * mean(1 - cos)`, `w_norm * mean((n(p) - n(t))^2)`, `w_raw * mean((p - t)^2)`
+/// and `w_gram * mean((c(p) - c(t))^2)`. `target` is treated as a constant.
 pub fn alignment_loss(pred: &Tensor, target: &Tensor, w: &LossWeights) -> Result<Tensor> {
     if pred.dims() != target.dims() {
         return Err(Error::shape(format!(
