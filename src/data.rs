@@ -1,6 +1,8 @@
-//! Training data: a folder with `latents.npy` `[N, C, L, L]` and `targets.npy` `[N, T, D]`
-//! (float16 or float32, C order), memory-mapped and read a batch of rows at a time, so a
-//! target file larger than memory trains fine.
+//! Training data: a folder with `latents.npy` `[N, C, H, W]` and `targets.npy`
+//! `[N, h*w, D]` on the token grid of that latent size (float16 or float32, C order),
+//! memory-mapped and read a batch of rows at a time, so a target file larger than memory
+//! trains fine. Several folders of different sizes (aspect buckets) train one bridge; the
+//! epoch's batch plan draws each batch from one folder.
 
 use crate::config::BridgeConfig;
 use crate::error::{Error, ErrorKind, Result};
@@ -60,6 +62,9 @@ pub struct Dataset {
     pub latents: NpyArray,
     pub targets: NpyArray,
     pub len: usize,
+    /// The latent size `(H, W)` and the token grid `(h, w)` it gives.
+    pub latent_size: (usize, usize),
+    pub grid: (usize, usize),
 }
 
 /// A batch ready for a train step, with the rows dropped for non-finite values.
@@ -83,25 +88,28 @@ impl Dataset {
         let targets = NpyArray::open(&dir.join("targets.npy"))?;
 
         let c = config;
-        let want_lat = [c.in_ch, c.latent_size, c.latent_size];
-        if latents.shape().len() != 4 || latents.shape()[1..] != want_lat {
+        let lat = latents.shape();
+        if lat.len() != 4 || lat[1] != c.in_ch {
             return Err(Error::shape(format!(
-                "{}: shape {:?}; expected [N, {}, {}, {}]",
+                "{}: shape {lat:?}; expected [N, {}, H, W]",
                 latents.path().display(),
-                latents.shape(),
-                c.in_ch,
-                c.latent_size,
-                c.latent_size
+                c.in_ch
             )));
         }
-        let want_tgt = [c.tokens(), c.target_dim];
+        let (height, width) = (lat[2], lat[3]);
+        let grid = c
+            .token_grid(height as i64, width as i64)
+            .map_err(|e| e.context(latents.path().display()))?;
+        let want_tgt = [grid.0 * grid.1, c.target_dim];
         if targets.shape().len() != 3 || targets.shape()[1..] != want_tgt {
             return Err(Error::shape(format!(
-                "{}: shape {:?}; expected [N, {}, {}]",
+                "{}: shape {:?}; expected [N, {}, {}] (the {}x{} token grid of {height}x{width} latents)",
                 targets.path().display(),
                 targets.shape(),
-                c.tokens(),
-                c.target_dim
+                want_tgt[0],
+                c.target_dim,
+                grid.0,
+                grid.1
             )));
         }
         if latents.rows() != targets.rows() {
@@ -124,6 +132,8 @@ impl Dataset {
             latents,
             targets,
             len,
+            latent_size: (height, width),
+            grid,
         })
     }
 
@@ -135,18 +145,15 @@ impl Dataset {
         let mut lat = Vec::with_capacity(rows.len() * ln);
         let mut tgt = Vec::with_capacity(rows.len() * tn);
         let mut kept = Vec::with_capacity(rows.len());
-        let side = self.latents.shape()[3];
-        let (tokens, dim) = (self.targets.shape()[1], self.targets.shape()[2]);
-        let grid = (tokens as f64).sqrt() as usize;
+        let line = self.latent_size.1;
+        let dim = self.targets.shape()[2];
         for (i, &r) in rows.iter().enumerate() {
             let (l0, t0) = (lat.len(), tgt.len());
             self.latents.read_row(r, &mut lat);
             self.targets.read_row(r, &mut tgt);
             if flips.is_some_and(|f| f[i]) {
-                lat[l0..]
-                    .chunks_exact_mut(side)
-                    .for_each(|line| line.reverse());
-                flip_grid(&mut tgt[t0..], grid, dim);
+                lat[l0..].chunks_exact_mut(line).for_each(|l| l.reverse());
+                flip_grid(&mut tgt[t0..], self.grid.1, dim);
             }
             if lat[l0..].iter().chain(&tgt[t0..]).all(|v| v.is_finite()) {
                 kept.push(r);
@@ -169,11 +176,11 @@ impl Dataset {
     }
 }
 
-/// Mirrors a row-major `grid x grid` token map `[grid*grid, dim]` left-right.
-fn flip_grid(tokens: &mut [f32], grid: usize, dim: usize) {
-    for row in tokens.chunks_exact_mut(grid * dim) {
-        for c in 0..grid / 2 {
-            let (left, right) = row.split_at_mut((grid - 1 - c) * dim);
+/// Mirrors a row-major token map `[h*w, dim]` with `w` columns left-right.
+fn flip_grid(tokens: &mut [f32], w: usize, dim: usize) {
+    for row in tokens.chunks_exact_mut(w * dim) {
+        for c in 0..w / 2 {
+            let (left, right) = row.split_at_mut((w - 1 - c) * dim);
             left[c * dim..(c + 1) * dim].swap_with_slice(&mut right[..dim]);
         }
     }
@@ -199,11 +206,62 @@ pub fn epoch_order(train_rows: &[usize], seed: u64, epoch: usize) -> Vec<usize> 
     order
 }
 
+/// The batches of one epoch over several folders: each folder's training rows in their
+/// epoch order (`epoch_order`, salted per folder), cut into batches of `batch`, and the
+/// batches of all folders in a seeded order of their own; each batch is `(folder, rows)`
+/// from one folder. One folder keeps its batches in order. Deterministic in
+/// (seed, epoch), so a resumed run continues with the same batches.
+pub fn epoch_batches(
+    train_rows: &[Vec<usize>],
+    batch: usize,
+    seed: u64,
+    epoch: usize,
+) -> Vec<(usize, Vec<usize>)> {
+    let mut plan: Vec<(usize, Vec<usize>)> = train_rows
+        .iter()
+        .enumerate()
+        .flat_map(|(f, rows)| {
+            let salt = (f as u64).wrapping_mul(0xa076_1d64_78bd_642f);
+            epoch_order(rows, seed ^ salt, epoch)
+                .chunks(batch.max(1))
+                .map(|c| (f, c.to_vec()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    if train_rows.len() > 1 {
+        Rng::new(seed ^ BUCKET_SALT ^ epoch as u64).shuffle(&mut plan);
+    }
+    plan
+}
+
 const SPLIT_SALT: u64 = 0x5917_7a11_0000_0001;
+const BUCKET_SALT: u64 = 0xb0c4_e750_0000_0002;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn epoch_batches_come_from_one_folder_each_and_cover_every_row_once() {
+        let folders = vec![(0..10).collect::<Vec<_>>(), (0..7).collect::<Vec<_>>()];
+        let plan = epoch_batches(&folders, 3, 5, 2);
+        assert_eq!(plan.len(), 4 + 3);
+        for (f, rows) in folders.iter().enumerate() {
+            let mut seen: Vec<usize> = plan
+                .iter()
+                .filter(|(g, _)| *g == f)
+                .flat_map(|(_, r)| r.clone())
+                .collect();
+            seen.sort();
+            assert_eq!(&seen, rows);
+        }
+        assert_eq!(plan, epoch_batches(&folders, 3, 5, 2));
+        assert_ne!(plan, epoch_batches(&folders, 3, 5, 3));
+        // One folder: its batches in order, as before buckets existed.
+        let one = epoch_batches(&folders[..1], 3, 5, 2);
+        let rows: Vec<usize> = one.iter().flat_map(|(_, r)| r.clone()).collect();
+        assert_eq!(rows, epoch_order(&folders[0], 5, 2));
+    }
 
     #[test]
     fn flipping_mirrors_columns_and_twice_is_identity() {
@@ -211,6 +269,10 @@ mod tests {
         let mut t = vec![1.0, 2.0, 3.0, 4.0];
         flip_grid(&mut t, 2, 1);
         assert_eq!(t, [2.0, 1.0, 4.0, 3.0]);
+        // A 2x3 grid: [a b c; d e f] -> [c b a; f e d]
+        let mut t = vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        flip_grid(&mut t, 3, 1);
+        assert_eq!(t, [3.0, 2.0, 1.0, 6.0, 5.0, 4.0]);
         let orig: Vec<f32> = (0..3 * 3 * 2).map(|v| v as f32).collect();
         let mut t = orig.clone();
         flip_grid(&mut t, 3, 2);

@@ -10,13 +10,47 @@ pub struct Metrics {
     pub loss: f64,
     pub cosine: f64,
     pub nmse: f64,
-    #[serde(rename = "retrieval@1")]
-    pub retrieval_1: f64,
-    #[serde(rename = "retrieval@5")]
-    pub retrieval_5: f64,
-    #[serde(rename = "retrieval@10")]
-    pub retrieval_10: f64,
+    /// retrieval@k within one data set's pool; none for metrics pooled over several data
+    /// sets, where it has no meaning (each has its own pool).
+    #[serde(
+        rename = "retrieval@1",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub retrieval_1: Option<f64>,
+    #[serde(
+        rename = "retrieval@5",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub retrieval_5: Option<f64>,
+    #[serde(
+        rename = "retrieval@10",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub retrieval_10: Option<f64>,
     pub self_sim: f64,
+}
+
+impl Metrics {
+    /// The metrics of several data sets (rows, metrics) taken together, weighted by rows:
+    /// loss, cosine, nmse and self_sim (each a mean over samples); no retrieval.
+    pub fn pooled(parts: &[(usize, &Metrics)]) -> Metrics {
+        let rows: usize = parts.iter().map(|(n, _)| n).sum();
+        let mean = |f: fn(&Metrics) -> f64| {
+            parts.iter().map(|(n, m)| *n as f64 * f(m)).sum::<f64>() / rows.max(1) as f64
+        };
+        Metrics {
+            loss: mean(|m| m.loss),
+            cosine: mean(|m| m.cosine),
+            nmse: mean(|m| m.nmse),
+            retrieval_1: None,
+            retrieval_5: None,
+            retrieval_10: None,
+            self_sim: mean(|m| m.self_sim),
+        }
+    }
 }
 
 /// Default size of the retrieval pool.
@@ -58,9 +92,9 @@ pub fn evaluate(
         loss,
         cosine,
         nmse,
-        retrieval_1: r1,
-        retrieval_5: r5,
-        retrieval_10: r10,
+        retrieval_1: Some(r1),
+        retrieval_5: Some(r5),
+        retrieval_10: Some(r10),
         self_sim: self_similarity(pred, target)?,
     })
 }

@@ -7,11 +7,20 @@ use font8x8::UnicodeFonts;
 use std::path::Path;
 
 const W: usize = 1000;
-const H: usize = 440;
+const H: usize = 470;
 type Rgb = [u8; 3];
 const BLACK: Rgb = [30, 30, 30];
 const GREY: Rgb = [215, 215, 215];
-const COLORS: [Rgb; 4] = [[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40]];
+const COLORS: [Rgb; 8] = [
+    [31, 119, 180],
+    [255, 127, 14],
+    [44, 160, 44],
+    [214, 39, 40],
+    [148, 103, 189],
+    [140, 86, 75],
+    [227, 119, 194],
+    [127, 127, 127],
+];
 
 struct Canvas {
     px: Vec<u8>,
@@ -70,8 +79,17 @@ impl Canvas {
 }
 
 struct Series {
-    name: &'static str,
+    name: String,
     points: Vec<(f64, f64)>,
+}
+
+impl Series {
+    fn new(name: impl Into<String>) -> Self {
+        Series {
+            name: name.into(),
+            points: Vec::new(),
+        }
+    }
 }
 
 /// One panel at `left` with title, axes, ticks, series and a legend.
@@ -138,62 +156,70 @@ fn panel(
         for p in &s.points {
             cv.square(sx(p.0) as i64, sy(p.1) as i64, 3, c);
         }
-        let ly = y0 + ph + 44;
-        let lx = x0 + k as i64 * 150;
+        // Legend: three entries a row.
+        let ly = y0 + ph + 44 + (k / 3) as i64 * 14;
+        let lx = x0 + (k % 3) as i64 * 140;
         cv.square(lx + 4, ly + 4, 4, c);
-        cv.text(lx + 14, ly, s.name, 1, BLACK);
+        cv.text(lx + 14, ly, &s.name, 1, BLACK);
     }
 }
 
-/// Reads `metrics.jsonl` and writes the plot to `png` (atomically).
+/// Reads `metrics.jsonl` and writes the plot to `png` (atomically). With several data
+/// folders (aspect buckets) the validation curves are drawn per folder, labelled by
+/// latent size, beside the pooled loss and cosine.
 pub fn plot_metrics(jsonl: &Path, png: &Path) -> Result<()> {
     let text = std::fs::read_to_string(jsonl).map_err(|e| Error::io(jsonl, e))?;
-    let mut series: [Series; 4] = [
-        Series {
-            name: "train loss",
-            points: vec![],
-        },
-        Series {
-            name: "val loss",
-            points: vec![],
-        },
-        Series {
-            name: "val cosine",
-            points: vec![],
-        },
-        Series {
-            name: "val R@1",
-            points: vec![],
-        },
-    ];
+    let mut train = Series::new("train loss");
+    let mut loss = vec![Series::new("val loss")];
+    let mut quality = vec![Series::new("val cosine"), Series::new("val R@1")];
     for line in text.lines() {
         let v: serde_json::Value = serde_json::from_str(line)
             .map_err(|e| Error::invalid(format!("{}: {e}", jsonl.display())))?;
         let epoch = v["epoch"].as_f64().unwrap_or(0.0);
-        let val = if v["val_ema"].is_object() {
-            &v["val_ema"]
+        let ema = v["val_ema"].is_object();
+        let (val, folders) = if ema {
+            (&v["val_ema"], &v["val_ema_folders"])
         } else {
-            &v["val"]
+            (&v["val"], &v["val_folders"])
         };
         if let Some(l) = v["train_loss"].as_f64() {
-            series[0].points.push((epoch, l));
+            train.points.push((epoch, l));
         }
-        for (s, key) in [(1, "loss"), (2, "cosine"), (3, "retrieval@1")] {
-            if let Some(x) = val[key].as_f64() {
-                series[s].points.push((epoch, x));
+        let push = |s: &mut Series, m: &serde_json::Value, key: &str| {
+            if let Some(x) = m[key].as_f64() {
+                s.points.push((epoch, x));
             }
+        };
+        push(&mut loss[0], val, "loss");
+        push(&mut quality[0], val, "cosine");
+        push(&mut quality[1], val, "retrieval@1");
+        for (i, f) in folders.as_array().into_iter().flatten().enumerate() {
+            let size = &f["latent_size"];
+            let label = format!("{}x{}", size[0], size[1]);
+            if loss.len() <= i + 1 {
+                loss.push(Series::new(format!("val loss {label}")));
+                quality.push(Series::new(format!("cos {label}")));
+                quality.push(Series::new(format!("R@1 {label}")));
+            }
+            push(&mut loss[i + 1], f, "loss");
+            push(&mut quality[2 + 2 * i], f, "cosine");
+            push(&mut quality[3 + 2 * i], f, "retrieval@1");
         }
     }
+    // The pooled record has no retrieval: drop empty series.
+    quality.retain(|s| !s.points.is_empty());
+    let mut left = vec![train];
+    left.extend(loss);
     let mut cv = Canvas::new();
-    let [a, b, c, d] = series;
-    panel(&mut cv, 0, "loss", &[a, b], None, 0);
+    let first_right = left.len();
+    panel(&mut cv, 0, "loss", &left, None, 0);
     panel(
         &mut cv,
         500,
         "validation cosine / R@1",
-        &[c, d],
+        &quality,
         Some(0.0),
-        2,
+        first_right,
     );
     let mut bytes = Vec::new();
     {

@@ -1,6 +1,9 @@
 //! A synthetic data set with learnable structure, for demos and tests: spatially smooth
 //! random latents, and targets from a frozen random teacher (a per-token MLP over each
-//! grid cell's latent patch plus a global context term plus a position code).
+//! grid cell's latent patch plus a global context term plus a position code). The teacher
+//! depends on the seed only, not on the latent size, and its position code is a smooth
+//! function of where a token sits in the image, so data of several sizes (aspect
+//! buckets) teaches one mapping.
 
 use crate::config::BridgeConfig;
 use crate::error::{Error, Result};
@@ -21,15 +24,15 @@ fn gaussian(shape: &[usize], std: f32, rng: &mut Rng) -> Result<Tensor> {
     )?)
 }
 
-/// One smooth `[side, side]` field: a coarse random grid, bilinearly upsampled, plus a
+/// One smooth `[height, width]` field: a coarse random grid, bilinearly upsampled, plus a
 /// little noise.
-fn smooth_field(side: usize, rng: &mut Rng, out: &mut Vec<f32>) {
+fn smooth_field((height, width): (usize, usize), rng: &mut Rng, out: &mut Vec<f32>) {
     let coarse = 5;
     let knots: Vec<f32> = (0..coarse * coarse).map(|_| rng.normal()).collect();
-    for y in 0..side {
-        for x in 0..side {
-            let fy = y as f32 / (side - 1).max(1) as f32 * (coarse - 1) as f32;
-            let fx = x as f32 / (side - 1).max(1) as f32 * (coarse - 1) as f32;
+    for y in 0..height {
+        for x in 0..width {
+            let fy = y as f32 / (height - 1).max(1) as f32 * (coarse - 1) as f32;
+            let fx = x as f32 / (width - 1).max(1) as f32 * (coarse - 1) as f32;
             let (y0, x0) = ((fy as usize).min(coarse - 2), (fx as usize).min(coarse - 2));
             let (ty, tx) = (fy - y0 as f32, fx - x0 as f32);
             let k = |yy: usize, xx: usize| knots[yy * coarse + xx];
@@ -44,7 +47,29 @@ struct Teacher {
     w1: Tensor,
     w2: Tensor,
     w3: Tensor,
-    pos: Tensor,
+    /// Frequencies `[2, D]` and phases `[D]` of the position code.
+    freq: Vec<f32>,
+    phase: Vec<f32>,
+}
+
+impl Teacher {
+    /// The position code `[1, h*w, D]` of the token grid `(h, w)`: `0.5 sin(f_y y + f_x x +
+    /// phase)` at each cell's centre, `(y, x)` in `[0, 1]`.
+    fn position(&self, (h, w): (usize, usize)) -> Result<Tensor> {
+        let d = self.phase.len();
+        let mut code = Vec::with_capacity(h * w * d);
+        for r in 0..h {
+            for c in 0..w {
+                let (y, x) = ((r as f32 + 0.5) / h as f32, (c as f32 + 0.5) / w as f32);
+                for k in 0..d {
+                    code.push(
+                        0.5 * (self.freq[k] * y + self.freq[d + k] * x + self.phase[k]).sin(),
+                    );
+                }
+            }
+        }
+        Ok(Tensor::from_vec(code, (1, h * w, d), &Device::Cpu)?)
+    }
 }
 
 /// Writes an `.npy` of float16 rows produced chunk by chunk (atomically: temp + rename).
@@ -86,45 +111,49 @@ impl NpyF16Writer {
     }
 }
 
-/// Writes `out/latents.npy` `[n, in_ch, L, L]` and `out/targets.npy` `[n, T, D]`, both
-/// float16, in the shapes `config` asks for.
-pub fn make(out: &Path, n: usize, config: &BridgeConfig, seed: u64) -> Result<()> {
+/// Writes `out/latents.npy` `[n, in_ch, H, W]` for the latent size `(H, W)` and
+/// `out/targets.npy` `[n, h*w, D]` on its token grid, both float16.
+pub fn make(
+    out: &Path,
+    n: usize,
+    config: &BridgeConfig,
+    (height, width): (usize, usize),
+    seed: u64,
+) -> Result<()> {
     config.validate()?;
     if n == 0 {
         return Err(Error::invalid("synth: --n must be > 0"));
     }
+    let (gh, gw) = config.token_grid(height as i64, width as i64)?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let (c, side, g, d, t) = (
-        config.in_ch,
-        config.latent_size,
-        config.grid,
-        config.target_dim,
-        config.tokens(),
-    );
-    let f = side / g;
+    let (c, d, t) = (config.in_ch, config.target_dim, gh * gw);
+    let f = config.side_multiple();
     let feat = c * 4; // each grid cell's patch, average-pooled to 2x2 per channel
     let mut trng = Rng::new(0x07ea_c4e5 ^ seed.rotate_left(17));
     let teacher = Teacher {
         w1: gaussian(&[feat, HIDDEN], 1.0 / (feat as f32).sqrt(), &mut trng)?,
         w2: gaussian(&[HIDDEN, d], 1.0 / (HIDDEN as f32).sqrt(), &mut trng)?,
         w3: gaussian(&[HIDDEN, d], 1.0 / (HIDDEN as f32).sqrt(), &mut trng)?,
-        pos: gaussian(&[1, t, d], 0.5, &mut trng)?,
+        freq: (0..2 * d).map(|_| 6.0 * trng.normal()).collect(),
+        phase: (0..d).map(|_| 6.3 * trng.uniform()).collect(),
     };
-    let mut lat_out = NpyF16Writer::create(&out.join("latents.npy"), &[n, c, side, side])?;
+    let pos = teacher.position((gh, gw))?;
+    let mut lat_out = NpyF16Writer::create(&out.join("latents.npy"), &[n, c, height, width])?;
     let mut tgt_out = NpyF16Writer::create(&out.join("targets.npy"), &[n, t, d])?;
-    let mut rng = Rng::new(seed);
+    // The latents' stream depends on the size too: two buckets of one seed differ.
+    let mut rng = Rng::new(seed ^ ((height as u64) << 32 | width as u64).wrapping_mul(0x9e37_79b9));
     let chunk = 256;
     for start in (0..n).step_by(chunk) {
         let b = chunk.min(n - start);
-        let mut lat = Vec::with_capacity(b * c * side * side);
+        let mut lat = Vec::with_capacity(b * c * height * width);
         for _ in 0..b * c {
-            smooth_field(side, &mut rng, &mut lat);
+            smooth_field((height, width), &mut rng, &mut lat);
         }
-        // Patch features [b, g, g, c, 2, 2] from the latents [b, c, g, f, g, f].
-        let x = Tensor::from_vec(lat.clone(), (b, c, side, side), &Device::Cpu)?;
-        let h2 = f / 2;
+        // Patch features [b, gh, gw, c, 2, 2] from the latents [b, c, gh, f, gw, f].
+        let x = Tensor::from_vec(lat.clone(), (b, c, height, width), &Device::Cpu)?;
+        let h2 = (f / 2).max(1);
         let pooled = x
-            .reshape(&[b, c, g, 2, h2.max(1), g, 2, h2.max(1)][..])?
+            .reshape(&[b, c, gh, 2, h2, gw, 2, h2][..])?
             .mean((4, 7))?
             .permute([0usize, 2, 4, 1, 3, 5].as_slice())?
             .contiguous()?
@@ -138,7 +167,7 @@ pub fn make(out: &Path, n: usize, config: &BridgeConfig, seed: u64) -> Result<()
             .matmul(&teacher.w3)?;
         let y = local
             .broadcast_add(&context.unsqueeze(1)?)?
-            .broadcast_add(&teacher.pos)?;
+            .broadcast_add(&pos)?;
         lat_out.write(&lat)?;
         tgt_out.write(&y.flatten_all()?.to_vec1::<f32>()?)?;
     }

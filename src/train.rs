@@ -1,12 +1,13 @@
-//! The training loop behind `bridge-train train`: memory-mapped data in shuffled batches,
+//! The training loop behind `bridge-train train`: memory-mapped data in shuffled batches
+//! (from one or several folders of different latent sizes, each batch from one folder),
 //! AdamW with warmup + cosine, dropout, optional flip augmentation and weight EMA, a
-//! validation pass each epoch, and atomic checkpoints that a resumed run continues from
-//! exactly.
+//! validation pass each epoch (per folder, and pooled over folders), and atomic
+//! checkpoints that a resumed run continues from exactly.
 
 use crate::bridge::{Bridge, BridgeOptions, init_weights};
 use crate::checkpoint::{self, Checkpoint, SaveParts};
 use crate::config::BridgeConfig;
-use crate::data::{Dataset, epoch_order, split};
+use crate::data::{Dataset, epoch_batches, split};
 use crate::error::{Error, ErrorKind, Result};
 use crate::loss::LossWeights;
 use crate::metrics::{Metrics, evaluate};
@@ -21,7 +22,8 @@ use std::time::Instant;
 
 #[derive(Clone, Debug)]
 pub struct TrainArgs {
-    pub data: PathBuf,
+    /// Data folders: one latent size each (aspect buckets when several).
+    pub data: Vec<PathBuf>,
     pub out: PathBuf,
     pub config: BridgeConfig,
     pub epochs: usize,
@@ -51,7 +53,7 @@ pub struct TrainArgs {
 impl Default for TrainArgs {
     fn default() -> Self {
         TrainArgs {
-            data: PathBuf::new(),
+            data: Vec::new(),
             out: PathBuf::new(),
             config: BridgeConfig::default(),
             epochs: 10,
@@ -91,8 +93,92 @@ pub struct EpochRecord {
     pub skipped_steps: usize,
     /// Data rows left out for non-finite values in this epoch.
     pub dropped_rows: usize,
+    /// Validation: of the one folder, or pooled over the folders (weighted by rows; no
+    /// retrieval@k, which is per folder).
     pub val: Metrics,
     pub val_ema: Option<Metrics>,
+    /// Per folder, when there are several.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub val_folders: Vec<FolderMetrics>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub val_ema_folders: Vec<FolderMetrics>,
+}
+
+/// One folder's validation metrics.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FolderMetrics {
+    pub folder: String,
+    /// Latent size `[H, W]` and token grid `[h, w]`.
+    pub latent_size: [usize; 2],
+    pub grid: [usize; 2],
+    pub rows: usize,
+    #[serde(flatten)]
+    pub metrics: Metrics,
+}
+
+/// The data folders of a run, each split into training and validation rows.
+struct Folders {
+    sets: Vec<Dataset>,
+    names: Vec<String>,
+    train: Vec<Vec<usize>>,
+    val: Vec<Vec<usize>>,
+}
+
+impl Folders {
+    fn open(dirs: &[PathBuf], config: &BridgeConfig, val_count: usize, seed: u64) -> Result<Self> {
+        if dirs.is_empty() {
+            return Err(Error::invalid("--data: give at least one data folder"));
+        }
+        let mut f = Folders {
+            sets: Vec::new(),
+            names: Vec::new(),
+            train: Vec::new(),
+            val: Vec::new(),
+        };
+        for dir in dirs {
+            let data = Dataset::open(dir, config)?;
+            let (train, val) = split(data.len, val_count, seed);
+            if train.is_empty() || val.is_empty() {
+                return Err(Error::invalid(format!(
+                    "{}: {} rows cannot be split into training and {val_count} validation rows",
+                    dir.display(),
+                    data.len
+                )));
+            }
+            f.names.push(dir.display().to_string());
+            f.sets.push(data);
+            f.train.push(train);
+            f.val.push(val);
+        }
+        Ok(f)
+    }
+
+    /// Validation of `bridge` on every folder: the record's `val` and, with several
+    /// folders, each folder's.
+    fn evaluate(
+        &self,
+        bridge: &Bridge,
+        batch: usize,
+        pool: usize,
+        weights: &LossWeights,
+    ) -> Result<(Metrics, Vec<FolderMetrics>)> {
+        let mut per = Vec::new();
+        for (i, data) in self.sets.iter().enumerate() {
+            let metrics = evaluate_rows(bridge, data, &self.val[i], batch, pool, weights)?;
+            per.push(FolderMetrics {
+                folder: self.names[i].clone(),
+                latent_size: [data.latent_size.0, data.latent_size.1],
+                grid: [data.grid.0, data.grid.1],
+                rows: self.val[i].len(),
+                metrics,
+            });
+        }
+        if per.len() == 1 {
+            return Ok((per.pop().unwrap().metrics, Vec::new()));
+        }
+        let parts: Vec<(usize, &Metrics)> = per.iter().map(|f| (f.rows, &f.metrics)).collect();
+        Ok((Metrics::pooled(&parts), per))
+    }
 }
 
 const PARAM_GROUP_BODY: [&str; 2] = ["backbone.", "head."];
@@ -253,17 +339,12 @@ pub fn train(args: &TrainArgs) -> Result<Vec<EpochRecord>> {
     let config = resumed
         .as_ref()
         .map_or_else(|| args.config.clone(), |c| c.config.clone());
-    let data = Dataset::open(&args.data, &config)?;
-    let (train_rows, val_rows) = split(data.len, args.val_count, args.seed);
-    if train_rows.is_empty() || val_rows.is_empty() {
-        return Err(Error::invalid(format!(
-            "{} rows cannot be split into training and {} validation rows",
-            data.len, args.val_count
-        )));
-    }
-    let per_epoch = train_rows
-        .len()
-        .div_ceil(args.batch)
+    let data = Folders::open(&args.data, &config, args.val_count, args.seed)?;
+    let per_epoch = data
+        .train
+        .iter()
+        .map(|rows| rows.len().div_ceil(args.batch))
+        .sum::<usize>()
         .min(args.limit_batches.unwrap_or(usize::MAX).max(1));
     let total = (per_epoch * args.epochs) as i64;
     let opts = bridge_options(args, config.clone(), total);
@@ -297,18 +378,27 @@ pub fn train(args: &TrainArgs) -> Result<Vec<EpochRecord>> {
     // Empty until the first update when EMA is on (it then starts as a copy).
     let mut ema: Vec<Tensor> = ema.unwrap_or_default();
     let device = bridge.device().clone();
+    for (i, d) in data.sets.iter().enumerate() {
+        println!(
+            "data: {} rows ({} train, {} val) of {}x{} latents, {}x{} tokens: {}",
+            d.len,
+            data.train[i].len(),
+            data.val[i].len(),
+            d.latent_size.0,
+            d.latent_size.1,
+            d.grid.0,
+            d.grid.1,
+            data.names[i]
+        );
+    }
     println!(
-        "data: {} rows ({} train, {} val), {} batches/epoch of {}; model {:.1}M parameters",
-        data.len,
-        train_rows.len(),
-        val_rows.len(),
-        per_epoch,
+        "{per_epoch} batches/epoch of {}; model {:.1}M parameters",
         args.batch,
         config.param_count() as f64 / 1e6
     );
 
-    let eval = |b: &Bridge| evaluate_rows(b, &data, &val_rows, args.batch, args.pool, &args.loss);
-    let eval_ema = |ema: &[Tensor]| -> Result<Option<Metrics>> {
+    let eval = |b: &Bridge| data.evaluate(b, args.batch, args.pool, &args.loss);
+    let eval_ema = |ema: &[Tensor]| -> Result<Option<(Metrics, Vec<FolderMetrics>)>> {
         if args.ema.is_none() || ema.is_empty() {
             return Ok(None);
         }
@@ -319,7 +409,7 @@ pub fn train(args: &TrainArgs) -> Result<Vec<EpochRecord>> {
     let mut position = start_state.position as usize;
     if position == 0 && start_state.epoch == 0 {
         let t0 = Instant::now();
-        let val = eval(&bridge)?;
+        let (val, val_folders) = eval(&bridge)?;
         let rec = EpochRecord {
             epoch: 0,
             step: 0,
@@ -331,6 +421,8 @@ pub fn train(args: &TrainArgs) -> Result<Vec<EpochRecord>> {
             dropped_rows: 0,
             val_ema: None,
             val,
+            val_folders,
+            val_ema_folders: Vec::new(),
         };
         report(&rec);
         append_line(&metrics_path, &serde_json::to_string(&rec).unwrap())?;
@@ -340,15 +432,14 @@ pub fn train(args: &TrainArgs) -> Result<Vec<EpochRecord>> {
     let mut best = start_state.best_metric;
     while position < per_epoch * args.epochs {
         let epoch = position / per_epoch;
-        let order = epoch_order(&train_rows, args.seed, epoch);
+        let plan = epoch_batches(&data.train, args.batch, args.seed, epoch);
         let bar = progress_bar(args.progress, per_epoch, epoch + 1, args.epochs);
         bar.set_position((position % per_epoch) as u64);
         let t0 = Instant::now();
         let (mut loss_sum, mut steps, mut samples, mut skipped, mut dropped) =
             (0f64, 0usize, 0usize, 0usize, 0usize);
         let mut lr = 0f32;
-        for b in (position % per_epoch)..per_epoch {
-            let rows = &order[b * args.batch..((b + 1) * args.batch).min(order.len())];
+        for (folder, rows) in &plan[position % per_epoch..per_epoch] {
             let flips = args.flip_aug.then(|| {
                 let mut rng = Rng::new(
                     args.seed ^ 0xf11f_0000 ^ (position as u64).wrapping_mul(0x2545_f491_4f6c_dd1d),
@@ -357,7 +448,7 @@ pub fn train(args: &TrainArgs) -> Result<Vec<EpochRecord>> {
                     .map(|_| rng.uniform() < 0.5)
                     .collect::<Vec<bool>>()
             });
-            let batch = data.batch(rows, flips.as_deref(), &device)?;
+            let batch = data.sets[*folder].batch(rows, flips.as_deref(), &device)?;
             dropped += batch.dropped;
             if !batch.rows.is_empty() {
                 let s = bridge.train_step(&batch.latents, &batch.targets)?;
@@ -393,8 +484,11 @@ pub fn train(args: &TrainArgs) -> Result<Vec<EpochRecord>> {
         }
         bar.finish_and_clear();
         let train_secs = t0.elapsed().as_secs_f64();
-        let val = eval(&bridge)?;
-        let val_ema = eval_ema(&ema)?;
+        let (val, val_folders) = eval(&bridge)?;
+        let (val_ema, val_ema_folders) = match eval_ema(&ema)? {
+            Some((m, f)) => (Some(m), f),
+            None => (None, Vec::new()),
+        };
         let rec = EpochRecord {
             epoch: epoch + 1,
             step: bridge.step(),
@@ -406,6 +500,8 @@ pub fn train(args: &TrainArgs) -> Result<Vec<EpochRecord>> {
             dropped_rows: dropped,
             val: val.clone(),
             val_ema: val_ema.clone(),
+            val_folders,
+            val_ema_folders,
         };
         report(&rec);
         // The model that counts: the moving average when there is one.
@@ -497,9 +593,16 @@ fn progress_bar(enabled: bool, len: usize, epoch: usize, epochs: usize) -> indic
 }
 
 fn report(r: &EpochRecord) {
-    let v = r.val_ema.as_ref().unwrap_or(&r.val);
+    let (v, folders) = match &r.val_ema {
+        Some(m) => (m, &r.val_ema_folders),
+        None => (&r.val, &r.val_folders),
+    };
+    let retrieval = |m: &Metrics| match (m.retrieval_1, m.retrieval_5) {
+        (Some(r1), Some(r5)) => format!("  R@1 {r1:.3}  R@5 {r5:.3}"),
+        _ => String::new(),
+    };
     println!(
-        "epoch {:3}  step {:6}  train_loss {}  val_loss {:.4}  cosine {:.4}  nmse {:.4}  R@1 {:.3}  R@5 {:.3}  self_sim {:.3}{}{}",
+        "epoch {:3}  step {:6}  train_loss {}  val_loss {:.4}  cosine {:.4}  nmse {:.4}{}  self_sim {:.3}{}{}{}",
         r.epoch,
         r.step,
         r.train_loss
@@ -507,11 +610,26 @@ fn report(r: &EpochRecord) {
         v.loss,
         v.cosine,
         v.nmse,
-        v.retrieval_1,
-        v.retrieval_5,
+        retrieval(v),
         v.self_sim,
         r.samples_per_s
             .map_or(String::new(), |s| format!("  {s:.1} samples/s")),
         if r.val_ema.is_some() { "  (EMA)" } else { "" },
+        if folders.is_empty() { "" } else { "  (pooled)" },
     );
+    for f in folders {
+        let m = &f.metrics;
+        println!(
+            "          {:>3}x{:<3} latents ({:>2}x{:<2} tokens)  val_loss {:.4}  cosine {:.4}  nmse {:.4}{}  self_sim {:.3}",
+            f.latent_size[0],
+            f.latent_size[1],
+            f.grid[0],
+            f.grid[1],
+            m.loss,
+            m.cosine,
+            m.nmse,
+            retrieval(m),
+            m.self_sim
+        );
+    }
 }

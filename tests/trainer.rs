@@ -27,9 +27,18 @@ fn text(out: &Output) -> String {
 }
 
 fn synth(dir: &Path, n: usize, config: &str) {
-    let out = run(bin()
-        .args(["synth", "--n", &n.to_string(), "--config", config, "--out"])
-        .arg(dir));
+    synth_sized(dir, n, config, None);
+}
+
+/// `bridge-train synth`, at the config's latent size or at `size` (`HxW`).
+fn synth_sized(dir: &Path, n: usize, config: &str, size: Option<&str>) {
+    let mut cmd = bin();
+    cmd.args(["synth", "--n", &n.to_string(), "--config", config, "--out"])
+        .arg(dir);
+    if let Some(s) = size {
+        cmd.args(["--size", s]);
+    }
+    let out = run(&mut cmd);
     assert!(out.status.success(), "{}", text(&out));
 }
 
@@ -118,12 +127,20 @@ fn eval_reproduces_the_fixture_metrics() {
     assert_eq!(got["retrieval@1"].as_f64().unwrap(), 1.0);
 }
 
+/// Two aspect buckets (16x16 and 8x16 latents: 4x4 and 2x4 tokens) with flips and an
+/// EMA, killed mid-epoch and resumed: the same weights, optimiser and EMA as a straight
+/// run, and validation per folder and pooled.
 #[test]
 fn a_run_killed_mid_epoch_resumes_to_the_same_weights() {
     let dir = tmp_dir("kill-resume");
     let data = dir.join("data");
     synth(&data, 1000, "tiny");
+    let wide = dir.join("data_8x16");
+    synth_sized(&wide, 400, "tiny", Some("8x16"));
+    let wide = wide.to_str().unwrap();
     let extra = [
+        "--data",
+        wide,
         "--epochs",
         "2",
         "--save-every",
@@ -193,6 +210,25 @@ fn a_run_killed_mid_epoch_resumes_to_the_same_weights() {
     assert_eq!(la.len(), 3);
     assert_eq!(lb.len(), 3, "resumed metrics.jsonl: {lb:?}");
     assert_eq!(la[2]["val"], lb[2]["val"]);
+    assert_eq!(la[2]["val_ema_folders"], lb[2]["val_ema_folders"]);
+    // Per folder: the grids of each size, with retrieval; pooled: no retrieval.
+    let folders = la[2]["val_folders"].as_array().unwrap();
+    assert_eq!(folders.len(), 2);
+    assert_eq!(folders[0]["grid"], serde_json::json!([4, 4]));
+    assert_eq!(folders[1]["grid"], serde_json::json!([2, 4]));
+    assert_eq!(folders[1]["latent_size"], serde_json::json!([8, 16]));
+    assert!(
+        folders
+            .iter()
+            .all(|f| f["retrieval@1"].is_number() && f["rows"] == 40)
+    );
+    assert!(la[2]["val"]["cosine"].is_number() && la[2]["val"].get("retrieval@1").is_none());
+    let pooled = la[2]["val"]["loss"].as_f64().unwrap();
+    let mean = (folders[0]["loss"].as_f64().unwrap() + folders[1]["loss"].as_f64().unwrap()) / 2.0;
+    assert!(
+        (pooled - mean).abs() < 1e-9,
+        "pooled {pooled} vs {mean} (40 rows each)"
+    );
     assert!(straight.join("metrics.png").is_file() && straight.join("best.safetensors").is_file());
     assert!(straight.join("epoch_002.safetensors").is_file());
 }
@@ -299,12 +335,29 @@ fn bad_data_gets_an_error_naming_the_file_and_the_problem() {
             "has 50 rows but",
         ),
         (
-            "shape",
+            "channels",
+            Box::new(move |d: &Path| {
+                write_npy(&d.join("latents.npy"), "<f4", &[50, 3, 16, 16], false, 4);
+                tgt(d, 50)
+            }),
+            "latents.npy: shape [50, 3, 16, 16]; expected [N, 4, H, W]",
+        ),
+        (
+            "side",
+            Box::new(move |d: &Path| {
+                write_npy(&d.join("latents.npy"), "<f4", &[50, 4, 16, 14], false, 4);
+                tgt(d, 50)
+            }),
+            "latents.npy: latent width = 14: must be a positive multiple of 4",
+        ),
+        (
+            // Another latent size is fine, but its targets must be on its token grid.
+            "grid",
             Box::new(move |d: &Path| {
                 write_npy(&d.join("latents.npy"), "<f4", &[50, 4, 8, 8], false, 4);
                 tgt(d, 50)
             }),
-            "latents.npy: shape [50, 4, 8, 8]; expected [N, 4, 16, 16]",
+            "targets.npy: shape [50, 16, 48]; expected [N, 4, 48] (the 2x2 token grid of 8x8 latents)",
         ),
         (
             "dtype",

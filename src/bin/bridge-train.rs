@@ -24,7 +24,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Train a bridge on DIR/latents.npy and DIR/targets.npy.
+    /// Train a bridge on DIR/latents.npy and DIR/targets.npy (--data repeated: one folder
+    /// per latent size, each batch from one folder).
     Train(TrainCli),
     /// Metrics of a checkpoint on a data folder (or of saved predictions), as JSON.
     Eval(EvalCli),
@@ -34,13 +35,18 @@ enum Command {
         out: PathBuf,
         #[arg(long, default_value_t = 1000)]
         n: usize,
-        /// Preset (default, flux, small, tiny) or a JSON config file: the data's shapes.
+        /// Preset (default, repa, flux, repa-flux, small, tiny) or a JSON config file.
         #[arg(long, default_value = "default")]
         config: String,
+        /// Latent size HxW (default: the config's latent_size, square).
+        #[arg(long)]
+        size: Option<String>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
     /// Synthetic data + a small bridge trained on it + evaluation, on the CPU (~2 minutes).
+    /// `--config repa`: a small body on the repa grid (one adapter stage: 16x16 tokens from
+    /// 32x32 latents), trained on two latent sizes at once, with a curve per size.
     Demo {
         /// Where data, checkpoints, metrics and the plot go (default: a temporary folder).
         #[arg(long)]
@@ -49,9 +55,17 @@ enum Command {
         n: usize,
         #[arg(long, default_value_t = 6)]
         epochs: usize,
+        /// small (8x8 tokens from 32x32 latents) or repa (16x16 tokens, two sizes).
+        #[arg(long, default_value = "small")]
+        config: String,
     },
-    /// Describe a checkpoint.
-    Info { checkpoint: PathBuf },
+    /// Describe a checkpoint, and the token grid it gives for a latent size.
+    Info {
+        checkpoint: PathBuf,
+        /// Latent size HxW to report the token grid and cost for.
+        #[arg(long)]
+        latent: Option<String>,
+    },
     /// Convert a PyTorch .pt checkpoint to safetensors.
     Convert {
         #[arg(long)]
@@ -69,11 +83,12 @@ enum Command {
 
 #[derive(Args)]
 struct TrainCli {
-    #[arg(long)]
-    data: PathBuf,
+    /// A data folder; repeat for several latent sizes (aspect buckets).
+    #[arg(long, required = true)]
+    data: Vec<PathBuf>,
     #[arg(long)]
     out: PathBuf,
-    /// Preset (default, flux, small, tiny) or a JSON config file.
+    /// Preset (default, repa, flux, repa-flux, small, tiny) or a JSON config file.
     #[arg(long, default_value = "default")]
     config: String,
     #[arg(long, default_value_t = 10)]
@@ -118,6 +133,9 @@ struct TrainCli {
     /// Save OUT/latest.safetensors every N batches too (0: at epoch ends only).
     #[arg(long, default_value_t = 200)]
     save_every: usize,
+    /// Weight of the spatial-structure (Gram) loss term.
+    #[arg(long, default_value_t = 0.0)]
+    w_gram: f32,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -141,6 +159,17 @@ struct EvalCli {
     pool: usize,
     #[arg(long, default_value_t = 64)]
     batch: usize,
+}
+
+/// `HxW` (or one number for a square) as a latent size.
+fn parse_size(s: &str) -> Result<(usize, usize)> {
+    let parse = |v: &str| v.trim().parse::<usize>().ok().filter(|v| *v > 0);
+    let (h, w) = match s.split_once(['x', 'X']) {
+        Some((h, w)) => (parse(h), parse(w)),
+        None => (parse(s), parse(s)),
+    };
+    h.zip(w)
+        .ok_or_else(|| Error::invalid(format!("size {s}: expected HxW, e.g. 32x48")))
 }
 
 fn parse_device(s: &str) -> Result<i32> {
@@ -174,7 +203,10 @@ fn train_args(c: TrainCli) -> Result<TrainArgs> {
         ema: c.ema,
         pool: c.pool,
         save_every: c.save_every,
-        loss: LossWeights::default(),
+        loss: LossWeights {
+            gram: c.w_gram,
+            ..LossWeights::default()
+        },
         progress: !c.quiet,
         limit_batches: c.limit_batches,
     })
@@ -222,16 +254,27 @@ fn eval(c: EvalCli) -> Result<()> {
     Ok(())
 }
 
-fn info(path: &Path) -> Result<()> {
+fn info(path: &Path, latent: Option<&str>) -> Result<()> {
     let ckpt = checkpoint::load(path, None, None)?;
     let c = &ckpt.config;
     println!("{}", path.display());
     println!("  config: {}", c.to_json());
+    let (h, w) = match latent {
+        Some(s) => parse_size(s)?,
+        None => (c.latent_size, c.latent_size),
+    };
+    let (gh, gw) = c.token_grid(h as i64, w as i64)?;
     println!(
-        "  {:.2}M parameters in {} tensors, {:.2} GFLOP/sample forward",
+        "  {:.2}M parameters in {} tensors",
         c.param_count() as f64 / 1e6,
-        ckpt.weights.len(),
-        c.forward_flops() as f64 / 1e9
+        ckpt.weights.len()
+    );
+    println!(
+        "  {h}x{w} latents -> {gh}x{gw} tokens ({} per sample; stored grid {}x{}), {:.2} GFLOP/sample forward",
+        gh * gw,
+        c.grid,
+        c.grid,
+        c.forward_flops_at(h, w) as f64 / 1e9
     );
     println!(
         "  optimiser state: {}",
@@ -276,19 +319,43 @@ fn convert(from: &Path, to: &Path, key_map: Option<PathBuf>, config: Option<Stri
     Ok(())
 }
 
-fn demo(out: Option<PathBuf>, n: usize, epochs: usize) -> Result<()> {
+fn demo(out: Option<PathBuf>, n: usize, epochs: usize, which: &str) -> Result<()> {
     let out = out.unwrap_or_else(|| {
         std::env::temp_dir().join(format!("dino-bridge-demo-{}", std::process::id()))
     });
-    let config = BridgeConfig::preset("small").expect("preset");
-    let data = out.join("data");
+    let small = BridgeConfig::preset("small").expect("preset");
+    // The repa demo: the small body on REPA's grid, two latent sizes (a square and a
+    // wide aspect bucket) sharing one set of weights.
+    let (config, sizes): (BridgeConfig, Vec<(usize, usize)>) = match which {
+        "small" => (small, vec![(32, 32)]),
+        "repa" => (
+            BridgeConfig {
+                adapter_depth: 1,
+                grid: 16,
+                ..small
+            },
+            vec![(32, 32), (24, 40)],
+        ),
+        other => {
+            return Err(Error::invalid(format!(
+                "demo --config {other}: use small or repa"
+            )));
+        }
+    };
     let t0 = std::time::Instant::now();
-    synth::make(&data, n, &config, 0)?;
-    println!(
-        "synthetic data: {n} rows in {} ({:.1}s)",
-        data.display(),
-        t0.elapsed().as_secs_f64()
-    );
+    let mut data = Vec::new();
+    for &(h, w) in &sizes {
+        let dir = out.join(format!("data_{h}x{w}"));
+        let rows = n / sizes.len();
+        synth::make(&dir, rows, &config, (h, w), 0)?;
+        let (gh, gw) = config.token_grid(h as i64, w as i64)?;
+        println!(
+            "synthetic data: {rows} rows of {h}x{w} latents ({gh}x{gw} tokens) in {}",
+            dir.display()
+        );
+        data.push(dir);
+    }
+    println!("({:.1}s)", t0.elapsed().as_secs_f64());
     let args = TrainArgs {
         data,
         out: out.join("run"),
@@ -297,26 +364,44 @@ fn demo(out: Option<PathBuf>, n: usize, epochs: usize) -> Result<()> {
         batch: 32,
         lr: 2e-3,
         warmup: 30,
-        val_count: 200,
+        val_count: 200 / sizes.len(),
         save_every: 0,
         ..Default::default()
     };
     let records = train(&args)?;
-    let (first, last) = (&records[0].val, &records[records.len() - 1].val);
-    println!("\nvalidation curve (epoch: cosine, R@1):");
+    println!("\nvalidation curve (epoch: cosine, R@1 per latent size):");
+    let r1 =
+        |m: &dino_bridge::metrics::Metrics| m.retrieval_1.map_or("-".into(), |r| format!("{r:.3}"));
     for r in &records {
-        println!(
-            "  {:2}: {:.4}  {:.3}",
-            r.epoch, r.val.cosine, r.val.retrieval_1
-        );
+        let per: Vec<String> = if r.val_folders.is_empty() {
+            vec![format!("{:.4}  {}", r.val.cosine, r1(&r.val))]
+        } else {
+            r.val_folders
+                .iter()
+                .map(|f| {
+                    format!(
+                        "{}x{}: {:.4}  {}",
+                        f.latent_size[0],
+                        f.latent_size[1],
+                        f.metrics.cosine,
+                        r1(&f.metrics)
+                    )
+                })
+                .collect()
+        };
+        println!("  {:2}: {}", r.epoch, per.join("    "));
     }
+    let (first, last) = (&records[0].val, &records[records.len() - 1].val);
     println!(
-        "\ncosine {:.4} -> {:.4} ({:+.4}), retrieval@1 {:.3} -> {:.3}, in {:.0}s total",
+        "\ncosine {:.4} -> {:.4} ({:+.4}){}, in {:.0}s total",
         first.cosine,
         last.cosine,
         last.cosine - first.cosine,
-        first.retrieval_1,
-        last.retrieval_1,
+        if sizes.len() > 1 {
+            " pooled over sizes"
+        } else {
+            ""
+        },
         t0.elapsed().as_secs_f64()
     );
     println!(
@@ -334,14 +419,30 @@ fn run(cli: Cli) -> Result<()> {
             out,
             n,
             config,
+            size,
             seed,
         } => {
-            synth::make(&out, n, &BridgeConfig::from_preset_or_file(&config)?, seed)?;
-            println!("wrote {n} rows to {}", out.display());
+            let config = BridgeConfig::from_preset_or_file(&config)?;
+            let size = match size {
+                Some(s) => parse_size(&s)?,
+                None => (config.latent_size, config.latent_size),
+            };
+            synth::make(&out, n, &config, size, seed)?;
+            println!(
+                "wrote {n} rows of {}x{} latents to {}",
+                size.0,
+                size.1,
+                out.display()
+            );
             Ok(())
         }
-        Command::Demo { out, n, epochs } => demo(out, n, epochs),
-        Command::Info { checkpoint } => info(&checkpoint),
+        Command::Demo {
+            out,
+            n,
+            epochs,
+            config,
+        } => demo(out, n, epochs, &config),
+        Command::Info { checkpoint, latent } => info(&checkpoint, latent.as_deref()),
         Command::Convert {
             from,
             to,
