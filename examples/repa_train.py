@@ -6,8 +6,13 @@ No VAE decode, no DINOv2: the bridge predicts the targets from the latents.
     DINO_BRIDGE_LIB=target/release/libdino_bridge.so PYTHONPATH=bindings/python \\
         python examples/repa_train.py [--checkpoint bridge.safetensors] [--steps 60]
 
-Without --checkpoint the bridge is a fresh one of the `small` shape (the alignment
-target is then arbitrary but fixed, which is enough to see the mechanics work).
+The projector makes 16x16 tokens for 32x32 latents (SiT/2's patch grid), and the bridge is
+a `repa`-grid one (`adapter_depth = 1, grid = 16`: 16x16 tokens from 32x32 latents, REPA's
+own DINOv2-B-at-224-px target), so the two grids meet with no pooling. Without
+--checkpoint the bridge is a fresh `repa`-grid bridge with small widths (no trained `repa`
+checkpoint is published yet; its target is then arbitrary but fixed, which is enough to
+see the mechanics work). A checkpoint of another grid works too: with the published 8x8
+bridge the library pools the 16x16 prediction 2x2 to meet it.
 """
 
 import argparse
@@ -73,10 +78,17 @@ def main():
     if args.checkpoint:
         bridge = Bridge(args.checkpoint)
     else:
-        bridge = Bridge(adapter_mid_channels=32, adapter_out_channels=64, width=128, depth=2, heads=4, seed=1)
-    align = AlignLoss(bridge)
-    target_dim = bridge.info()["target_dim"]
+        # The `repa` preset's grid (one adapter stage: 32x32 latents -> 16x16 tokens) with
+        # the `small` preset's widths, so that the example runs in seconds on a CPU.
+        bridge = Bridge(adapter_depth=1, grid=16, adapter_mid_channels=32, adapter_out_channels=64, width=128,
+                        depth=2, heads=4, dropout=0.0, seed=1)
     model = TinyDiT()
+    # The caller's token grid: the DiT's 2x2 patches of the 32x32 latents.
+    align = AlignLoss(bridge, pred_grid=(model.grid, model.grid))
+    bridge_grid = bridge.token_grid(32, 32)
+    target_dim = bridge.info()["target_dim"]
+    print(f"caller grid {model.grid}x{model.grid}, bridge grid {bridge_grid[0]}x{bridge_grid[1]}"
+          + ("" if bridge_grid == (model.grid, model.grid) else " (the prediction is pooled to it)"))
     projector = nn.Sequential(nn.Linear(128, 256), nn.SiLU(), nn.Linear(256, target_dim))
     opt = torch.optim.AdamW(list(model.parameters()) + list(projector.parameters()), lr=1e-3)
     data = smooth_latents(64, gen)
@@ -89,7 +101,7 @@ def main():
         xt = torch.sqrt(1 - t)[:, None, None, None] * x0 + torch.sqrt(t)[:, None, None, None] * noise
         eps, hidden = model(xt, t)
         diffusion = F.mse_loss(eps, noise)
-        alignment = align(projector(hidden), x0)  # 16x16 tokens, pooled to the bridge's 8x8
+        alignment = align(projector(hidden), x0)  # 16x16 tokens against the bridge's 16x16
         loss = diffusion + args.lam * alignment
         opt.zero_grad()
         loss.backward()

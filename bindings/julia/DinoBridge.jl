@@ -6,18 +6,27 @@ alignment target. The shared library is `ENV["DINO_BRIDGE_LIB"]` (default
 `libdino_bridge.so` on the loader path).
 
     using .DinoBridge
-    b = DinoBridge.Bridge("bridge.safetensors")
+    b = DinoBridge.Bridge("bridge.safetensors")       # or Bridge(; adapter_depth=1, grid=16) (`repa`)
     tokens = DinoBridge.forward(b, latents)           # latents: Array{Float32,4}
-    loss, grad = DinoBridge.loss_backward(b, pred, latents)
+    loss, grad = DinoBridge.loss_backward(b, pred, latents)               # caller grid inferred
+    loss, grad = DinoBridge.loss_backward(b, pred, latents; grid=(16, 16)) # or given as (ph, pw)
     close(b)                                          # or leave it to the finalizer
 
-Arrays are row-major on the C side: a Julia `Array{Float32,4}` of size (L, L, C, B) is
-the C buffer [B, C, L, L]; tokens come back as (D, T, B). With CUDA.jl loaded, `CuArray`
+Arrays are row-major on the C side: a Julia `Array{Float32,4}` of size (W, H, C, B) is
+the C buffer [B, C, H, W]; tokens come back as (D, h*w, B) on the token grid
+`(h, w) = (H, W) .÷ 2^adapter_depth` (token `t = row*w + col`, row-major as in C). `H` and
+`W` may be any positive multiples of `2^adapter_depth`. With CUDA.jl loaded, `CuArray`
 inputs go through `bridge_forward_cuda_ptr` on the current CUDA stream.
+
+The library must speak `ABI_VERSION` (the header's `BRIDGE_ABI_VERSION`): the first
+`Bridge` checks `bridge_abi_version()` and refuses another (`check_abi()`).
 """
 module DinoBridge
 
 const LIB = get(ENV, "DINO_BRIDGE_LIB", "libdino_bridge.so")
+
+# The header's BRIDGE_ABI_VERSION these declarations were written for.
+const ABI_VERSION = UInt32(2)
 
 const BRIDGE_OK = Int32(0)
 const STATUS_NAMES = Dict{Int32,String}(1 => "INVALID_ARGUMENT", 2 => "SHAPE", 3 => "IO", 4 => "CHECKPOINT",
@@ -56,6 +65,9 @@ mutable struct BridgeParams
     grad_clip::Float32
     warmup_steps::Int64
     total_steps::Int64
+    # ABI 2
+    w_gram::Float32
+    spatial_norm_gamma::Float32
 end
 
 mutable struct BridgeInfo
@@ -108,6 +120,24 @@ end
 
 abi_version() = ccall((:bridge_abi_version, LIB), UInt32, ())
 
+const ABI_CHECKED = Ref(false)
+
+"""
+    check_abi()
+
+Compares the library's `bridge_abi_version()` with `ABI_VERSION` (once per session) and
+throws an `ErrorException` naming both when they differ: the structs and calls here only
+fit that version."""
+function check_abi()
+    ABI_CHECKED[] && return nothing
+    v = abi_version()
+    v == ABI_VERSION || error("$LIB has ABI version $(Int(v)), but DinoBridge.jl was written for ABI version " *
+                              "$(Int(ABI_VERSION)): build the library from the same checkout (cargo build --release " *
+                              "--lib) and point DINO_BRIDGE_LIB at it")
+    ABI_CHECKED[] = true
+    nothing
+end
+
 mutable struct Bridge
     handle::Ptr{Cvoid}
     info::BridgeInfo
@@ -117,9 +147,12 @@ end
     Bridge(checkpoint=nothing; settings...)
 
 Load a checkpoint (`.safetensors` or `.pt`), or make fresh weights when `checkpoint` is
-`nothing`; keyword arguments set `BridgeParams` fields (e.g. `lr=1e-3`, `device=0`).
+`nothing`; keyword arguments set `BridgeParams` fields: config fields for fresh weights
+(e.g. `adapter_depth=1, grid=16` for the `repa` grid), and settings for any bridge (`lr=1e-3`,
+`device=0`, `w_gram=0.5`, `spatial_norm_gamma=0.6`).
 """
 function Bridge(checkpoint::Union{Nothing,AbstractString}=nothing; settings...)
+    check_abi()
     params = zeroed(BridgeParams)
     params.struct_size = UInt32(sizeof(BridgeParams))
     check(ccall((:bridge_params_default, LIB), Int32, (Ref{BridgeParams},), params))
@@ -155,20 +188,65 @@ function info(b::Bridge)
     i
 end
 
-latent_dims(b::Bridge, batch) = (Int(b.info.latent_size), Int(b.info.latent_size), Int(b.info.in_ch), batch)
-token_dims(b::Bridge, batch, grid=b.info.grid) = (Int(b.info.target_dim), Int(grid)^2, batch)
+"""Latent sides must be positive multiples of this (`2^adapter_depth`)."""
+multiple(b::Bridge) = 1 << Int(b.info.adapter_depth)
+
+"""The token grid `(h, w)` of latents of height `H` and width `W` (C's `[B, C, H, W]`)."""
+function token_grid(b::Bridge, height::Integer, width::Integer)
+    m = multiple(b)
+    (height >= 1 && width >= 1 && height % m == 0 && width % m == 0) || throw(DimensionMismatch(
+        "latents: sides $(height)x$(width) (H x W) must be positive multiples of $m (2^adapter_depth) for this bridge"))
+    (height ÷ m, width ÷ m)
+end
+
+"""`(batch, H, W, (h, w))` of latents of Julia size (W, H, C, B), checked."""
+function latent_shape(b::Bridge, latents::AbstractArray, name="latents")
+    ndims(latents) == 4 && size(latents, 3) == b.info.in_ch ||
+        throw(DimensionMismatch("$name has size $(size(latents)); expected (W, H, $(b.info.in_ch), B)"))
+    width, height, _, batch = size(latents)
+    batch >= 1 || throw(DimensionMismatch("$name has an empty batch"))
+    batch, height, width, token_grid(b, height, width)
+end
+
+token_dims(b::Bridge, batch, grid::Tuple{Integer,Integer}) = (Int(b.info.target_dim), Int(grid[1] * grid[2]), batch)
 
 function expect(x::AbstractArray, want, name)
     size(x) == want || throw(DimensionMismatch("$name has size $(size(x)); expected $want"))
 end
 
-"""Predicted DINOv2 tokens, size (target_dim, tokens, B), for latents of size (L, L, C, B)."""
+"""How the library meets a caller grid `(ph, pw)` with the bridge's `(h, w)`: `:same`,
+`:pool_pred` (the caller's is `k` times it), `:pool_target` (`1/k` of it), or `nothing`."""
+function grid_match(caller, bridge)
+    (ph, pw), (h, w) = caller, bridge
+    (ph <= 0 || pw <= 0) && return nothing
+    (ph, pw) == (h, w) && return :same
+    (ph % h == 0 && pw % w == 0 && ph ÷ h == pw ÷ w) && return :pool_pred
+    (h % ph == 0 && w % pw == 0 && h ÷ ph == w ÷ pw) && return :pool_target
+    nothing
+end
+
+"""The caller grid `(ph, pw)` with `ph * pw == tokens` that the library accepts for the
+bridge grid `(h, w)`; an `ArgumentError` when none fits (or, defensively, several do)."""
+function infer_caller_grid(tokens::Integer, bridge::Tuple{Integer,Integer})
+    found = Tuple{Int,Int}[]
+    for ph in 1:isqrt(max(tokens, 0)), cand in ((ph, tokens ÷ ph), (tokens ÷ ph, ph))
+        tokens % ph == 0 && grid_match(cand, bridge) !== nothing && !(cand in found) && push!(found, cand)
+    end
+    length(found) == 1 && return found[1]
+    h, w = bridge
+    isempty(found) && throw(ArgumentError("pred: $tokens tokens fit no caller grid for the bridge's token grid " *
+        "$(h)x$(w): it must equal it or be k times it or 1/k of it on both sides, e.g. $(h*w) ($(h)x$(w)) or " *
+        "$(4h*w) ($(2h)x$(2w)) tokens"))
+    throw(ArgumentError("pred: $tokens tokens fit more than one caller grid for the bridge's token grid " *
+        "$(h)x$(w) ($(join(["$(a)x$(c)" for (a, c) in sort(found)], ", "))): pass grid=(ph, pw)"))
+end
+
+"""Predicted DINOv2 tokens, size (target_dim, h*w, B), for latents of size (W, H, C, B)."""
 function forward(b::Bridge, latents::Array{Float32,4})
-    batch = size(latents, 4)
-    expect(latents, latent_dims(b, batch), "latents")
-    out = Array{Float32}(undef, token_dims(b, batch))
-    check(ccall((:bridge_forward, LIB), Int32, (Ptr{Cvoid}, Ptr{Cvoid}, Ptr{Cvoid}, Int64, Int32),
-        handle(b), latents, out, batch, DTYPE_F32))
+    batch, height, width, grid = latent_shape(b, latents)
+    out = Array{Float32}(undef, token_dims(b, batch, grid))
+    check(ccall((:bridge_forward, LIB), Int32, (Ptr{Cvoid}, Ptr{Cvoid}, Ptr{Cvoid}, Int64, Int32, Int32, Int32),
+        handle(b), latents, out, batch, height, width, DTYPE_F32))
     out
 end
 
@@ -177,60 +255,74 @@ end
 function forward(b::Bridge, latents::AbstractArray{<:Real,4})
     if nameof(typeof(latents)) == :CuArray && isdefined(Main, :CUDA)
         cuda = getfield(Main, :CUDA)
-        batch = size(latents, 4)
         eltype(latents) == Float32 || throw(ArgumentError("CuArray latents must be Float32"))
-        expect(latents, latent_dims(b, batch), "latents")
-        out = similar(latents, token_dims(b, batch))
+        batch, height, width, grid = latent_shape(b, latents)
+        out = similar(latents, token_dims(b, batch, grid))
         devptr(x) = Ptr{Cvoid}(UInt(pointer(x)))
-        forward_cuda_ptr(b, devptr(latents), devptr(out), batch, Ptr{Cvoid}(UInt(cuda.stream().handle)))
+        forward_cuda_ptr(b, devptr(latents), devptr(out), batch, height, width,
+            Ptr{Cvoid}(UInt(cuda.stream().handle)))
         return out
     end
     forward(b, Array{Float32,4}(latents))
 end
 
-"""Device-pointer forward for CuArrays (called by the CUDA.jl glue): `stream` is a CUstream."""
-function forward_cuda_ptr(b::Bridge, latents::Ptr{Cvoid}, out::Ptr{Cvoid}, batch::Integer, stream::Ptr{Cvoid})
-    check(ccall((:bridge_forward_cuda_ptr, LIB), Int32, (Ptr{Cvoid}, Ptr{Cvoid}, Ptr{Cvoid}, Int64, Int32, Ptr{Cvoid}),
-        handle(b), latents, out, batch, DTYPE_F32, stream))
+"""Device-pointer forward for CuArrays (called by the CUDA.jl glue): latents C `[batch, C,
+height, width]`, `stream` a CUstream."""
+function forward_cuda_ptr(b::Bridge, latents::Ptr{Cvoid}, out::Ptr{Cvoid}, batch::Integer, height::Integer,
+                          width::Integer, stream::Ptr{Cvoid})
+    check(ccall((:bridge_forward_cuda_ptr, LIB), Int32,
+        (Ptr{Cvoid}, Ptr{Cvoid}, Ptr{Cvoid}, Int64, Int32, Int32, Int32, Ptr{Cvoid}),
+        handle(b), latents, out, batch, height, width, DTYPE_F32, stream))
 end
 
-"""REPA alignment: `(loss, grad_pred)` for `pred` of size (D, g*g, B), g a multiple of the grid."""
-function loss_backward(b::Bridge, pred::Array{Float32,3}, latents::Array{Float32,4}; stream::Ptr{Cvoid}=C_NULL)
-    batch = size(latents, 4)
-    expect(latents, latent_dims(b, batch), "latents")
-    g = isqrt(size(pred, 2))
-    expect(pred, token_dims(b, batch, g), "pred")
+"""
+    loss_backward(b, pred, latents; grid=nothing, stream=C_NULL) -> (loss, grad_pred)
+
+REPA alignment: `pred` of size (D, ph*pw, B) is the caller's projection on its token grid
+`grid = (ph, pw)` (row-major, as in C), which must equal the bridge's grid `(h, w)` for
+these latents, or be `k` times it (pred pooled) or `1/k` of it (target pooled). Without
+`grid` it is inferred from the token count (e.g. 240 tokens on a 6x10 grid are 12x20).
+"""
+function loss_backward(b::Bridge, pred::Array{Float32,3}, latents::Array{Float32,4};
+                       grid::Union{Nothing,Tuple{Integer,Integer}}=nothing, stream::Ptr{Cvoid}=C_NULL)
+    batch, height, width, bgrid = latent_shape(b, latents)
+    if grid === nothing
+        grid = infer_caller_grid(size(pred, 2), bgrid)
+    elseif grid_match(grid, bgrid) === nothing
+        throw(ArgumentError("grid=$grid: the caller grid must equal the bridge's token grid $(bgrid[1])x$(bgrid[2]) " *
+                            "for these latents, or be k times it or 1/k of it with the same k on both sides"))
+    end
+    expect(pred, token_dims(b, batch, grid), "pred")
     grad = similar(pred)
     loss = Ref{Float32}(0)
     check(ccall((:bridge_loss_backward, LIB), Int32,
-        (Ptr{Cvoid}, Ptr{Cvoid}, Ptr{Cvoid}, Ptr{Cvoid}, Int64, Int32, Int32, Ref{Float32}, Ptr{Cvoid}),
-        handle(b), pred, latents, grad, batch, g, DTYPE_F32, loss, stream))
+        (Ptr{Cvoid}, Ptr{Cvoid}, Ptr{Cvoid}, Ptr{Cvoid}, Int64, Int32, Int32, Int32, Int32, Int32, Ref{Float32},
+         Ptr{Cvoid}),
+        handle(b), pred, latents, grad, batch, height, width, grid[1], grid[2], DTYPE_F32, loss, stream))
     loss[], grad
 end
 
-"""`(loss, grad_latents)` of the loss between bridge(latents) and `target`, through the frozen bridge."""
+"""`(loss, grad_latents)` of the loss between bridge(latents) and `target` (D, h*w, B), through the frozen bridge."""
 function latent_loss_backward(b::Bridge, latents::Array{Float32,4}, target::Array{Float32,3}; stream::Ptr{Cvoid}=C_NULL)
-    batch = size(latents, 4)
-    expect(latents, latent_dims(b, batch), "latents")
-    expect(target, token_dims(b, batch), "target")
+    batch, height, width, grid = latent_shape(b, latents)
+    expect(target, token_dims(b, batch, grid), "target")
     grad = similar(latents)
     loss = Ref{Float32}(0)
     check(ccall((:bridge_latent_loss_backward, LIB), Int32,
-        (Ptr{Cvoid}, Ptr{Cvoid}, Ptr{Cvoid}, Ptr{Cvoid}, Int64, Int32, Ref{Float32}, Ptr{Cvoid}),
-        handle(b), latents, target, grad, batch, DTYPE_F32, loss, stream))
+        (Ptr{Cvoid}, Ptr{Cvoid}, Ptr{Cvoid}, Ptr{Cvoid}, Int64, Int32, Int32, Int32, Ref{Float32}, Ptr{Cvoid}),
+        handle(b), latents, target, grad, batch, height, width, DTYPE_F32, loss, stream))
     loss[], grad
 end
 
-"""One AdamW step on the bridge's own weights; returns the step statistics."""
+"""One AdamW step on the bridge's own weights (targets (D, h*w, B)); returns the step statistics."""
 function train_step!(b::Bridge, latents::Array{Float32,4}, targets::Array{Float32,3}; stream::Ptr{Cvoid}=C_NULL)
-    batch = size(latents, 4)
-    expect(latents, latent_dims(b, batch), "latents")
-    expect(targets, token_dims(b, batch), "targets")
+    batch, height, width, grid = latent_shape(b, latents)
+    expect(targets, token_dims(b, batch, grid), "targets")
     stats = zeroed(BridgeStepStats)
     stats.struct_size = UInt32(sizeof(BridgeStepStats))
     check(ccall((:bridge_train_step, LIB), Int32,
-        (Ptr{Cvoid}, Ptr{Cvoid}, Ptr{Cvoid}, Int64, Int32, Ref{BridgeStepStats}, Ptr{Cvoid}),
-        handle(b), latents, targets, batch, DTYPE_F32, stats, stream))
+        (Ptr{Cvoid}, Ptr{Cvoid}, Ptr{Cvoid}, Int64, Int32, Int32, Int32, Ref{BridgeStepStats}, Ptr{Cvoid}),
+        handle(b), latents, targets, batch, height, width, DTYPE_F32, stats, stream))
     stats
 end
 

@@ -1,7 +1,10 @@
 """Julia cannot be installed here, so the Julia bindings are checked against the header:
 every `ccall` names a function of `include/dino_bridge.h` with the right number and C
-types of arguments and the right return type, and every mirrored struct has the header's
-fields in the header's order with matching types."""
+types of arguments and the right return type, every function of the header has one,
+every mirrored struct has the header's fields in the header's order with matching types
+(ABI 2's `w_gram`, `spatial_norm_gamma` included), the module declares the header's
+ABI version and checks it before creating a bridge, and examples/align.jl only calls
+what the module defines."""
 
 import re
 from pathlib import Path
@@ -9,6 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 HEADER = (ROOT / "include" / "dino_bridge.h").read_text()
 JULIA = (ROOT / "bindings" / "julia" / "DinoBridge.jl").read_text()
+EXAMPLE = (ROOT / "examples" / "align.jl").read_text()
 
 
 def canon_c(t: str) -> str:
@@ -77,3 +81,44 @@ def test_mirrored_structs_match_the_header():
         assert [n for n, _ in jl_fields] == [n for n, _ in c_fields], struct
         for (name, jt), (_, ct) in zip(jl_fields, c_fields):
             assert ct in julia_to_c(jt), f"{struct}.{name}: C {ct}, Julia {jt}"
+
+
+def test_the_abi_2_fields_and_arguments_are_mirrored():
+    params = re.search(r"mutable struct BridgeParams\n(.*?)\nend", JULIA, re.S).group(1)
+    fields = re.findall(r"^\s*(\w+)::([\w{}]+)", params, re.M)
+    assert fields[-2:] == [("w_gram", "Float32"), ("spatial_norm_gamma", "Float32")]
+    calls = {name: [a.strip() for a in args.split(",") if a.strip()] for name, _, args in julia_ccalls()}
+    funcs = c_functions()
+    # height and width after batch in every compute call; pred_h, pred_w after them.
+    for name in ("bridge_forward", "bridge_forward_cuda_ptr", "bridge_loss_backward", "bridge_latent_loss_backward",
+                 "bridge_train_step"):
+        i = funcs[name][1].index("int64_t")
+        assert funcs[name][1][i + 1:i + 3] == ["int32_t", "int32_t"], name
+        assert calls[name][i:i + 3] == ["Int64", "Int32", "Int32"], name
+    assert calls["bridge_loss_backward"][5:10] == ["Int32"] * 5
+
+
+def test_the_module_declares_and_checks_the_headers_abi_version():
+    header = int(re.search(r"#define BRIDGE_ABI_VERSION (\d+)", HEADER).group(1))
+    assert header == 2
+    declared = re.search(r"^const ABI_VERSION = UInt32\((\d+)\)$", JULIA, re.M)
+    assert declared and int(declared.group(1)) == header
+    check = re.search(r"^function check_abi\(\)\n(.*?)^end$", JULIA, re.S | re.M).group(1)
+    assert "abi_version()" in check and "ABI_VERSION" in check and "error(" in check
+    constructor = re.search(r"^function Bridge\(checkpoint.*?\n(.*?)^end$", JULIA, re.S | re.M).group(1)
+    first = constructor.strip().splitlines()[0].strip()
+    assert first == "check_abi()", f"Bridge(...) must check the ABI before any other call, starts with {first!r}"
+
+
+def test_the_example_calls_only_what_the_module_defines():
+    defined = set(re.findall(r"^(?:function\s+)?(\w+)(?:\(|\{)", JULIA, re.M))
+    used = set(re.findall(r"DinoBridge\.(\w+)\(", EXAMPLE))
+    assert used and used <= defined, used - defined
+    for name, kw in re.findall(r"DinoBridge\.(\w+)\([^;)]*;\s*(\w+)=", EXAMPLE):
+        sig = re.search(r"^function %s\((.*?)\)$" % name, JULIA, re.S | re.M)
+        assert sig, name
+        if "settings..." in sig.group(1):  # Bridge(...; settings...): BridgeParams fields
+            params = re.search(r"mutable struct BridgeParams\n(.*?)\nend", JULIA, re.S).group(1)
+            assert re.search(r"^\s*%s::" % kw, params, re.M), f"BridgeParams has no field {kw}"
+        else:
+            assert re.search(r"\b%s(::|=)" % kw, sig.group(1)), f"{name} has no keyword {kw}"

@@ -3,13 +3,17 @@ to the CUDA build and PYTHONPATH to the bindings).
 
 Correctness: CUDA against the CPU path of the same library, on the fixtures and on the
 default config (forward f32 and bf16, loss_backward with a caller grid of twice the bridge
-grid, latent_loss_backward, train steps), all through the Python binding with torch CUDA
-tensors on a non-default stream. Two host threads on one CUDA bridge (forwards against
-train steps) must each see one weight version. PyTorch's current device and stream, and
-the driver's current context, must be what they were before a call. Safety: a host
-pointer given as a device pointer must get INVALID_ARGUMENT. Speed: forward,
-loss_backward and train step against PyTorch eager with the same weights. Prints one line
-per check and exits non-zero if any check fails.
+grid, latent_loss_backward, train steps), on rectangular latents (24x40 on the default
+config: a 6x10 token grid through the resized position embedding; forward f32 and bf16,
+latent_loss_backward, a train step), and REPA alignment on a `repa` bridge (16x16 tokens
+from 32x32 latents) at a finer (32x32, pred pooled) and a coarser (8x8, target pooled)
+caller grid, and at a coarser grid on 24x40 latents with w_gram and spatial_norm_gamma,
+all through the Python binding with torch CUDA tensors on a non-default stream. Two host
+threads on one CUDA bridge (forwards against train steps) must each see one weight
+version. PyTorch's current device and stream, and the driver's current context, must be
+what they were before a call. Safety: a host pointer given as a device pointer must get
+INVALID_ARGUMENT. Speed: forward, loss_backward and train step against PyTorch eager with
+the same weights. Prints one line per check and exits non-zero if any check fails.
 
     python tests/gpu/check_gpu.py FIXTURES_DIR [--quick] [--dry-run]
 
@@ -89,14 +93,14 @@ def compare(label, ckpt, batch, tol_f32, tol_bf16, steps):
         lat_d, pred_d, tgt_d = lat.to(TDEV), pred.to(TDEV), tgt.to(TDEV)
         out = gpu.forward(lat_d)
         out16 = gpu16.forward(lat_d)
-        loss_g, grad_g = gpu.loss_backward(pred_d, lat_d)
+        loss_g, grad_g = gpu.loss_backward(pred_d, lat_d, grid=(2 * g, 2 * g))
         lloss_g, lgrad_g = gpu.latent_loss_backward(lat_d, tgt_d)
     sync(side)
     ref = cpu.forward(lat)
     check(f"{label}: forward f32", rel(out, ref) < tol_f32, f"rel {rel(out, ref):.2e}")
     check(f"{label}: forward bf16 compute", rel(out16, ref) < tol_bf16, f"rel {rel(out16, ref):.2e}")
-    loss_c, grad_c = cpu.loss_backward(pred, lat)
-    check(f"{label}: loss_backward (grid {2 * g})", abs(loss_g - loss_c) < tol_f32 * abs(loss_c) + 1e-6
+    loss_c, grad_c = cpu.loss_backward(pred, lat, grid=(2 * g, 2 * g))
+    check(f"{label}: loss_backward (caller grid {2 * g}x{2 * g})", abs(loss_g - loss_c) < tol_f32 * abs(loss_c) + 1e-6
           and rel(grad_g, grad_c) < tol_f32, f"loss {loss_g:.6f} vs {loss_c:.6f}, grad rel {rel(grad_g, grad_c):.2e}")
     lloss_c, lgrad_c = cpu.latent_loss_backward(lat, tgt)
     check(f"{label}: latent_loss_backward", abs(lloss_g - lloss_c) < tol_f32 * abs(lloss_c) + 1e-6
@@ -112,11 +116,83 @@ def compare(label, ckpt, batch, tol_f32, tol_bf16, steps):
     return gpu
 
 
+def close_loss(a, b, tol):
+    return abs(a - b) < tol * abs(b) + 1e-6
+
+
+def rectangular(ckpt, batch, size, tol_f32, tol_bf16):
+    """CPU against CUDA on latents of another size and aspect than the stored grid: the
+    position embedding is resized (bicubic) on the device, forward and backward."""
+    cpu = Bridge(ckpt, device=-1, lr=1e-4, warmup_steps=0)
+    gpu = Bridge(ckpt, device=DEVICE, lr=1e-4, warmup_steps=0)
+    gpu16 = Bridge(ckpt, device=DEVICE, compute_dtype="f32" if DRY else "bf16")
+    info = cpu.info()
+    height, width = size
+    h, w = cpu.token_grid(height, width)
+    label = f"rectangular {height}x{width} latents ({h}x{w} tokens)"
+    gen = torch.Generator().manual_seed(2)
+    lat = torch.randn(batch, info["in_ch"], height, width, generator=gen)
+    tgt = torch.randn(batch, h * w, info["target_dim"], generator=gen)
+    side = new_stream()
+    with on(side):
+        lat_d, tgt_d = lat.to(TDEV), tgt.to(TDEV)
+        out = gpu.forward(lat_d)
+        out16 = gpu16.forward(lat_d)
+        lloss_g, lgrad_g = gpu.latent_loss_backward(lat_d, tgt_d)
+        step_g = gpu.train_step(lat_d, tgt_d)
+        after_g = gpu.forward(lat_d)
+    sync(side)
+    ref = cpu.forward(lat)
+    check(f"{label}: shape", tuple(out.shape) == (batch, h * w, info["target_dim"]), str(tuple(out.shape)))
+    check(f"{label}: forward f32", rel(out, ref) < tol_f32, f"rel {rel(out, ref):.2e}")
+    check(f"{label}: forward bf16 compute", rel(out16, ref) < tol_bf16, f"rel {rel(out16, ref):.2e}")
+    lloss_c, lgrad_c = cpu.latent_loss_backward(lat, tgt)
+    check(f"{label}: latent_loss_backward",
+          close_loss(lloss_g, lloss_c, tol_f32) and rel(lgrad_g, lgrad_c) < 10 * tol_f32, f"loss {lloss_g:.6f} vs {lloss_c:.6f}, grad rel {rel(lgrad_g, lgrad_c):.2e}")
+    step_c = cpu.train_step(lat, tgt)
+    after_c = cpu.forward(lat)
+    check(f"{label}: train step", close_loss(step_g["loss"], step_c["loss"], 1e-3) and rel(after_g, after_c) < 1e-2,
+          f"loss {step_g['loss']:.6f} vs {step_c['loss']:.6f}, forward after rel {rel(after_g, after_c):.2e}")
+
+
+def repa_alignment(ckpt, batch, tol_f32):
+    """REPA alignment on a `repa` bridge (16x16 tokens from 32x32 latents), CPU against
+    CUDA: a finer caller grid (pred pooled), a coarser one (the target pooled), and a
+    coarser one on rectangular latents with the Gram term and spatial normalisation."""
+    cases = [
+        ("finer caller grid 32x32 (pred pooled 2x2)", (32, 32), (32, 32), {}),
+        ("coarser caller grid 8x8 (target pooled 2x2)", (32, 32), (8, 8), {}),
+        ("24x40 latents, caller grid 6x10, w_gram 0.5, spatial_norm_gamma 0.6", (24, 40), (6, 10),
+         dict(w_gram=0.5, spatial_norm_gamma=0.6)),
+    ]
+    gen = torch.Generator().manual_seed(3)
+    for label, (height, width), grid, settings in cases:
+        cpu = Bridge(ckpt, device=-1, **settings)
+        gpu = Bridge(ckpt, device=DEVICE, **settings)
+        info = cpu.info()
+        lat = torch.randn(batch, info["in_ch"], height, width, generator=gen)
+        pred = torch.randn(batch, grid[0] * grid[1], info["target_dim"], generator=gen)
+        side = new_stream()
+        with on(side):
+            loss_g, grad_g = gpu.loss_backward(pred.to(TDEV), lat.to(TDEV))  # the grid inferred
+        sync(side)
+        loss_c, grad_c = cpu.loss_backward(pred, lat, grid=grid)
+        h, w = cpu.token_grid(height, width)
+        check(f"repa bridge, {h}x{w} tokens: {label}",
+              close_loss(loss_g, loss_c, tol_f32) and rel(grad_g, grad_c) < tol_f32
+              and tuple(grad_g.shape) == tuple(pred.shape),
+              f"loss {loss_g:.6f} vs {loss_c:.6f}, grad rel {rel(grad_g, grad_c):.2e}")
+        cpu.close()
+        gpu.close()
+
+
 def host_pointer_rejected(gpu):
     info = gpu.info()
-    host = np.zeros((1, info["in_ch"], info["latent_size"], info["latent_size"]), np.float32)
+    side = info["latent_size"]
+    host = np.zeros((1, info["in_ch"], side, side), np.float32)
     out = torch.empty(1, info["grid"] ** 2, info["target_dim"], device=TDEV)
-    status = L.lib().bridge_forward_cuda_ptr(gpu._handle(), host.ctypes.data, out.data_ptr(), 1, L.DTYPE_F32, None)
+    status = L.lib().bridge_forward_cuda_ptr(gpu._handle(), host.ctypes.data, out.data_ptr(), 1, side, side,
+                                             L.DTYPE_F32, None)
     msg = (L.lib().bridge_last_error() or b"").decode()
     # The CPU build has no CUDA entry points to reach: it says so.
     want = "UNSUPPORTED" if DRY else "INVALID_ARGUMENT"
@@ -289,6 +365,10 @@ def main():
     ckpt = os.path.join(tmp, "default.safetensors")
     Bridge(seed=1, dropout=0.0).save(ckpt)
     compare("default config", ckpt, 2 if DRY else 8, 1e-3, 8e-2, 3 if quick else 20)
+    rectangular(ckpt, 2 if DRY else 8, (24, 40), 1e-3, 8e-2)
+    repa = os.path.join(tmp, "repa.safetensors")
+    Bridge(adapter_depth=1, grid=16, seed=1, dropout=0.0).save(repa)
+    repa_alignment(repa, 2 if DRY else 8, 1e-3)
     if DRY:
         throughput(ckpt, [2], 1)
     else:

@@ -1,4 +1,6 @@
-"""ctypes declarations of the C API in include/dino_bridge.h, and finding the library."""
+"""ctypes declarations of the C API in include/dino_bridge.h (ABI version 2), and finding
+the library. `lib()` refuses a library whose `bridge_abi_version()` differs from
+`ABI_VERSION`: the structs and signatures below are only right for that version."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 OK = 0
 STATUS_NAMES = {
@@ -56,6 +58,9 @@ class BridgeParams(ctypes.Structure):
         ("grad_clip", ctypes.c_float),
         ("warmup_steps", ctypes.c_int64),
         ("total_steps", ctypes.c_int64),
+        # ABI 2
+        ("w_gram", ctypes.c_float),
+        ("spatial_norm_gamma", ctypes.c_float),
     ]
 
 
@@ -95,28 +100,25 @@ class BridgeStepStats(ctypes.Structure):
 
 
 _P = ctypes.c_void_p
+_I32, _I64, _F32P = ctypes.c_int32, ctypes.c_int64, ctypes.POINTER(ctypes.c_float)
 _SIGNATURES = {
-    "bridge_params_default": (ctypes.c_int32, [ctypes.POINTER(BridgeParams)]),
+    "bridge_params_default": (_I32, [ctypes.POINTER(BridgeParams)]),
     "bridge_abi_version": (ctypes.c_uint32, []),
     "bridge_last_error": (ctypes.c_char_p, []),
-    "bridge_create": (ctypes.c_int32, [ctypes.POINTER(BridgeParams), ctypes.POINTER(_P)]),
-    "bridge_destroy": (ctypes.c_int32, [_P]),
-    "bridge_get_info": (ctypes.c_int32, [_P, ctypes.POINTER(BridgeInfo)]),
-    "bridge_forward": (ctypes.c_int32, [_P, _P, _P, ctypes.c_int64, ctypes.c_int32]),
-    "bridge_forward_cuda_ptr": (ctypes.c_int32, [_P, _P, _P, ctypes.c_int64, ctypes.c_int32, _P]),
-    "bridge_loss_backward": (
-        ctypes.c_int32,
-        [_P, _P, _P, _P, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32, ctypes.POINTER(ctypes.c_float), _P],
-    ),
-    "bridge_latent_loss_backward": (
-        ctypes.c_int32,
-        [_P, _P, _P, _P, ctypes.c_int64, ctypes.c_int32, ctypes.POINTER(ctypes.c_float), _P],
-    ),
-    "bridge_train_step": (
-        ctypes.c_int32,
-        [_P, _P, _P, ctypes.c_int64, ctypes.c_int32, ctypes.POINTER(BridgeStepStats), _P],
-    ),
-    "bridge_save": (ctypes.c_int32, [_P, ctypes.c_char_p]),
+    "bridge_create": (_I32, [ctypes.POINTER(BridgeParams), ctypes.POINTER(_P)]),
+    "bridge_destroy": (_I32, [_P]),
+    "bridge_get_info": (_I32, [_P, ctypes.POINTER(BridgeInfo)]),
+    # handle, latents, out, batch, height, width, dtype
+    "bridge_forward": (_I32, [_P, _P, _P, _I64, _I32, _I32, _I32]),
+    # ... then the caller's cudaStream_t
+    "bridge_forward_cuda_ptr": (_I32, [_P, _P, _P, _I64, _I32, _I32, _I32, _P]),
+    # handle, pred, latents, grad_pred, batch, height, width, pred_h, pred_w, dtype, &loss, stream
+    "bridge_loss_backward": (_I32, [_P, _P, _P, _P, _I64, _I32, _I32, _I32, _I32, _I32, _F32P, _P]),
+    # handle, latents, target, grad_latents, batch, height, width, dtype, &loss, stream
+    "bridge_latent_loss_backward": (_I32, [_P, _P, _P, _P, _I64, _I32, _I32, _I32, _F32P, _P]),
+    # handle, latents, targets, batch, height, width, dtype, &stats, stream
+    "bridge_train_step": (_I32, [_P, _P, _P, _I64, _I32, _I32, _I32, ctypes.POINTER(BridgeStepStats), _P]),
+    "bridge_save": (_I32, [_P, ctypes.c_char_p]),
 }
 
 _lib = None
@@ -143,6 +145,19 @@ def _prefer_environment_mkl() -> None:
             return
 
 
+class AbiMismatchError(OSError):
+    """The library at `path` speaks ABI `library_version`; this package `expected`."""
+
+    def __init__(self, path, library_version: int, expected: int):
+        self.path, self.library_version, self.expected = path, library_version, expected
+        super().__init__(
+            f"{path} has ABI version {library_version}, but this dino_bridge package was written for ABI "
+            f"version {expected}: their structs and calls differ, so it will not use it. Build the library "
+            f"from the same checkout as the package (cargo build --release --lib) and point DINO_BRIDGE_LIB "
+            f"at it, or install the package that matches the library"
+        )
+
+
 def lib() -> ctypes.CDLL:
     global _lib
     if _lib is None:
@@ -154,11 +169,17 @@ def lib() -> ctypes.CDLL:
                 "DINO_BRIDGE_LIB=/path/to/libdino_bridge.so, or copy it next to the dino_bridge package"
             )
         cdll = ctypes.CDLL(str(path))
+        # The version first: nothing else is declared (or called) on a library of another ABI.
+        try:
+            abi = cdll.bridge_abi_version
+        except AttributeError:
+            raise OSError(f"{path} has no bridge_abi_version(): not a dino-bridge library") from None
+        abi.restype, abi.argtypes = ctypes.c_uint32, []
+        version = int(abi())
+        if version != ABI_VERSION:
+            raise AbiMismatchError(path, version, ABI_VERSION)
         for name, (restype, argtypes) in _SIGNATURES.items():
             fn = getattr(cdll, name)
             fn.restype, fn.argtypes = restype, argtypes
-        version = cdll.bridge_abi_version()
-        if version != ABI_VERSION:
-            raise OSError(f"{path} has ABI version {version}; this package speaks {ABI_VERSION}")
         _lib = cdll
     return _lib

@@ -7,12 +7,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[3]
 
 
-@pytest.fixture(scope="session")
-def fx() -> Path:
+def _fixtures(name: str) -> Path:
     base = Path(os.environ.get("DINO_BRIDGE_FIXTURES", ROOT.parent / "shared" / "fixtures"))
-    path = base / "tiny"
+    path = base / name
     assert (path / "model.safetensors").is_file(), f"fixtures not found at {path}"
     return path
+
+
+@pytest.fixture(scope="session")
+def fx() -> Path:
+    """The tiny bridge (16x16 latents, 4x4 tokens) and PyTorch's numbers for it."""
+    return _fixtures("tiny")
 
 
 @pytest.fixture(scope="session")
@@ -20,6 +25,20 @@ def expected(fx):
     import json
 
     return json.loads((fx / "expected.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def shapes() -> Path:
+    """One REPA-grid bridge (adapter_depth 1) at three latent sizes, and the alignment
+    options (fixtures/README.md, `shapes/`)."""
+    return _fixtures("shapes")
+
+
+@pytest.fixture(scope="session")
+def shapes_expected(shapes):
+    import json
+
+    return json.loads((shapes / "expected.json").read_text())
 
 
 def load(fx: Path, name: str) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""The REPA example runs on the CPU and its alignment loss falls."""
+"""The REPA example runs on the CPU at the `repa` grid (16x16 caller tokens against a 16x16
+bridge grid, no pooling) and its alignment loss falls."""
 
 import json
 import os
@@ -17,5 +18,6 @@ def test_repa_example_alignment_loss_falls():
     run = subprocess.run([sys.executable, str(ROOT / "examples" / "repa_train.py"), "--steps", "60"],
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
+    assert "caller grid 16x16, bridge grid 16x16\n" in run.stdout, run.stdout
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["align_last"] < 0.8 * result["align_first"], run.stdout

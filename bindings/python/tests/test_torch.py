@@ -1,9 +1,10 @@
 """The torch side: tensors in and out, and the autograd wrappers against torch.autograd
-on the same loss written in PyTorch."""
+on the same loss written in PyTorch, on square and rectangular latents, at caller grids
+finer and coarser than the bridge's."""
 
 import numpy as np
 import pytest
-from conftest import load
+from conftest import assert_close, load
 
 torch = pytest.importorskip("torch")
 
@@ -11,12 +12,31 @@ from dino_bridge import Bridge  # noqa: E402
 from dino_bridge.torch import AlignLoss, LatentLoss  # noqa: E402
 
 
-def reference_loss(pred, target, w=(1.0, 0.25, 0.05)):
+def reference_loss(pred, target, w=(1.0, 0.25, 0.05), w_gram=0.0):
     """DESIGN.md's loss in PyTorch."""
     dot = (pred * target).sum(-1)
     cos = dot / (pred.norm(dim=-1).clamp_min(1e-8) * target.norm(dim=-1).clamp_min(1e-8))
     n = lambda a: a / a.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # noqa: E731
-    return w[0] * (1 - cos).mean() + w[1] * ((n(pred) - n(target)) ** 2).mean() + w[2] * ((pred - target) ** 2).mean()
+    loss = w[0] * (1 - cos).mean() + w[1] * ((n(pred) - n(target)) ** 2).mean() + w[2] * ((pred - target) ** 2).mean()
+    if w_gram:
+        def c(x):
+            u = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+            return u @ u.transpose(1, 2)
+
+        loss = loss + w_gram * ((c(pred) - c(target)) ** 2).mean()
+    return loss
+
+
+def pool(tokens, grid, k):
+    """Average-pools [B, h*w, D] on the row-major grid (h, w) by k x k."""
+    b, _, d = tokens.shape
+    h, w = grid
+    return tokens.reshape(b, h // k, k, w // k, k, d).mean(dim=(2, 4)).reshape(b, (h // k) * (w // k), d)
+
+
+def spatial_norm(x, gamma):
+    y = x - gamma * x.mean(dim=1, keepdim=True)
+    return y / (y.std(dim=1, unbiased=False, keepdim=True) + 1e-6)
 
 
 @pytest.fixture
@@ -78,3 +98,109 @@ def test_torch_tensors_are_checked(bridge, fx):
         bridge.forward(torch.empty(3, 4, 16, 16, device="meta"))
     with pytest.raises(ValueError, match="dtype torch.float64"):
         bridge.forward(lat.double())
+
+
+# -- rectangular latents (the shapes fixtures: 12x20 latents, a 6x10 bridge grid) ---------
+
+
+@pytest.fixture
+def rect(shapes):
+    with Bridge(shapes / "model.safetensors") as b:
+        yield b
+
+
+def test_forward_on_rectangular_tensors(rect, shapes):
+    for size, grid in (("rect", (6, 10)), ("small", (2, 3)), ("base", (4, 4))):
+        lat = torch.from_numpy(load(shapes, f"latents_{size}.npy"))
+        out = rect.forward(lat)
+        assert isinstance(out, torch.Tensor) and out.shape == (2, grid[0] * grid[1], 48)
+        assert_close(out.numpy(), load(shapes, f"out_{size}.npy"), size)
+    lat = torch.from_numpy(load(shapes, "latents_rect.npy"))
+    bf = rect.forward(lat.bfloat16())
+    assert bf.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="sides 12x15 must be positive multiples of 2"):
+        rect.forward(lat[..., :15].contiguous())
+
+
+@pytest.mark.parametrize(
+    "pred, grid, weights, name",
+    [
+        ("pred_fine", (12, 20), dict(w_cos=1.0, w_norm=0.0, w_raw=0.0), "fine_repa"),
+        ("pred_fine", (12, 20), {}, "fine_default"),
+        ("pred_coarse", (3, 5), dict(w_cos=1.0, w_norm=0.0, w_raw=0.0), "coarse_repa"),
+        ("pred_fine", (12, 20), dict(w_gram=0.5, spatial_norm_gamma=0.6), "fine_spatialnorm0.6_gram0.5"),
+        ("pred_coarse", (3, 5), dict(w_gram=0.5, spatial_norm_gamma=0.6), "coarse_spatialnorm0.6_gram0.5"),
+        ("pred_same", (6, 10), dict(w_gram=0.5, spatial_norm_gamma=0.6), "same_spatialnorm0.6_gram0.5"),
+    ],
+)
+def test_align_loss_on_rectangular_latents_matches_pytorch(shapes, shapes_expected, pred, grid, weights, name):
+    lat = torch.from_numpy(load(shapes, "latents_rect.npy"))
+    want = torch.from_numpy(load(shapes, f"grad_pred_{name}.npy"))
+    # A path and settings: AlignLoss makes the Bridge; the grid given once, per call, or inferred.
+    align = AlignLoss(shapes / "model.safetensors", pred_grid=grid, **weights)
+    inferred = AlignLoss(align.bridge)
+    for call in (lambda p: align(p, lat), lambda p: inferred(p, lat), lambda p: inferred(p, lat, grid=grid)):
+        p = torch.from_numpy(load(shapes, f"{pred}.npy")).requires_grad_(True)
+        loss = call(p)
+        loss.backward()
+        assert abs(loss.item() - shapes_expected[f"loss_{name}"]) <= 1e-5, name
+        assert (p.grad - want).abs().max().item() <= 1e-4 * want.abs().max().item(), name
+    align.bridge.close()
+
+
+@pytest.mark.parametrize("case, grid, k", [("fine", (12, 20), 2), ("coarse", (3, 5), 2)])
+def test_align_loss_gradient_equals_autograd_at_finer_and_coarser_grids(rect, shapes, case, grid, k):
+    """Independent of the fixtures' gradients: torch.autograd on DESIGN.md's loss, with the
+    finer of the two grids pooled to the coarser."""
+    lat = torch.from_numpy(load(shapes, "latents_rect.npy"))
+    pred = torch.from_numpy(load(shapes, f"pred_{case}.npy")).requires_grad_(True)
+    loss = AlignLoss(rect)(pred, lat)
+    loss.backward()
+    ref_pred = pred.detach().double().requires_grad_(True)
+    target = rect.forward(lat).double()
+    if case == "fine":
+        ref = reference_loss(pool(ref_pred, grid, k), target)
+    else:
+        ref = reference_loss(ref_pred, pool(target, (6, 10), k))
+    ref.backward()
+    assert abs(loss.item() - ref.item()) <= 1e-5
+    assert (pred.grad.double() - ref_pred.grad).abs().max().item() <= 1e-4 * ref_pred.grad.abs().max().item()
+
+
+def test_spatial_norm_and_gram_equal_autograd_on_a_coarse_grid(shapes):
+    lat = torch.from_numpy(load(shapes, "latents_rect.npy"))
+    with Bridge(shapes / "model.safetensors", w_gram=0.5, spatial_norm_gamma=0.6) as b:
+        pred = torch.from_numpy(load(shapes, "pred_coarse.npy")).requires_grad_(True)
+        loss = AlignLoss(b)(pred, lat)
+        loss.backward()
+        ref_pred = pred.detach().double().requires_grad_(True)
+        target = spatial_norm(pool(b.forward(lat).double(), (6, 10), 2), 0.6)
+        ref = reference_loss(ref_pred, target, w_gram=0.5)
+        ref.backward()
+    assert abs(loss.item() - ref.item()) <= 1e-5
+    assert (pred.grad.double() - ref_pred.grad).abs().max().item() <= 1e-4 * ref_pred.grad.abs().max().item()
+
+
+def test_align_loss_refuses_a_token_count_no_grid_fits(rect, shapes):
+    lat = torch.from_numpy(load(shapes, "latents_rect.npy"))
+    pred = torch.zeros(2, 120, 48, requires_grad=True)
+    with pytest.raises(ValueError, match="120 tokens fit no caller grid for the bridge's token grid 6x10"):
+        AlignLoss(rect)(pred, lat)
+    with pytest.raises(ValueError, match=r"grid=\(10, 12\)"):
+        AlignLoss(rect, pred_grid=(10, 12))(pred, lat)
+
+
+def test_latent_loss_and_train_step_on_rectangular_tensors(shapes, shapes_expected):
+    tgt = torch.from_numpy(load(shapes, "target_rect.npy"))
+    with Bridge(shapes / "model.safetensors", w_gram=0.5, lr=1e-3, warmup_steps=0) as b:
+        lat = torch.from_numpy(load(shapes, "latents_rect.npy")).requires_grad_(True)
+        loss = LatentLoss(b)(lat, tgt)
+        (2.0 * loss).backward()
+        assert abs(loss.item() - shapes_expected["loss_rect_train_gram0.5"]) <= 1e-5
+        want = 2.0 * torch.from_numpy(load(shapes, "grad_latents_rect.npy"))
+        assert (lat.grad - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+        first = b.train_step(lat.detach(), tgt)
+        assert abs(first["loss"] - shapes_expected["loss_rect_train_gram0.5"]) <= 1e-5
+        for _ in range(5):
+            last = b.train_step(lat.detach(), tgt)
+        assert last["loss"] < first["loss"] and last["step"] == 6
