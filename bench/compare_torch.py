@@ -2,15 +2,18 @@
 
     cargo build --release
     DINO_BRIDGE_LIB=target/release/libdino_bridge.so PYTHONPATH=bindings/python:bench \\
-        python bench/compare_torch.py [--batch 32] [--threads 2] [--iters 3] [--pipeline]
+        python bench/compare_torch.py [--batch 32] [--threads 2] [--iters 3] [--pipeline] \\
+        [--config default|repa] [--size HxW]
 
-Builds the default-config bridge (fresh weights, fixed seed), saves it as safetensors,
+Builds a bridge of `--config` (fresh weights, fixed seed) for latents of `--size` (default
+32x32; the token grid is the size / 2^adapter_depth), saves it as safetensors,
 loads the same file into the PyTorch model of DESIGN.md (bench/torch_bridge.py), checks
 that both give the same tokens, then alternates the two on forward and on a train step
 (forward + backward + AdamW) and prints samples/s and ratios. Peak memory of a forward is
 measured in a fresh subprocess per framework. `--pipeline` also times what the bridge
-replaces: the SD VAE decoder at 256 px and DINOv2-base at 112 px (random weights from
-their configs; no download).
+replaces: the SD VAE decoder at the image size (8 px per latent) and DINOv2-base at 14 px
+per token (112 px for the default bridge at 256 px, 224 px for `repa`: REPA's own target;
+random weights from their configs; no download).
 """
 
 import argparse
@@ -23,7 +26,26 @@ import time
 
 import numpy as np
 
-GFLOP = 8.90  # bridge forward per sample, default config
+# Preset configs (DESIGN.md, "Model"): the fields that differ from the default.
+PRESETS = {"default": {}, "repa": {"adapter_depth": 1, "grid": 16}}
+DEFAULT = {"in_ch": 4, "latent_size": 32, "grid": 8, "target_dim": 768, "adapter_mid_channels": 256,
+           "adapter_out_channels": 512, "adapter_depth": 2, "width": 768, "depth": 8, "heads": 12, "mlp_ratio": 4.0}
+
+
+def forward_gflop(cfg, h, w):
+    """Forward GFLOP per sample at an h x w latent, counted as config.rs forward_flops_at."""
+    macs = h * w * cfg["adapter_mid_channels"] * cfg["in_ch"] * 9
+    c_in = cfg["adapter_mid_channels"]
+    for s in range(cfg["adapter_depth"]):
+        c_out = cfg["adapter_out_channels"] if s + 1 == cfg["adapter_depth"] else cfg["adapter_mid_channels"]
+        h, w = h // 2, w // 2
+        macs += h * w * c_out * c_in * 4 + 2 * h * w * c_out * c_out * 9
+        c_in = c_out
+    t, wd, hid = h * w, cfg["width"], round(cfg["width"] * cfg["mlp_ratio"])
+    macs += t * cfg["adapter_out_channels"] * wd
+    macs += cfg["depth"] * (t * wd * 3 * wd + 2 * t * t * wd + t * wd * wd + 2 * t * wd * hid)
+    macs += t * wd * cfg["target_dim"]
+    return 2 * macs / 1e9
 
 
 def parse():
@@ -33,6 +55,8 @@ def parse():
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--train-iters", type=int, default=2)
     ap.add_argument("--pipeline", action="store_true")
+    ap.add_argument("--config", choices=sorted(PRESETS), default="default")
+    ap.add_argument("--size", default="32x32", help="latent size HxW")
     ap.add_argument("--memory-of", choices=["bridge", "torch"], help=argparse.SUPPRESS)
     ap.add_argument("--checkpoint", help=argparse.SUPPRESS)
     return ap.parse_args()
@@ -54,8 +78,13 @@ def main():
     from dino_bridge import Bridge
     from torch_bridge import TorchBridge
 
+    cfg = {**DEFAULT, **PRESETS[args.config]}
+    lh, lw = (int(v) for v in args.size.lower().split("x"))
+    cell = 2 ** cfg["adapter_depth"]
+    gh, gw = lh // cell, lw // cell
+    gflop = forward_gflop(cfg, lh, lw)
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((args.batch, 4, 32, 32)).astype(np.float32)
+    x = rng.standard_normal((args.batch, 4, lh, lw)).astype(np.float32)
     if args.memory_of:
         if args.memory_of == "bridge":
             with Bridge(args.checkpoint) as b:
@@ -72,8 +101,9 @@ def main():
 
     tmp = tempfile.mkdtemp()
     ckpt = os.path.join(tmp, "bridge.safetensors")
-    bridge = Bridge(seed=1, lr=1e-4, warmup_steps=0, dropout=0.0)
+    bridge = Bridge(seed=1, lr=1e-4, warmup_steps=0, dropout=0.0, **PRESETS[args.config])
     bridge.save(ckpt)
+    print(f"config {args.config}: {lh}x{lw} latents -> {gh}x{gw} tokens, {gflop:.2f} GFLOP/sample forward")
     tm, _ = TorchBridge.from_safetensors(ckpt)
     tm.eval()
     xt = torch.from_numpy(x)
@@ -97,10 +127,10 @@ def main():
         with torch.no_grad():
             ft.append(timed(lambda: tm(xt)))
     b_sps, t_sps = args.batch / np.median(fb), args.batch / np.median(ft)
-    print(f"forward    batch {args.batch}, {args.threads} threads: bridge {b_sps:7.2f} samples/s ({b_sps * GFLOP:6.1f} GFLOP/s), "
-          f"torch eager {t_sps:7.2f} ({t_sps * GFLOP:6.1f}); ratio {b_sps / t_sps:.2f}")
+    print(f"forward    batch {args.batch}, {args.threads} threads: bridge {b_sps:7.2f} samples/s ({b_sps * gflop:6.1f} GFLOP/s), "
+          f"torch eager {t_sps:7.2f} ({t_sps * gflop:6.1f}); ratio {b_sps / t_sps:.2f}")
 
-    targets = rng.standard_normal((args.batch, 64, 768)).astype(np.float32)
+    targets = rng.standard_normal((args.batch, gh * gw, 768)).astype(np.float32)
     tt = torch.from_numpy(targets)
     tm.train()
     opt = torch.optim.AdamW(tm.parameters(), lr=1e-4, weight_decay=0.05)
@@ -127,7 +157,8 @@ def main():
     mem = {}
     for who in ("bridge", "torch"):
         out = subprocess.run([sys.executable, __file__, "--memory-of", who, "--checkpoint", ckpt, "--batch", str(args.batch),
-                              "--threads", str(args.threads)], capture_output=True, text=True, env=os.environ)
+                              "--threads", str(args.threads), "--size", args.size], capture_output=True, text=True,
+                             env=os.environ)
         mem[who] = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"peak RSS of a forward (fresh process): bridge {mem['bridge']['peak']:.0f} MiB, torch {mem['torch']['peak']:.0f} MiB; "
           f"ratio {mem['bridge']['peak'] / mem['torch']['peak']:.2f}")
@@ -139,18 +170,20 @@ def main():
         vae = AutoencoderKL(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4,
                             down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
                             sample_size=256).eval()
-        dino = Dinov2Model(Dinov2Config(image_size=112)).eval()
-        z = torch.randn(2, 4, 32, 32)
+        dino_px = (gh * 14, gw * 14)
+        dino = Dinov2Model(Dinov2Config(image_size=dino_px[0])).eval()
+        n = 2 if lh * lw <= 32 * 32 else 1
+        z = torch.randn(n, 4, lh, lw)
         with torch.no_grad():
             def pipeline():
                 img = vae.decode(z).sample
-                small = torch.nn.functional.interpolate(img, size=(112, 112), mode="bicubic")
+                small = torch.nn.functional.interpolate(img, size=dino_px, mode="bicubic")
                 dino(pixel_values=small)
             pipeline()
-            per_pipe = timed(pipeline) / 2
+            per_pipe = timed(pipeline) / n
         per_bridge = np.median(fb) / args.batch
-        print(f"VAE decode 256px + DINOv2-base 112px: {per_pipe * 1e3:.0f} ms/sample; bridge {per_bridge * 1e3:.1f} ms/sample; "
-              f"the bridge is {per_pipe / per_bridge:.0f}x cheaper")
+        print(f"VAE decode {lh * 8}x{lw * 8}px + DINOv2-base {dino_px[0]}x{dino_px[1]}px: {per_pipe * 1e3:.0f} ms/sample; "
+              f"bridge {per_bridge * 1e3:.1f} ms/sample; the bridge is {per_pipe / per_bridge:.0f}x cheaper")
     bridge.close()
 
 

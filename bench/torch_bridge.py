@@ -60,11 +60,12 @@ class Adapter(nn.Module):
         self.shift, self.scale = cfg["latent_shift"], cfg["latent_scale"]
 
     def forward(self, z):
+        """Tokens [B, h*w, width] (row-major) and the token grid (h, w)."""
         x = self.stem((z - self.shift) * self.scale)
         for st in self.stages:
             x = st.res(st.down(x))
         x = F.silu(self.norm_out(x))
-        return self.proj(x.flatten(2).transpose(1, 2))
+        return self.proj(x.flatten(2).transpose(1, 2)), tuple(x.shape[-2:])
 
 
 class Attention(nn.Module):
@@ -104,13 +105,20 @@ class Backbone(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         w, t = cfg["width"], cfg["grid"] ** 2
+        self.grid = cfg["grid"]
         hidden = round(w * cfg["mlp_ratio"])
         self.pos_embed = nn.Parameter(torch.zeros(1, t, w))
         self.blocks = nn.ModuleList(Block(w, cfg["heads"], hidden, cfg["dropout"]) for _ in range(cfg["depth"]))
         self.norm = nn.LayerNorm(w, eps=1e-6)
 
-    def forward(self, x):
-        x = x + self.pos_embed
+    def forward(self, x, hw):
+        g, w = self.grid, self.pos_embed.shape[-1]
+        pos = self.pos_embed
+        if tuple(hw) != (g, g):  # DESIGN.md: bicubic, align_corners=False, no antialias
+            grid = pos.reshape(1, g, g, w).permute(0, 3, 1, 2)
+            grid = F.interpolate(grid, size=tuple(hw), mode="bicubic", align_corners=False)
+            pos = grid.permute(0, 2, 3, 1).reshape(1, -1, w)
+        x = x + pos
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)
@@ -123,7 +131,8 @@ class TorchBridge(nn.Module):
         self.head = nn.Linear(cfg["width"], cfg["target_dim"])
 
     def forward(self, z):
-        return self.head(self.backbone(self.adapter(z)))
+        tokens, hw = self.adapter(z)
+        return self.head(self.backbone(tokens, hw))
 
     @classmethod
     def from_safetensors(cls, path):

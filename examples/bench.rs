@@ -1,7 +1,7 @@
 //! Forward (and train-step) throughput of the bridge on the CPU.
 //!
 //!   cargo run --release --example bench -- [--batch 16] [--iters 5] [--train-iters 2]
-//!       [--threads N] [--tiny] [--no-plain]
+//!       [--threads N] [--config default|repa|...] [--size HxW] [--tiny] [--no-plain]
 //!
 //! Prints forward samples/s, `loss_backward` calls/s and train-step samples/s, achieved
 //! GFLOP/s from the model's FLOP count, the share of this run's measured GEMM rate, and
@@ -48,24 +48,29 @@ fn main() -> dino_bridge::Result<()> {
     let batch = arg("--batch", 16);
     let iters = arg("--iters", 5);
     let train_iters = arg("--train-iters", 2);
-    let tiny = std::env::args().any(|a| a == "--tiny");
+    let text = |name: &str| {
+        let args: Vec<String> = std::env::args().collect();
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1).cloned())
+    };
     // --no-plain: skip the candle-only runs (for profiling the kernels path alone).
     let plain_runs = !std::env::args().any(|a| a == "--no-plain");
-    let config = if tiny {
-        BridgeConfig {
-            latent_size: 16,
-            grid: 4,
-            target_dim: 48,
-            adapter_mid_channels: 32,
-            adapter_out_channels: 64,
-            width: 64,
-            depth: 2,
-            heads: 4,
-            ..Default::default()
-        }
+    let name = if std::env::args().any(|a| a == "--tiny") {
+        "tiny".to_string()
     } else {
-        BridgeConfig::default()
+        text("--config").unwrap_or_else(|| "default".into())
     };
+    let config = BridgeConfig::from_preset_or_file(&name)?;
+    // The latent size: --size HxW, else the config's own.
+    let (height, width) = match text("--size") {
+        Some(s) => {
+            let (h, w) = s.split_once('x').expect("--size takes HxW");
+            (h.parse().expect("--size HxW"), w.parse().expect("--size HxW"))
+        }
+        None => (config.latent_size, config.latent_size),
+    };
+    let grid = config.token_grid(height as i64, width as i64)?;
     let threads = arg(
         "--threads",
         std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -83,15 +88,14 @@ fn main() -> dino_bridge::Result<()> {
         ..Default::default()
     })?;
     let mut rng = Rng::new(1);
-    let x = random(
-        &[batch, config.in_ch, config.latent_size, config.latent_size],
-        &mut rng,
-    );
-    let t = random(&[batch, config.tokens(), config.target_dim], &mut rng);
-    let gflop = config.forward_flops() as f64 / 1e9;
+    let x = random(&[batch, config.in_ch, height, width], &mut rng);
+    let tokens = grid.0 * grid.1;
+    let t = random(&[batch, tokens, config.target_dim], &mut rng);
+    let gflop = config.forward_flops_at(height, width) as f64 / 1e9;
     println!(
-        "config: {} ({:.1}M params, {gflop:.2} GFLOP/sample forward), batch {batch}, f32, CPU, {threads} threads",
-        if tiny { "tiny" } else { "default" },
+        "config: {name} at {height}x{width} latents, {}x{} tokens ({:.1}M params, {gflop:.2} GFLOP/sample forward), batch {batch}, f32, CPU, {threads} threads",
+        grid.0,
+        grid.1,
         config.param_count() as f64 / 1e6
     );
 
@@ -138,12 +142,12 @@ fn main() -> dino_bridge::Result<()> {
 
     // loss_backward: the bridge's forward on the latents (the target) plus the gradient
     // of the loss for caller predictions at the full grid.
-    let pred = random(&[batch, config.tokens(), config.target_dim], &mut rng);
-    bridge.loss_backward(&pred, &x, (config.grid, config.grid))?; // warm-up
+    let pred = random(&[batch, tokens, config.target_dim], &mut rng);
+    bridge.loss_backward(&pred, &x, grid)?; // warm-up
     let mut calls = Vec::new();
     for _ in 0..iters {
         let start = Instant::now();
-        bridge.loss_backward(&pred, &x, (config.grid, config.grid))?;
+        bridge.loss_backward(&pred, &x, grid)?;
         calls.push(start.elapsed().as_secs_f64());
     }
     let secs = median(&mut calls);
