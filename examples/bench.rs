@@ -66,7 +66,10 @@ fn main() -> dino_bridge::Result<()> {
     let (height, width) = match text("--size") {
         Some(s) => {
             let (h, w) = s.split_once('x').expect("--size takes HxW");
-            (h.parse().expect("--size HxW"), w.parse().expect("--size HxW"))
+            (
+                h.parse().expect("--size HxW"),
+                w.parse().expect("--size HxW"),
+            )
         }
         None => (config.latent_size, config.latent_size),
     };
