@@ -1,6 +1,8 @@
 // A C++ training loop using the bridge as its alignment loss: a linear projector maps the
 // trainer's own hidden tokens (here: a fixed random feature map of the latents on a 2x
-// finer grid) to DINOv2 space, and plain SGD on the bridge's gradient aligns it.
+// finer grid) to DINOv2 space, and plain SGD on the bridge's gradient aligns it. The
+// latents are wider than the size the bridge was trained at (3:2): the same weights run on
+// any sides that are multiples of 2^adapter_depth.
 //
 //   cargo build --release
 //   g++ -std=c++17 -O2 -Iinclude -Ibindings/cpp examples/trainer.cpp -Ltarget/release
@@ -24,17 +26,21 @@ int main(int argc, char** argv) {
         auto bridge = dino_bridge::Bridge::open(argv[1]);
         const BridgeInfo info = bridge.info();
         const int64_t batch = 4;
-        const int grid = 2 * info.grid;  // the trainer's own token grid, pooled by the bridge
-        const int tokens = grid * grid, dim = info.target_dim, hidden = 32;
+        const int32_t m = 1 << info.adapter_depth;
+        const int32_t height = info.latent_size, width = (3 * info.latent_size / 2) / m * m;
+        const dino_bridge::Grid bridge_grid = bridge.token_grid(height, width);
+        // The trainer's own token grid, twice as fine: the bridge pools it 2x2 to its own.
+        const int gh = 2 * bridge_grid.h, gw = 2 * bridge_grid.w;
+        const int tokens = gh * gw, dim = info.target_dim, hidden = 32;
 
         std::mt19937 rng(0);
         std::normal_distribution<float> normal(0.0f, 1.0f);
-        std::vector<float> latents(bridge.latent_elems(batch));
+        std::vector<float> latents(bridge.latent_elems(batch, height, width));
         for (auto& v : latents) v = normal(rng);
         // Hidden tokens: each caller token sees the latent pixels under it through a fixed
         // random map (a stand-in for a diffusion model's features).
         std::vector<float> feats(static_cast<std::size_t>(batch) * tokens * hidden);
-        const int side = info.latent_size, cell = side / grid, ch = info.in_ch;
+        const int cell = height / gh, ch = info.in_ch;
         const int patch = ch * cell * cell;
         std::vector<float> mix(static_cast<std::size_t>(patch) * hidden);
         for (auto& v : mix) v = normal(rng) / static_cast<float>(patch);
@@ -45,16 +51,16 @@ int main(int argc, char** argv) {
                     for (int c = 0; c < ch; ++c)
                         for (int dy = 0; dy < cell; ++dy)
                             for (int dx = 0; dx < cell; ++dx) {
-                                int y = (t / grid) * cell + dy, x = (t % grid) * cell + dx;
-                                float m = mix[((c * cell + dy) * cell + dx) * hidden + h];
-                                acc += m * latents[((b * ch + c) * side + y) * side + x];
+                                int y = (t / gw) * cell + dy, x = (t % gw) * cell + dx;
+                                float k = mix[((c * cell + dy) * cell + dx) * hidden + h];
+                                acc += k * latents[((b * ch + c) * height + y) * width + x];
                             }
                     feats[(b * tokens + t) * hidden + h] = std::tanh(4.0f * acc);
                 }
 
         std::vector<float> W(static_cast<std::size_t>(hidden) * dim, 0.0f);
         for (auto& v : W) v = 0.01f * normal(rng);
-        std::vector<float> pred(bridge.token_elems(batch, grid)), grad(pred.size());
+        std::vector<float> pred(bridge.token_elems(batch, gh, gw)), grad(pred.size());
         const float lr = 20.0f;
         for (int step = 0; step < steps; ++step) {
             for (int64_t r = 0; r < batch * tokens; ++r)
@@ -63,7 +69,7 @@ int main(int argc, char** argv) {
                     for (int h = 0; h < hidden; ++h) acc += feats[r * hidden + h] * W[h * dim + d];
                     pred[r * dim + d] = acc;
                 }
-            float loss = bridge.loss_backward(pred, latents, grad, batch, grid);
+            float loss = bridge.loss_backward(pred, latents, grad, batch, height, width, gh, gw);
             for (int h = 0; h < hidden; ++h)  // dL/dW = feats^T grad, then SGD
                 for (int d = 0; d < dim; ++d) {
                     float g = 0;

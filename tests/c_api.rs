@@ -1,5 +1,6 @@
-//! Builds the C client (`tests/c/test_capi.c`) with gcc against the generated header,
-//! links it to the cdylib and runs it on the fixtures.
+//! Builds the C and C++ clients (`tests/c`, `tests/cpp`, `examples`) with gcc / g++
+//! against the generated header, links them to the cdylib and runs them on the fixtures
+//! (also under valgrind).
 
 mod common;
 
@@ -7,7 +8,8 @@ use common::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Builds the cdylib of the profile this test runs under; returns the folder holding it.
+/// Builds the cdylib of the profile and features this test runs under; returns the folder
+/// holding it.
 pub fn build_cdylib() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf(); // target/<profile>
@@ -19,6 +21,9 @@ pub fn build_cdylib() -> PathBuf {
     if release {
         cmd.arg("--release");
     }
+    if cfg!(feature = "cuda") {
+        cmd.args(["--features", "cuda"]);
+    }
     assert!(cmd.status().unwrap().success(), "cargo build --lib failed");
     assert!(profile_dir.join("libdino_bridge.so").is_file());
     profile_dir
@@ -29,6 +34,8 @@ fn compile(src: &Path, out: &Path, lib_dir: &Path, compiler: &str, std: &str) {
     let status = Command::new(compiler)
         .arg(format!("-std={std}"))
         .args(["-Wall", "-Wextra", "-Werror", "-O1"])
+        // The clients expect what a library without CUDA says to CUDA requests.
+        .args(cfg!(feature = "cuda").then_some("-DDINO_BRIDGE_CUDA_BUILD"))
         .arg(format!("-I{}", root.join("include").display()))
         .arg(format!("-I{}", root.join("bindings/cpp").display()))
         .arg(src)
@@ -159,12 +166,31 @@ fn bad_input_matrix_over_every_entry_point() {
     println!("{text}");
     let cases = text.lines().filter(|l| l.starts_with("ok ")).count();
     assert!(
-        ok && cases >= 80 && text.contains(&format!("all {cases} cases passed")),
+        ok && cases >= 160 && text.contains(&format!("all {cases} cases passed")),
         "bad-input matrix failed:\n{text}"
     );
 }
 
-/// Both C clients under valgrind: no invalid reads or writes, no uninitialised values,
+/// `tests/c/test_shapes.c`: every value of `shared/fixtures/shapes` (other latent sizes,
+/// caller grids, w_gram, spatial_norm_gamma) through the C API. It reads the expected
+/// losses from the folder's `expected.json` itself.
+#[test]
+fn c_client_matches_the_shapes_fixtures() {
+    let (ok, text) = build_and_run(
+        "test_shapes",
+        "tests/c/test_shapes.c",
+        "gcc",
+        "c11",
+        &[os(shapes())],
+    );
+    println!("{text}");
+    assert!(
+        ok && text.contains("checks passed"),
+        "C shapes client failed:\n{text}"
+    );
+}
+
+/// The C clients under valgrind: no invalid reads or writes, no uninitialised values,
 /// no definite or indirect leaks. CI installs valgrind; elsewhere it may be missing.
 #[test]
 fn c_clients_are_clean_under_valgrind() {
@@ -194,6 +220,11 @@ fn c_clients_are_clean_under_valgrind() {
             build("vg_bad", "tests/c/test_bad_inputs.c", "gcc", "c11"),
             vec![os(fixtures()), os(scratch("vg-bad"))],
             "cases passed",
+        ),
+        (
+            build("vg_shapes", "tests/c/test_shapes.c", "gcc", "c11"),
+            vec![os(shapes())],
+            "checks passed",
         ),
     ];
     for (exe, args, done) in runs {
@@ -275,15 +306,55 @@ fn the_readme_c_example_builds_and_runs() {
 #[test]
 fn cpp_wrapper_round_trip_and_exceptions() {
     let dir = scratch("cpp");
+    let shapes = expected_shapes();
     let args = [
         os(fixtures()),
         os(&dir),
         os(expected()["loss_grid8"].to_string()),
+        os(shapes["loss_fine_repa"].to_string()),
+        os(shapes["loss_fine_spatialnorm0.6_gram0.5"].to_string()),
     ];
     let (ok, text) = build_and_run("test_cpp", "tests/cpp/test_cpp.cpp", "g++", "c++17", &args);
     assert!(
         ok && text.contains("all checks passed"),
         "C++ client failed:\n{text}"
+    );
+}
+
+/// The C++ wrapper against a library that reports another ABI version (a preloaded
+/// `bridge_abi_version` returning 1): opening a bridge throws, naming both versions.
+#[test]
+fn cpp_wrapper_refuses_a_library_of_another_abi() {
+    let exe = build("test_cpp_abi", "tests/cpp/test_cpp.cpp", "g++", "c++17");
+    let dir = scratch("cpp-abi");
+    let src = dir.join("abi1.c");
+    std::fs::write(
+        &src,
+        "#include <stdint.h>\nuint32_t bridge_abi_version(void) { return 1; }\n",
+    )
+    .unwrap();
+    let shim = dir.join("libabi1.so");
+    let status = Command::new("gcc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&shim)
+        .arg(&src)
+        .status()
+        .unwrap();
+    assert!(status.success(), "gcc failed on the ABI 1 shim");
+    let out = Command::new(&exe)
+        .arg("--expect-abi-mismatch")
+        .arg(fixtures().join("model.safetensors"))
+        .env("LD_PRELOAD", &shim)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains("refused: [ABI_MISMATCH]"),
+        "{text}"
     );
 }
 

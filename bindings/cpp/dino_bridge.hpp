@@ -1,12 +1,21 @@
-// dino_bridge.hpp: header-only C++17 wrapper over the dino-bridge C API.
+// dino_bridge.hpp: header-only C++17 wrapper over the dino-bridge C API (ABI version 2).
 //
 //   dino_bridge::Bridge bridge = dino_bridge::Bridge::open("bridge.safetensors");
 //   std::vector<float> tokens(bridge.token_elems(batch));
-//   bridge.forward(latents, tokens, batch);          // sizes checked, errors thrown
+//   bridge.forward(latents, tokens, batch);                  // the stored latent size
+//   auto t = bridge.forward(latents, batch, 32, 48);          // latents [batch, C, 32, 48]
+//   float loss = bridge.loss_backward(pred, latents, grad, batch, 32, 48, 16, 24);
 //
-// - `Bridge` owns one handle (move-only; the destructor frees it).
+// - `Bridge` owns one handle (move-only; the destructor frees it). Opening one checks that
+//   the library's `bridge_abi_version()` is the header's `BRIDGE_ABI_VERSION` and throws
+//   `Error` (BRIDGE_ERR_ABI_MISMATCH, naming both) when they differ.
 // - Every failure throws `dino_bridge::Error` carrying the C status and the library's
 //   message; size mismatches throw it with BRIDGE_ERR_INVALID_ARGUMENT before any call.
+// - Latent sizes: every compute method has an overload without `height, width` (the
+//   bridge's stored `latent_size` square, from `bridge_get_info`) and one with them (any
+//   sides that are multiples of 2^adapter_depth). Tokens lie on the grid
+//   `token_grid(height, width) = (height, width) / 2^adapter_depth`. `loss_backward` takes
+//   the caller's token grid `pred_h, pred_w` (the bridge's, k times it, or 1/k of it).
 // - Buffers are views (`Span<T>`: pointer + element count, from a std::vector or raw
 //   memory); nothing is copied or retained. `float` means BRIDGE_DTYPE_F32; pass
 //   `Span<const uint16_t>` plus `DType::F16` / `DType::BF16` for half-precision data.
@@ -16,12 +25,17 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
+#include <limits>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "dino_bridge.h"
+
+static_assert(BRIDGE_ABI_VERSION == 2, "dino_bridge.hpp is written for ABI version 2 of dino_bridge.h");
 
 namespace dino_bridge {
 
@@ -60,6 +74,20 @@ inline void check(int32_t status) {
     }
 }
 
+/// Throws `Error(BRIDGE_ERR_ABI_MISMATCH)` unless the loaded library's ABI version
+/// (`bridge_abi_version()`) is the one of the header this program was compiled with.
+inline void check_abi(uint32_t library_version = bridge_abi_version()) {
+    if (library_version != static_cast<uint32_t>(BRIDGE_ABI_VERSION)) {
+        throw Error(BRIDGE_ERR_ABI_MISMATCH,
+                    "the loaded libdino_bridge has ABI version " + std::to_string(library_version) +
+                        " (bridge_abi_version()), but this program was compiled against dino_bridge.h of ABI "
+                        "version " +
+                        std::to_string(BRIDGE_ABI_VERSION) +
+                        " (BRIDGE_ABI_VERSION): rebuild it against the library's header, or load the "
+                        "library it was built for");
+    }
+}
+
 /// A view of `size` elements at `data`.
 template <class T>
 struct Span {
@@ -67,35 +95,61 @@ struct Span {
     std::size_t size = 0;
     Span() = default;
     Span(T* d, std::size_t n) : data(d), size(n) {}
-    template <class U>
+    template <class U, std::enable_if_t<std::is_convertible<U (*)[], T (*)[]>::value, int> = 0>
     Span(std::vector<U>& v) : data(v.data()), size(v.size()) {}
-    template <class U>
+    template <class U, std::enable_if_t<std::is_convertible<const U (*)[], T (*)[]>::value, int> = 0>
     Span(const std::vector<U>& v) : data(v.data()), size(v.size()) {}
 };
 
-/// Creation settings: the library's defaults, then change what you need.
+/// A token grid: rows x columns (tokens are row-major, `t = row * w + col`).
+struct Grid {
+    int32_t h = 0, w = 0;
+    bool operator==(const Grid& o) const { return h == o.h && w == o.w; }
+    bool operator!=(const Grid& o) const { return !(*this == o); }
+};
+
+/// Creation settings: the library's defaults, then change what you need. Every field of
+/// the C struct is in `raw` (`raw.w_gram`, `raw.spatial_norm_gamma`, `raw.lr`, ...); the
+/// setters below name the loss settings.
 struct Params {
     BridgeParams raw{};
     Params() {
+        check_abi();
         raw.struct_size = sizeof raw;
         check(bridge_params_default(&raw));
     }
     /// Load this checkpoint (.safetensors or .pt); empty = fresh weights from `raw`.
     std::string checkpoint;
+
+    /// Loss weights: cosine, normalised MSE, raw MSE and the spatial-structure (Gram)
+    /// term. REPA's own loss is (1, 0, 0); the defaults are (1, 0.25, 0.05, 0).
+    Params& loss_weights(float w_cos, float w_norm, float w_raw, float w_gram = 0.0f) {
+        raw.w_cos = w_cos;
+        raw.w_norm = w_norm;
+        raw.w_raw = w_raw;
+        raw.w_gram = w_gram;
+        return *this;
+    }
+    /// iREPA's spatial normalisation of the alignment target in `loss_backward`
+    /// (gamma >= 0; 0 = off).
+    Params& spatial_norm(float gamma) {
+        raw.spatial_norm_gamma = gamma;
+        return *this;
+    }
 };
 
 class Bridge {
 public:
     explicit Bridge(const Params& params) {
+        check_abi();
         BridgeParams p = params.raw;
         p.checkpoint_path = params.checkpoint.empty() ? nullptr : params.checkpoint.c_str();
         check(bridge_create(&p, &handle_));
         info_ = read_info();
     }
-    static Bridge open(const std::string& checkpoint) {
-        Params p;
-        p.checkpoint = checkpoint;
-        return Bridge(p);
+    static Bridge open(const std::string& checkpoint, Params params = Params()) {
+        params.checkpoint = checkpoint;
+        return Bridge(params);
     }
     ~Bridge() {
         if (handle_) bridge_destroy(handle_);
@@ -117,62 +171,130 @@ public:
     /// Config, parameter count, device, tokens and the current optimiser step.
     BridgeInfo info() const { return read_info(); }
 
-    std::size_t latent_elems(int64_t batch) const {
-        return static_cast<std::size_t>(batch) * info_.in_ch * info_.latent_size * info_.latent_size;
-    }
-    /// Elements of `batch` token maps on a `grid` x `grid` grid (0: the bridge's grid).
-    std::size_t token_elems(int64_t batch, int32_t grid = 0) const {
-        std::size_t g = static_cast<std::size_t>(grid ? grid : info_.grid);
-        return static_cast<std::size_t>(batch) * g * g * info_.target_dim;
+    /// The stored latent side (`latent_size`) and token grid (`grid` x `grid`).
+    int32_t latent_size() const noexcept { return info_.latent_size; }
+    Grid grid() const noexcept { return {info_.grid, info_.grid}; }
+    /// The token grid of `height x width` latents: `(height, width) / 2^adapter_depth`.
+    /// Throws `Error(BRIDGE_ERR_SHAPE)` unless both sides are positive multiples of
+    /// `2^adapter_depth` (the library also refuses sides above its limit).
+    Grid token_grid(int32_t height, int32_t width) const {
+        Grid g;
+        if (!grid_of(height, width, g)) {
+            throw Error(BRIDGE_ERR_SHAPE, "latent size " + std::to_string(height) + "x" + std::to_string(width) +
+                                              ": sides must be positive multiples of " +
+                                              std::to_string(multiple()) + " (2^adapter_depth)");
+        }
+        return g;
     }
 
+    /// Elements of `batch` latents `[batch, in_ch, height, width]` (default: stored size).
+    /// Throws `Error(BRIDGE_ERR_INVALID_ARGUMENT)` for a size that is not positive or overflows.
+    std::size_t latent_elems(int64_t batch) const { return latent_elems(batch, latent_size(), latent_size()); }
+    std::size_t latent_elems(int64_t batch, int32_t height, int32_t width) const {
+        return elems({batch, info_.in_ch, height, width}, "latents");
+    }
+    /// Elements of `batch` token maps `[batch, h*w, target_dim]`: on the stored grid, a
+    /// square `grid` x `grid` one, or `grid_h` x `grid_w`.
+    std::size_t token_elems(int64_t batch) const { return token_elems(batch, grid()); }
+    std::size_t token_elems(int64_t batch, int32_t grid) const { return token_elems(batch, Grid{grid, grid}); }
+    std::size_t token_elems(int64_t batch, int32_t grid_h, int32_t grid_w) const {
+        return token_elems(batch, Grid{grid_h, grid_w});
+    }
+    std::size_t token_elems(int64_t batch, Grid g) const {
+        return elems({batch, g.h, g.w, info_.target_dim}, "tokens");
+    }
+
+    // ---- forward: latents [batch, in_ch, height, width] -> tokens [batch, h*w, target_dim]
+
     void forward(Span<const float> latents, Span<float> out, int64_t batch) const {
-        expect(latents.size, latent_elems(batch), "latents");
-        expect(out.size, token_elems(batch), "out");
-        check(bridge_forward(handle_, latents.data, out.data, batch, BRIDGE_DTYPE_F32));
+        forward(latents, out, batch, latent_size(), latent_size());
+    }
+    void forward(Span<const float> latents, Span<float> out, int64_t batch, int32_t height, int32_t width) const {
+        expect_io(latents.size, out.size, batch, height, width, "out");
+        check(bridge_forward(handle_, latents.data, out.data, batch, height, width, BRIDGE_DTYPE_F32));
     }
     void forward(Span<const uint16_t> latents, Span<uint16_t> out, int64_t batch, DType dtype) const {
-        expect(latents.size, latent_elems(batch), "latents");
-        expect(out.size, token_elems(batch), "out");
-        check(bridge_forward(handle_, latents.data, out.data, batch, static_cast<int32_t>(dtype)));
+        forward(latents, out, batch, latent_size(), latent_size(), dtype);
+    }
+    void forward(Span<const uint16_t> latents, Span<uint16_t> out, int64_t batch, int32_t height, int32_t width,
+                 DType dtype) const {
+        expect_io(latents.size, out.size, batch, height, width, "out");
+        check(bridge_forward(handle_, latents.data, out.data, batch, height, width, static_cast<int32_t>(dtype)));
     }
     std::vector<float> forward(const std::vector<float>& latents, int64_t batch) const {
-        std::vector<float> out(token_elems(batch));
-        forward(Span<const float>(latents), Span<float>(out), batch);
+        return forward(latents, batch, latent_size(), latent_size());
+    }
+    std::vector<float> forward(const std::vector<float>& latents, int64_t batch, int32_t height,
+                               int32_t width) const {
+        std::vector<float> out(token_elems(batch, token_grid(height, width)));
+        forward(Span<const float>(latents), Span<float>(out), batch, height, width);
         return out;
     }
 
-    /// REPA alignment: returns the loss, writes d loss / d pred into `grad_pred`.
+    // ---- REPA alignment: returns the loss, writes d loss / d pred into `grad_pred`.
+
+    /// Stored latent size; `pred` on the bridge's own grid.
+    float loss_backward(Span<const float> pred, Span<const float> latents, Span<float> grad_pred, int64_t batch,
+                        void* stream = nullptr) const {
+        return loss_backward(pred, latents, grad_pred, batch, latent_size(), latent_size(), info_.grid,
+                             info_.grid, stream);
+    }
+    /// Stored latent size; `pred` on a square `pred_grid` x `pred_grid` caller grid.
     float loss_backward(Span<const float> pred, Span<const float> latents, Span<float> grad_pred, int64_t batch,
                         int32_t pred_grid, void* stream = nullptr) const {
-        expect(pred.size, token_elems(batch, pred_grid), "pred");
-        expect(grad_pred.size, token_elems(batch, pred_grid), "grad_pred");
-        expect(latents.size, latent_elems(batch), "latents");
+        return loss_backward(pred, latents, grad_pred, batch, latent_size(), latent_size(), pred_grid, pred_grid,
+                             stream);
+    }
+    /// Latents `[batch, in_ch, height, width]`; `pred` `[batch, pred_h*pred_w, target_dim]`
+    /// on the caller's grid: `token_grid(height, width)`, `k` times it (pred pooled) or
+    /// `1/k` of it (target pooled).
+    float loss_backward(Span<const float> pred, Span<const float> latents, Span<float> grad_pred, int64_t batch,
+                        int32_t height, int32_t width, int32_t pred_h, int32_t pred_w,
+                        void* stream = nullptr) const {
+        std::size_t n;
+        if (size_of({batch, pred_h, pred_w, info_.target_dim}, n)) {
+            expect(pred.size, n, "pred");
+            expect(grad_pred.size, n, "grad_pred");
+        }
+        expect_latents(latents.size, batch, height, width, "latents");
         float loss = 0;
-        check(bridge_loss_backward(handle_, pred.data, latents.data, grad_pred.data, batch, pred_grid,
-                                   BRIDGE_DTYPE_F32, &loss, stream));
+        check(bridge_loss_backward(handle_, pred.data, latents.data, grad_pred.data, batch, height, width, pred_h,
+                                   pred_w, BRIDGE_DTYPE_F32, &loss, stream));
         return loss;
     }
 
-    /// Gradient through the frozen bridge to the latents.
+    // ---- Gradient through the frozen bridge to the latents.
+
     float latent_loss_backward(Span<const float> latents, Span<const float> target, Span<float> grad_latents,
                                int64_t batch, void* stream = nullptr) const {
-        expect(latents.size, latent_elems(batch), "latents");
-        expect(grad_latents.size, latent_elems(batch), "grad_latents");
-        expect(target.size, token_elems(batch), "target");
+        return latent_loss_backward(latents, target, grad_latents, batch, latent_size(), latent_size(), stream);
+    }
+    /// `target` `[batch, h*w, target_dim]` on `token_grid(height, width)`.
+    float latent_loss_backward(Span<const float> latents, Span<const float> target, Span<float> grad_latents,
+                               int64_t batch, int32_t height, int32_t width, void* stream = nullptr) const {
+        expect_latents(latents.size, batch, height, width, "latents");
+        expect_latents(grad_latents.size, batch, height, width, "grad_latents");
+        expect_tokens(target.size, batch, height, width, "target");
         float loss = 0;
-        check(bridge_latent_loss_backward(handle_, latents.data, target.data, grad_latents.data, batch,
-                                          BRIDGE_DTYPE_F32, &loss, stream));
+        check(bridge_latent_loss_backward(handle_, latents.data, target.data, grad_latents.data, batch, height,
+                                          width, BRIDGE_DTYPE_F32, &loss, stream));
         return loss;
     }
+
+    // ---- One AdamW step on the bridge's own weights.
 
     BridgeStepStats train_step(Span<const float> latents, Span<const float> targets, int64_t batch,
                                void* stream = nullptr) {
-        expect(latents.size, latent_elems(batch), "latents");
-        expect(targets.size, token_elems(batch), "targets");
+        return train_step(latents, targets, batch, latent_size(), latent_size(), stream);
+    }
+    BridgeStepStats train_step(Span<const float> latents, Span<const float> targets, int64_t batch, int32_t height,
+                               int32_t width, void* stream = nullptr) {
+        expect_latents(latents.size, batch, height, width, "latents");
+        expect_tokens(targets.size, batch, height, width, "targets");
         BridgeStepStats stats{};
         stats.struct_size = sizeof stats;
-        check(bridge_train_step(handle_, latents.data, targets.data, batch, BRIDGE_DTYPE_F32, &stats, stream));
+        check(bridge_train_step(handle_, latents.data, targets.data, batch, height, width, BRIDGE_DTYPE_F32, &stats,
+                                stream));
         return stats;
     }
 
@@ -184,6 +306,54 @@ private:
         info.struct_size = sizeof info;
         check(bridge_get_info(handle_, &info));
         return info;
+    }
+    int32_t multiple() const noexcept { return int32_t{1} << info_.adapter_depth; }
+    bool grid_of(int32_t height, int32_t width, Grid& g) const noexcept {
+        const int32_t m = multiple();
+        if (height <= 0 || width <= 0 || height % m != 0 || width % m != 0) return false;
+        g = Grid{height / m, width / m};
+        return true;
+    }
+    /// `n` = the product of `factors`; false when one is not positive or it overflows.
+    static bool size_of(std::initializer_list<int64_t> factors, std::size_t& n) {
+        constexpr std::size_t top = std::numeric_limits<std::size_t>::max();
+        n = 1;
+        for (int64_t f : factors) {
+            if (f <= 0) return false;
+            const auto u = static_cast<std::size_t>(f);
+            if (n > top / u) return false;
+            n *= u;
+        }
+        return true;
+    }
+    static std::size_t elems(std::initializer_list<int64_t> factors, const char* what) {
+        std::size_t n;
+        if (!size_of(factors, n)) {
+            std::string dims;
+            for (int64_t f : factors) dims += (dims.empty() ? "" : ", ") + std::to_string(f);
+            throw Error(BRIDGE_ERR_INVALID_ARGUMENT,
+                        std::string(what) + " [" + dims + "]: sizes must be positive and fit in memory");
+        }
+        return n;
+    }
+    // Buffer-size checks. A call whose latent size or batch the library refuses anyway
+    // (sides that are no positive multiple of 2^adapter_depth, a batch <= 0, a size that
+    // overflows) is passed through unchecked, so that its status and message are the
+    // library's (SHAPE or INVALID_ARGUMENT), given before it reads any buffer.
+    void expect_latents(std::size_t got, int64_t batch, int32_t height, int32_t width, const char* name) const {
+        Grid g;
+        std::size_t n;
+        if (grid_of(height, width, g) && size_of({batch, info_.in_ch, height, width}, n)) expect(got, n, name);
+    }
+    void expect_tokens(std::size_t got, int64_t batch, int32_t height, int32_t width, const char* name) const {
+        Grid g;
+        std::size_t n;
+        if (grid_of(height, width, g) && size_of({batch, g.h, g.w, info_.target_dim}, n)) expect(got, n, name);
+    }
+    void expect_io(std::size_t latents, std::size_t out, int64_t batch, int32_t height, int32_t width,
+                   const char* out_name) const {
+        expect_latents(latents, batch, height, width, "latents");
+        expect_tokens(out, batch, height, width, out_name);
     }
     static void expect(std::size_t got, std::size_t want, const char* name) {
         if (got != want) {

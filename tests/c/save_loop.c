@@ -7,7 +7,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-enum { B = 3, LAT = 3 * 4 * 16 * 16, TOK = 3 * 16 * 48 };
+/* the fixture bridge: 16x16 latents, a 4x4 token grid */
+enum { B = 3, S = 16, LAT = 3 * 4 * S * S, TOK = 3 * 16 * 48 };
 
 int main(int argc, char **argv) {
     if (argc != 3) return 2;
@@ -28,7 +29,7 @@ int main(int argc, char **argv) {
     BridgeStepStats s;
     for (;;) {
         s.struct_size = sizeof s;
-        if (bridge_train_step(h, lat, tgt, B, BRIDGE_DTYPE_F32, &s, NULL) != BRIDGE_OK ||
+        if (bridge_train_step(h, lat, tgt, B, S, S, BRIDGE_DTYPE_F32, &s, NULL) != BRIDGE_OK ||
             bridge_save(h, argv[2]) != BRIDGE_OK) {
             fprintf(stderr, "%s\n", bridge_last_error());
             return 1;

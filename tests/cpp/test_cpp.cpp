@@ -1,5 +1,7 @@
-// The C++ wrapper on the fixtures: results, exceptions with status and message, moves.
-// usage: test_cpp FIXTURE_DIR TMP_DIR LOSS_GRID8
+// The C++ wrapper on the fixtures: results at the stored and at other latent sizes and
+// caller grids (shared/fixtures/shapes), exceptions with status and message, moves.
+// usage: test_cpp FIXTURE_DIR TMP_DIR LOSS_GRID8 LOSS_FINE_REPA LOSS_FINE_SPATIALNORM0.6_GRAM0.5
+//        test_cpp --expect-abi-mismatch CHECKPOINT   (run with a library reporting another ABI)
 #include "dino_bridge.hpp"
 
 #include <cmath>
@@ -52,14 +54,53 @@ static int32_t status_of(F&& f) {
     return BRIDGE_OK;
 }
 
+/// Opening a bridge through a library of another ABI version must throw, naming both.
+static int expect_abi_mismatch(const char* checkpoint) {
+    try {
+        dino_bridge::Bridge::open(checkpoint);
+    } catch (const dino_bridge::Error& e) {
+        const std::string header = "ABI version " + std::to_string(BRIDGE_ABI_VERSION);
+        const std::string library = "ABI version " + std::to_string(bridge_abi_version());
+        if (e.status() == BRIDGE_ERR_ABI_MISMATCH && std::strstr(e.what(), header.c_str()) &&
+            std::strstr(e.what(), library.c_str())) {
+            std::printf("refused: %s\n", e.what());
+            return 0;
+        }
+        std::fprintf(stderr, "wrong error: %s\n", e.what());
+        return 1;
+    }
+    std::fprintf(stderr, "a library of ABI %u was accepted\n", bridge_abi_version());
+    return 1;
+}
+
 int main(int argc, char** argv) {
-    if (argc != 4) return 2;
+    if (argc == 3 && std::string(argv[1]) == "--expect-abi-mismatch") return expect_abi_mismatch(argv[2]);
+    if (argc != 6) return 2;
     const std::string fx = argv[1], tmp = argv[2];
-    const double want_loss = std::atof(argv[3]);
+    const double want_loss = std::atof(argv[3]), want_fine_repa = std::atof(argv[4]),
+                 want_fine_gram = std::atof(argv[5]);
+    const std::string shapes = fx + "/../shapes";
     using dino_bridge::Bridge;
+    using dino_bridge::Grid;
+    using dino_bridge::Params;
+
+    dino_bridge::check_abi();  // this library, this header
+    try {
+        dino_bridge::check_abi(BRIDGE_ABI_VERSION + 1);
+        CHECK(false, "check_abi accepted another version");
+    } catch (const dino_bridge::Error& e) {
+        const std::string both = "ABI version " + std::to_string(BRIDGE_ABI_VERSION + 1);
+        CHECK(e.status() == BRIDGE_ERR_ABI_MISMATCH && std::strstr(e.what(), both.c_str()) &&
+                  std::strstr(e.what(), ("ABI version " + std::to_string(BRIDGE_ABI_VERSION)).c_str()),
+              e.what());
+    }
 
     Bridge bridge = Bridge::open(fx + "/model.safetensors");
     CHECK(bridge.info().tokens == 16, "tokens");
+    CHECK(bridge.latent_size() == 16 && bridge.grid() == (Grid{4, 4}), "stored size");
+    CHECK(bridge.token_grid(16, 32) == (Grid{4, 8}) && bridge.latent_elems(3, 16, 32) == 3u * 4 * 16 * 32 &&
+              bridge.token_elems(3, 4, 8) == 3u * 32 * 48 && bridge.token_elems(3) == 3u * 16 * 48,
+          "sizes");
     auto lat = npy(fx + "/latents.npy");
     auto out = bridge.forward(lat, 3);
     CHECK(close_to(out, npy(fx + "/out.npy")), "forward");
@@ -69,6 +110,10 @@ int main(int argc, char** argv) {
     float loss = bridge.loss_backward(pred, lat, grad, 3, 8);
     CHECK(std::fabs(loss - want_loss) <= 1e-5, "loss_grid8 " << loss);
     CHECK(close_to(grad, npy(fx + "/grad_pred_grid8.npy")), "grad_pred_grid8");
+    std::vector<float> grad2(pred.size());
+    float loss2 = bridge.loss_backward(pred, lat, grad2, 3, 16, 16, 8, 8);  // the same, spelled out
+    CHECK(loss2 == loss && grad2 == grad, "explicit sizes");
+    CHECK(bridge.forward(lat, 3, 16, 16) == out, "explicit forward");
 
     std::vector<float> glat(lat.size());
     bridge.latent_loss_backward(lat, npy(fx + "/target.npy"), glat, 3);
@@ -97,9 +142,61 @@ int main(int argc, char** argv) {
     std::vector<float> short_buf(10);
     CHECK(status_of([&] { moved.forward(short_buf, out, 3); }) == BRIDGE_ERR_INVALID_ARGUMENT, "size check");
     CHECK(status_of([&] { moved.loss_backward(pred, lat, grad, 3, 6); }) == BRIDGE_ERR_INVALID_ARGUMENT, "grid 6");
-    dino_bridge::Params p;
+    // The library's own refusals come through with its message.
+    std::vector<float> pred6(3 * 36 * 48), grad6(pred6.size());
+    try {
+        moved.loss_backward(pred6, lat, grad6, 3, 16, 16, 6, 6);
+        CHECK(false, "6x6 caller grid accepted");
+    } catch (const dino_bridge::Error& e) {
+        CHECK(e.status() == BRIDGE_ERR_INVALID_ARGUMENT && std::strstr(e.what(), "6x6") &&
+                  std::strstr(e.what(), "4x4"),
+              e.what());
+    }
+    try {
+        moved.forward(lat, out, 3, 18, 16);
+        CHECK(false, "height 18 accepted");
+    } catch (const dino_bridge::Error& e) {
+        CHECK(e.status() == BRIDGE_ERR_SHAPE && std::strstr(e.what(), "height = 18"), e.what());
+    }
+    CHECK(status_of([&] { moved.token_grid(16, 6); }) == BRIDGE_ERR_SHAPE, "token_grid 16x6");
+    CHECK(status_of([&] { moved.forward(lat, out, 3, 16, 32); }) == BRIDGE_ERR_INVALID_ARGUMENT, "16x32 size check");
+    Params p;
     p.raw.heads = 7;
     CHECK(status_of([&] { Bridge b(p); }) == BRIDGE_ERR_INVALID_ARGUMENT, "bad config");
+    CHECK(status_of([&] { Bridge::open(fx + "/model.safetensors", Params().spatial_norm(-1.0f)); }) ==
+              BRIDGE_ERR_INVALID_ARGUMENT,
+          "spatial_norm(-1)");
+    CHECK(status_of([&] { Bridge::open(fx + "/model.safetensors", Params().loss_weights(1, 0, 0, -1)); }) ==
+              BRIDGE_ERR_INVALID_ARGUMENT,
+          "w_gram -1");
+
+    // Other latent sizes and caller grids: the shapes fixtures (a bridge with
+    // adapter_depth 1: 12x20 latents give a 6x10 token grid).
+    {
+        Bridge s = Bridge::open(shapes + "/model.safetensors");
+        auto lat_rect = npy(shapes + "/latents_rect.npy");
+        CHECK(s.token_grid(12, 20) == (Grid{6, 10}), "rect grid");
+        CHECK(close_to(s.forward(lat_rect, 2, 12, 20), npy(shapes + "/out_rect.npy")), "out_rect");
+        std::vector<float> out_small(s.token_elems(2, s.token_grid(4, 6)));
+        s.forward(npy(shapes + "/latents_small.npy"), out_small, 2, 4, 6);
+        CHECK(close_to(out_small, npy(shapes + "/out_small.npy")), "out_small");
+
+        auto fine = npy(shapes + "/pred_fine.npy");
+        std::vector<float> g(fine.size());
+        Bridge repa = Bridge::open(shapes + "/model.safetensors", Params().loss_weights(1, 0, 0));
+        float l = repa.loss_backward(fine, lat_rect, g, 2, 12, 20, 12, 20);
+        CHECK(std::fabs(l - want_fine_repa) <= 1e-5, "loss_fine_repa " << l);
+        CHECK(close_to(g, npy(shapes + "/grad_pred_fine_repa.npy")), "grad_pred_fine_repa");
+
+        Params opts;  // the raw fields, as set by the setters above
+        opts.raw.w_gram = 0.5f;
+        opts.raw.spatial_norm_gamma = 0.6f;
+        opts.checkpoint = shapes + "/model.safetensors";
+        Bridge normed(opts);
+        l = normed.loss_backward(fine, lat_rect, g, 2, 12, 20, 12, 20);
+        CHECK(std::fabs(l - want_fine_gram) <= 1e-5, "loss_fine_spatialnorm0.6_gram0.5 " << l);
+        CHECK(close_to(g, npy(shapes + "/grad_pred_fine_spatialnorm0.6_gram0.5.npy")), "grad_pred_fine_gram");
+    }
 
     if (failures) return 1;
     std::printf("C++ wrapper: all checks passed\n");
