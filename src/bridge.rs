@@ -214,16 +214,18 @@ fn grad_of(grads: &GradStore, t: &Tensor, what: &str) -> Result<Tensor> {
 impl Bridge {
     /// A bridge with fresh weights from `opts.config`.
     pub fn new(opts: &BridgeOptions) -> Result<Self> {
+        // Settings and device first: a bad one is refused before 64M weights are drawn.
         opts.config.validate()?;
-        let weights = init_weights(&opts.config, opts.seed)?;
+        opts.validate()?;
+        let device = make_device(opts.device, opts.compute_dtype)?;
         let ckpt = Checkpoint {
             config: opts.config.clone(),
-            weights,
+            weights: init_weights(&opts.config, opts.seed)?,
             optim: None,
             ema: None,
             train_state: None,
         };
-        Self::from_checkpoint(ckpt, opts)
+        Self::on_device(ckpt, opts, device, opts.device)
     }
 
     /// A bridge loaded from a checkpoint (safetensors or `.pt`); the model config comes

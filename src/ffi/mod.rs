@@ -220,9 +220,9 @@ pub unsafe extern "C" fn bridge_get_info(
 /// Evaluation mode (no dropout). Any latent size whose sides are multiples of
 /// `2^adapter_depth` runs on the same weights (the position embedding is resized).
 ///
-/// Returns `BRIDGE_OK`, `INVALID_ARGUMENT` (NULL, dead handle, batch <= 0 or
-/// overflowing, unknown dtype), `SHAPE` (a side zero, negative, not a multiple of
-/// `2^adapter_depth` or too large; a call larger than the device's memory),
+/// Returns `BRIDGE_OK`, `INVALID_ARGUMENT` (NULL, dead handle, batch <= 0, unknown
+/// dtype), `SHAPE` (a side zero, negative, not a multiple of `2^adapter_depth` or too
+/// large; a call, batch included, larger than the device's memory),
 /// `NON_FINITE` (NaN/Inf in `latents`; `out` untouched), `INTERNAL`. Thread-safe: forward and loss calls on one handle run concurrently; a
 /// train step or save waits for them.
 ///
@@ -262,7 +262,8 @@ pub unsafe extern "C" fn bridge_forward(
 ///
 /// Returns `BRIDGE_OK`, `INVALID_ARGUMENT` (NULL, dead handle, batch, dtype, a host
 /// pointer or another device's memory, a buffer smaller than `batch` samples, a CPU
-/// bridge), `SHAPE` (as `bridge_forward`), `UNSUPPORTED` (a build without CUDA; nothing touched), `INTERNAL` (a CUDA
+/// bridge), `SHAPE` (as `bridge_forward`), `UNSUPPORTED` (a build without CUDA, before
+/// any other check of the buffers; nothing touched), `INTERNAL` (a CUDA
 /// driver error, named in the message). Thread-safe like `bridge_forward`.
 ///
 /// # Safety
