@@ -35,9 +35,34 @@
 
 #include <stdint.h>
 #include <stddef.h>
+/* DLPack 1.x tensor descriptors for the bridge_*_dlpack calls, declared here from the
+ * DLPack specification (https://dmlc.github.io/dlpack/latest/c_api.html) so that this
+ * header stands alone; when the caller's dlpack.h came first (its guard is
+ * DLPACK_DLPACK_H_) its own declarations serve, with the same layout. */
+#ifndef DLPACK_DLPACK_H_
+typedef struct {
+  int32_t device_type; /* kDLCPU = 1, kDLCUDA = 2, kDLCUDAHost = 3, kDLCUDAManaged = 13 */
+  int32_t device_id;
+} DLDevice;
+typedef struct {
+  uint8_t code;   /* kDLFloat = 2, kDLBfloat = 4 */
+  uint8_t bits;
+  uint16_t lanes;
+} DLDataType;
+typedef struct {
+  void *data;
+  DLDevice device;
+  int32_t ndim;
+  DLDataType dtype;
+  int64_t *shape;
+  int64_t *strides;      /* in elements; NULL for compact row-major */
+  uint64_t byte_offset;  /* the first element is at (char *)data + byte_offset */
+} DLTensor;
+#endif
+
 
 // ABI version: bumped when a struct or function signature changes incompatibly.
-#define BRIDGE_ABI_VERSION 2
+#define BRIDGE_ABI_VERSION 3
 
 // Success.
 #define BRIDGE_OK 0
@@ -79,6 +104,24 @@
 
 // `BridgeParams.device` for the CPU.
 #define BRIDGE_DEVICE_CPU -1
+
+// Message levels of the log callback.
+#define BRIDGE_LOG_DEBUG 1
+
+#define BRIDGE_LOG_INFO 2
+
+#define BRIDGE_LOG_WARN 3
+
+#define BRIDGE_LOG_ERROR 4
+
+// DLPack device types this library reads.
+#define DL_CPU 1
+
+#define DL_CUDA 2
+
+#define DL_CUDA_HOST 3
+
+#define DL_CUDA_MANAGED 13
 
 // Opaque handle to a loaded bridge. Create with `bridge_create`, free with `bridge_destroy`.
 typedef struct BridgeHandle BridgeHandle;
@@ -172,6 +215,33 @@ typedef struct BridgeStepStats {
   // 1 when a non-finite loss or gradient skipped the update (weights unchanged).
   int32_t skipped;
 } BridgeStepStats;
+
+// (ABI 3) What this build of the library can do (`bridge_get_capabilities`). Set
+// `struct_size` before the call.
+typedef struct BridgeCapabilities {
+  uint32_t struct_size;
+  // `BRIDGE_ABI_VERSION` of the library.
+  uint32_t abi_version;
+  // 1 when built with CUDA support.
+  int32_t cuda;
+  // CUDA devices the driver reports (0 without CUDA support or without a driver).
+  int32_t cuda_devices;
+  // Buffer dtypes the compute calls take: bit `1 << BRIDGE_DTYPE_*`.
+  uint32_t buffer_dtypes;
+  // Compute dtypes `BridgeParams.compute_dtype` may name: bit `1 << BRIDGE_DTYPE_*`.
+  uint32_t compute_dtypes;
+  // The DLPack version whose `DLTensor` layout the `*_dlpack` calls read.
+  int32_t dlpack_major;
+  int32_t dlpack_minor;
+  // The largest latent side the compute calls accept.
+  int32_t max_latent_side;
+} BridgeCapabilities;
+
+// (ABI 3) Receives the library's messages: `level` (`BRIDGE_LOG_*`), the message
+// (valid during the call only) and the `user_data` given to `bridge_set_log_callback`.
+// Called from whichever thread the library runs on; it must be thread-safe and must not
+// call back into the library.
+typedef void (*BridgeLogCallback)(int32_t level, const char *message, void *user_data);
 
 #ifdef __cplusplus
 extern "C" {
@@ -332,6 +402,86 @@ int32_t bridge_train_step(const struct BridgeHandle *handle, const void *latents
 // # Safety
 // `path` must be NULL or a NUL-terminated string.
 int32_t bridge_save(const struct BridgeHandle *handle, const char *path);
+
+// (ABI 3) `bridge_forward` on DLPack tensors: `latents` `[B, in_ch, H, W]` in, `out`
+// `[B, h*w, target_dim]` written, `(h, w) = (H, W) / 2^adapter_depth`. Shapes, dtypes
+// (f32, f16 or bf16, each tensor its own), strides (compact row-major; a size-1
+// dimension's stride is free), byte offsets and devices are read from the descriptors
+// and all checked before any work. The tensors live where the bridge does: host memory
+// (`kDLCPU`, `kDLCUDAHost`) for a CPU bridge, its GPU (`kDLCUDA`, `kDLCUDAManaged`,
+// `device_id` = the bridge's ordinal) for a CUDA bridge, with the work ordered on
+// `stream` as in `bridge_forward_cuda_ptr`. The caller keeps ownership; nothing is
+// retained.
+//
+// Returns `BRIDGE_OK`, `INVALID_ARGUMENT` (NULL descriptor or data, dtype, strides,
+// device, dead handle), `SHAPE` (shapes that do not fit the model or each other, as in
+// `bridge_forward`), `NON_FINITE` (NaN/Inf in host latents; nothing written),
+// `INTERNAL`. Thread-safe like `bridge_forward`.
+//
+// # Safety
+// Each descriptor must be NULL or a valid `DLTensor` whose memory holds what it
+// describes.
+int32_t bridge_forward_dlpack(const struct BridgeHandle *handle, const DLTensor *latents, const DLTensor *out, void *stream);
+
+// (ABI 3) `bridge_loss_backward` on DLPack tensors. `pred` is `[B, T, target_dim]`, its
+// grid inferred (`T` tokens on the bridge's grid times or divided by one factor: at most
+// one fits), or `[B, pred_h, pred_w, target_dim]`; `grad_pred` has `pred`'s shape;
+// `loss` is one element, on the host (read back: one sync, and a non-finite loss is
+// `NON_FINITE` with nothing written) or on the bridge's GPU (nothing syncs; a non-finite
+// loss is written as NaN or Inf, with no status, since no host saw it). Tensors,
+// checks and streams as in `bridge_forward_dlpack`.
+//
+// Returns as `bridge_loss_backward`, plus the descriptor errors of
+// `bridge_forward_dlpack`. Thread-safe.
+//
+// # Safety
+// As `bridge_forward_dlpack`.
+int32_t bridge_loss_backward_dlpack(const struct BridgeHandle *handle, const DLTensor *pred, const DLTensor *latents, const DLTensor *grad_pred, const DLTensor *loss, void *stream);
+
+// (ABI 3) `bridge_latent_loss_backward` on DLPack tensors: `latents` `[B, in_ch, H, W]`,
+// `target` `[B, h*w, target_dim]`, `grad_latents` of `latents`' shape, `loss` one element
+// on the host or the bridge's GPU (as in `bridge_loss_backward_dlpack`).
+//
+// Returns as `bridge_latent_loss_backward`, plus the descriptor errors of
+// `bridge_forward_dlpack`. Thread-safe.
+//
+// # Safety
+// As `bridge_forward_dlpack`.
+int32_t bridge_latent_loss_backward_dlpack(const struct BridgeHandle *handle, const DLTensor *latents, const DLTensor *target, const DLTensor *grad_latents, const DLTensor *loss, void *stream);
+
+// (ABI 3) `bridge_train_step` on DLPack tensors: `latents` `[B, in_ch, H, W]`,
+// `targets` `[B, h*w, target_dim]`; `*stats` as in `bridge_train_step` (host memory;
+// the step reads its loss and gradient norm back to decide on the update).
+//
+// Returns as `bridge_train_step`, plus the descriptor errors of `bridge_forward_dlpack`.
+// Thread-safe like `bridge_train_step`.
+//
+// # Safety
+// As `bridge_forward_dlpack`; `stats` NULL or writable.
+int32_t bridge_train_step_dlpack(const struct BridgeHandle *handle, const DLTensor *latents, const DLTensor *targets, struct BridgeStepStats *stats, void *stream);
+
+// (ABI 3) Describes this build: ABI version, CUDA support and visible devices, the buffer
+// and compute dtypes, the DLPack layout read, the largest latent side. Set
+// `caps->struct_size = sizeof(BridgeCapabilities)` first.
+//
+// Returns `BRIDGE_OK`, `INVALID_ARGUMENT` (NULL), `ABI_MISMATCH`. Thread-safe.
+//
+// # Safety
+// `caps` must be NULL or point to `caps->struct_size` writable bytes.
+int32_t bridge_get_capabilities(struct BridgeCapabilities *caps);
+
+// (ABI 3) Sends the library's messages to `callback` (NULL: nowhere, the default):
+// which BLAS or device path was taken (`BRIDGE_LOG_INFO`), fallbacks and train steps
+// skipped for a non-finite loss or gradient (`BRIDGE_LOG_WARN`). `user_data` is handed
+// back untouched. Process-wide; safe to call at any time from any thread (a message
+// being delivered finishes first).
+//
+// Returns `BRIDGE_OK`.
+//
+// # Safety
+// `callback` must be NULL or a function of the `BridgeLogCallback` signature that stays
+// callable, with `user_data` valid, until the callback is replaced.
+int32_t bridge_set_log_callback(BridgeLogCallback callback, void *user_data);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -484,6 +484,18 @@ impl Bridge {
         latents: &Tensor,
         pred_grid: (usize, usize),
     ) -> Result<(f32, Tensor)> {
+        let (loss, grad) = self.loss_backward_on_device(pred, latents, pred_grid)?;
+        Ok((loss.to_scalar::<f32>()?, grad))
+    }
+
+    /// `loss_backward` with the loss left where it was computed (a 0-d f32 tensor on the
+    /// bridge's device): on a GPU, nothing waits for it.
+    pub fn loss_backward_on_device(
+        &self,
+        pred: &Tensor,
+        latents: &Tensor,
+        pred_grid: (usize, usize),
+    ) -> Result<(Tensor, Tensor)> {
         let (batch, grid) = self.check_latents(latents)?;
         let matched = GridMatch::of((pred_grid.0 as i64, pred_grid.1 as i64), grid)?;
         self.check_tokens("pred", pred, batch, pred_grid)?;
@@ -502,7 +514,7 @@ impl Bridge {
         let loss = alignment_loss(&p, &target, &self.loss)?;
         let grads = loss.backward()?;
         let grad = grad_of(&grads, pred.as_tensor(), "pred")?;
-        Ok((loss.to_scalar::<f32>()?, grad))
+        Ok((loss.detach(), grad))
     }
 
     /// The loss between bridge(latents) and `target` (`[B, T, D]`), and its gradient with
@@ -510,6 +522,16 @@ impl Bridge {
     /// backward: the eval model's weights are views of the variables' storage, so an update
     /// landing mid-backward would mix two weight versions in one gradient.
     pub fn latent_loss_backward(&self, latents: &Tensor, target: &Tensor) -> Result<(f32, Tensor)> {
+        let (loss, grad) = self.latent_loss_backward_on_device(latents, target)?;
+        Ok((loss.to_scalar::<f32>()?, grad))
+    }
+
+    /// `latent_loss_backward` with the loss left on the bridge's device (0-d f32).
+    pub fn latent_loss_backward_on_device(
+        &self,
+        latents: &Tensor,
+        target: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let (batch, grid) = self.check_latents(latents)?;
         self.check_tokens("target", target, batch, grid)?;
         let latents = Var::from_tensor(&latents.to_dtype(DType::F32)?)?;
@@ -519,7 +541,7 @@ impl Bridge {
         let grads = loss.backward()?;
         let grad = grad_of(&grads, latents.as_tensor(), "the latents")?;
         drop(st);
-        Ok((loss.to_scalar::<f32>()?, grad))
+        Ok((loss.detach(), grad))
     }
 
     /// The training loss on a batch and the gradient of every parameter, by name, without
@@ -590,6 +612,13 @@ impl Bridge {
             skipped: true,
         };
         if !loss.is_finite() {
+            crate::log::emit(
+                crate::log::Level::Warn,
+                format!(
+                    "train step {}: the loss is {loss}; the update was skipped",
+                    st.train.step + 1
+                ),
+            );
             return Ok(skipped(f32::NAN));
         }
         let trained: Vec<Tensor> = grads
@@ -600,6 +629,13 @@ impl Bridge {
             .collect();
         let grad_norm = AdamW::global_norm(&trained)?;
         if !grad_norm.is_finite() {
+            crate::log::emit(
+                crate::log::Level::Warn,
+                format!(
+                    "train step {}: the gradient norm is {grad_norm}; the update was skipped",
+                    st.train.step + 1
+                ),
+            );
             return Ok(skipped(grad_norm));
         }
         let clip = self.optim_cfg.grad_clip;

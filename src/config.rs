@@ -53,7 +53,7 @@ impl Default for BridgeConfig {
 const MAX_DIM: usize = 1 << 16;
 /// Upper bound on a latent side (a 64k px image has 8192): products of sides, channels
 /// and batch are then checked for overflow where buffers are sized.
-const MAX_SIDE: usize = 1 << 14;
+pub const MAX_SIDE: usize = 1 << 14;
 
 impl BridgeConfig {
     /// Named configurations: `default` (the published bridge: 8x8 tokens from 32x32

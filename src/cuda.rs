@@ -284,6 +284,11 @@ pub fn new_device(ordinal: i32) -> Result<Device> {
     Ok(device)
 }
 
+/// The CUDA devices the driver reports (0 when the driver cannot start).
+pub fn device_count() -> i32 {
+    cudarc::driver::CudaContext::device_count().unwrap_or(0)
+}
+
 /// The total memory of the bridge's GPU, in bytes.
 pub fn total_memory(device: &Device) -> Result<u64> {
     let ctx = cuda_device(device)?.cuda_stream().context().clone();

@@ -14,6 +14,7 @@ pub mod data;
 pub mod error;
 pub mod ffi;
 pub mod kernels;
+pub mod log;
 pub mod loss;
 pub mod metrics;
 pub mod model;

@@ -146,6 +146,35 @@ impl GridMatch {
     }
 }
 
+impl GridMatch {
+    /// The caller grid of `tokens` tokens that meets the bridge's grid `(h, w)`: with one
+    /// factor on both sides there is at most one (`tokens = h*w*k^2` or `h*w/k^2`).
+    pub fn infer(tokens: usize, (h, w): (usize, usize)) -> Result<(usize, usize)> {
+        let square_root = |n: usize| {
+            let r = (n as f64).sqrt().round() as usize;
+            (r * r == n).then_some(r)
+        };
+        let here = h * w;
+        let grid = if tokens == here {
+            Some((h, w))
+        } else if tokens > here && tokens.is_multiple_of(here) {
+            square_root(tokens / here).map(|k| (k * h, k * w))
+        } else if tokens > 0 && here.is_multiple_of(tokens) {
+            square_root(here / tokens)
+                .filter(|k| h.is_multiple_of(*k) && w.is_multiple_of(*k))
+                .map(|k| (h / k, w / k))
+        } else {
+            None
+        };
+        grid.ok_or_else(|| {
+            Error::invalid(format!(
+                "pred has {tokens} tokens: no caller grid of {h}x{w} times or divided by one \
+                 factor has that many"
+            ))
+        })
+    }
+}
+
 /// Average-pools tokens `[B, h*w, D]` on the row-major grid `(h, w)` by `k x k` to
 /// `[B, (h/k)*(w/k), D]`; the gradient spreads evenly back.
 pub fn pool_tokens(x: &Tensor, grid: (usize, usize), k: usize) -> Result<Tensor> {
@@ -180,4 +209,30 @@ pub fn spatial_norm(x: &Tensor, gamma: f32) -> Result<Tensor> {
     let centered = y.broadcast_sub(&y.mean_keepdim(1)?)?;
     let std = centered.sqr()?.mean_keepdim(1)?.sqrt()?;
     Ok(y.broadcast_div(&(std + 1e-6)?)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caller_grids_are_matched_and_inferred_from_token_counts() {
+        let bridge = (6, 10);
+        assert_eq!(
+            GridMatch::of((12, 20), bridge).unwrap(),
+            GridMatch::PoolPred(2)
+        );
+        assert_eq!(
+            GridMatch::of((3, 5), bridge).unwrap(),
+            GridMatch::PoolTarget(2)
+        );
+        assert_eq!(GridMatch::of((6, 10), bridge).unwrap(), GridMatch::Same);
+        assert!(GridMatch::of((12, 10), bridge).is_err());
+        assert_eq!(GridMatch::infer(240, bridge).unwrap(), (12, 20));
+        assert_eq!(GridMatch::infer(15, bridge).unwrap(), (3, 5));
+        assert_eq!(GridMatch::infer(60, bridge).unwrap(), (6, 10));
+        for bad in [0, 1, 120, 30, 7] {
+            assert!(GridMatch::infer(bad, bridge).is_err(), "{bad}");
+        }
+    }
 }

@@ -152,14 +152,13 @@ enum Place {
     Cuda(crate::cuda::CallerStream),
 }
 
-/// The caller's buffers for one compute call: `batch` samples of `dtype` each, in host
-/// memory, or on a CUDA bridge in device memory of its GPU with the work ordered after the
-/// caller's stream. Dropping it (on an error path too) makes the caller's stream wait for
-/// what the call enqueued.
+/// The caller's buffers for one compute call: `batch` samples each (each buffer of its
+/// own dtype), in host memory, or on a CUDA bridge in device memory of its GPU with the
+/// work ordered after the caller's stream. Dropping it (on an error path too) makes the
+/// caller's stream wait for what the call enqueued.
 pub struct Io<'a> {
     bridge: &'a Bridge,
     batch: i64,
-    dtype: BufDtype,
     shape: CallShape,
     place: Place,
 }
@@ -175,8 +174,8 @@ pub struct CallShape {
 impl CallShape {
     /// `height x width` latents on `bridge`: sides that are positive multiples of
     /// `2^adapter_depth` (a shape error otherwise).
-    pub fn of(bridge: &Bridge, height: i32, width: i32) -> Result<Self> {
-        let grid = bridge.config().token_grid(height as i64, width as i64)?;
+    pub fn of(bridge: &Bridge, height: i64, width: i64) -> Result<Self> {
+        let grid = bridge.config().token_grid(height, width)?;
         Ok(CallShape {
             height: height as usize,
             width: width as usize,
@@ -192,11 +191,10 @@ impl CallShape {
 
 impl<'a> Io<'a> {
     /// Host buffers, whatever the bridge's device.
-    pub fn host(bridge: &'a Bridge, batch: i64, dtype: BufDtype, shape: CallShape) -> Self {
+    pub fn host(bridge: &'a Bridge, batch: i64, shape: CallShape) -> Self {
         Io {
             bridge,
             batch,
-            dtype,
             shape,
             place: Place::Host,
         }
@@ -207,7 +205,6 @@ impl<'a> Io<'a> {
     pub fn for_bridge(
         bridge: &'a Bridge,
         batch: i64,
-        dtype: BufDtype,
         shape: CallShape,
         stream: *mut c_void,
     ) -> Result<Self> {
@@ -217,11 +214,11 @@ impl<'a> Io<'a> {
                 crate::cuda::CallerStream::begin(bridge.device(), bridge.device_ordinal(), stream)?;
             return Ok(Io {
                 place: Place::Cuda(s),
-                ..Self::host(bridge, batch, dtype, shape)
+                ..Self::host(bridge, batch, shape)
             });
         }
         let _ = stream;
-        Ok(Self::host(bridge, batch, dtype, shape))
+        Ok(Self::host(bridge, batch, shape))
     }
 
     /// The call's latent size and token grid.
@@ -238,9 +235,15 @@ impl<'a> Io<'a> {
     /// Checks an output buffer of `per_sample` elements per sample before any work: not
     /// NULL, a size that fits in memory and, on CUDA, device memory of the bridge's GPU at
     /// least that large.
-    pub fn check_output(&self, ptr: *const c_void, per_sample: usize, name: &str) -> Result<()> {
+    pub fn check_output(
+        &self,
+        ptr: *const c_void,
+        per_sample: usize,
+        dtype: BufDtype,
+        name: &str,
+    ) -> Result<()> {
         non_null(ptr, name)?;
-        let bytes = element_count(self.batch, per_sample, self.dtype)? * self.dtype.size();
+        let bytes = element_count(self.batch, per_sample, dtype)? * dtype.size();
         #[cfg(feature = "cuda")]
         if let Place::Cuda(s) = &self.place {
             return s.check_device_ptr(ptr, bytes, name);
@@ -259,18 +262,19 @@ impl<'a> Io<'a> {
     pub unsafe fn read(
         &self,
         ptr: *const c_void,
+        dtype: BufDtype,
         shape: &[usize],
         name: &str,
         finite: bool,
     ) -> Result<Tensor> {
-        let n = element_count(self.batch, shape.iter().product(), self.dtype)?;
+        let n = element_count(self.batch, shape.iter().product(), dtype)?;
         let mut dims = vec![self.batch as usize];
         dims.extend_from_slice(shape);
         let device = self.bridge.device();
         match &self.place {
             Place::Host => {
                 // SAFETY: `n` elements at `ptr`, per this function's contract.
-                let values = unsafe { read_host(ptr, n, self.dtype, name)? };
+                let values = unsafe { read_host(ptr, n, dtype, name)? };
                 if finite {
                     check_finite(&values, name)?;
                 }
@@ -278,7 +282,7 @@ impl<'a> Io<'a> {
             }
             #[cfg(feature = "cuda")]
             Place::Cuda(s) => {
-                let t = s.read(device, ptr, dims.into(), self.dtype.candle(), name)?;
+                let t = s.read(device, ptr, dims.into(), dtype.candle(), name)?;
                 Ok(t.to_dtype(candle_core::DType::F32)?)
             }
         }
@@ -288,14 +292,19 @@ impl<'a> Io<'a> {
     ///
     /// # Safety
     /// As `read`.
-    pub unsafe fn latents(&self, ptr: *const c_void, finite: bool) -> Result<Tensor> {
+    pub unsafe fn latents(
+        &self,
+        ptr: *const c_void,
+        dtype: BufDtype,
+        finite: bool,
+    ) -> Result<Tensor> {
         let shape = [
             self.bridge.config().in_ch,
             self.shape.height,
             self.shape.width,
         ];
         // SAFETY: forwarded contract.
-        unsafe { self.read(ptr, &shape, "latents", finite) }
+        unsafe { self.read(ptr, dtype, &shape, "latents", finite) }
     }
 
     /// Writes `t` into the caller's output buffer in the call's dtype.
@@ -303,13 +312,33 @@ impl<'a> Io<'a> {
     /// # Safety
     /// `ptr` must be NULL or hold `t`'s elements in the call's dtype (host memory for host
     /// buffers; device memory is checked with the driver).
-    pub unsafe fn write(&self, ptr: *mut c_void, t: &Tensor, name: &str) -> Result<()> {
+    pub unsafe fn write(
+        &self,
+        ptr: *mut c_void,
+        t: &Tensor,
+        dtype: BufDtype,
+        name: &str,
+    ) -> Result<()> {
         match &self.place {
             // SAFETY: `t`'s elements fit at `ptr`, per this function's contract.
-            Place::Host => unsafe { write_host(ptr, &tensor_values(t)?, self.dtype, name) },
+            Place::Host => unsafe { write_host(ptr, &tensor_values(t)?, dtype, name) },
             #[cfg(feature = "cuda")]
-            Place::Cuda(s) => s.write(t, ptr, self.dtype.candle(), name),
+            Place::Cuda(s) => s.write(t, ptr, dtype.candle(), name),
         }
+    }
+
+    /// Writes one value into a caller's host buffer (a loss read back from the device).
+    ///
+    /// # Safety
+    /// `ptr` must be NULL or hold one element of `dtype` in host memory.
+    pub unsafe fn write_host_value(
+        ptr: *mut c_void,
+        value: f32,
+        dtype: BufDtype,
+        name: &str,
+    ) -> Result<()> {
+        // SAFETY: one element at `ptr`, per this function's contract.
+        unsafe { write_host(ptr, &[value], dtype, name) }
     }
 
     /// Makes the caller's stream wait for the results (device buffers only); dropping

@@ -6,6 +6,7 @@
 //! use, and leaves a message for `bridge_last_error` on failure. The caller's buffers are
 //! read and written through `io::Io`; params and info structs convert in `params.rs`.
 
+pub mod dlpack;
 pub mod guard;
 pub mod io;
 pub mod params;
@@ -14,6 +15,8 @@ pub mod types;
 use crate::bridge::Bridge;
 use crate::error::{Error, ErrorKind, Result};
 use crate::loss::GridMatch;
+use candle_core::Tensor;
+use dlpack::{DLTensor, View};
 use guard::{ffi_call, lookup, struct_size, write_versioned};
 use io::{BufDtype, CallShape, Io};
 use params::{OUT_MIN_SIZE, PARAMS_MIN_SIZE};
@@ -39,17 +42,17 @@ fn compute<R>(
     (batch, height, width): (i64, i32, i32),
     dtype: i32,
     buffers: Buffers,
-    body: impl FnOnce(&Bridge, &Io) -> Result<R>,
+    body: impl FnOnce(&Bridge, &Io, BufDtype) -> Result<R>,
 ) -> Result<R> {
     let bridge = lookup(handle)?;
     let dt = BufDtype::from_code(dtype)?;
-    let shape = CallShape::of(&bridge, height, width)?;
+    let shape = CallShape::of(&bridge, height as i64, width as i64)?;
     bridge.check_fits(batch, shape.grid)?;
     let io = match buffers {
-        Buffers::Host => Io::host(&bridge, batch, dt, shape),
-        Buffers::Bridge(stream) => Io::for_bridge(&bridge, batch, dt, shape, stream)?,
+        Buffers::Host => Io::host(&bridge, batch, shape),
+        Buffers::Bridge(stream) => Io::for_bridge(&bridge, batch, shape, stream)?,
     };
-    let r = body(&bridge, &io)?;
+    let r = body(&bridge, &io, dt)?;
     io.finish()?;
     Ok(r)
 }
@@ -61,15 +64,21 @@ fn compute<R>(
 unsafe fn forward_into(
     bridge: &Bridge,
     io: &Io,
+    dt: BufDtype,
     latents: *const c_void,
     out: *mut c_void,
 ) -> Result<()> {
-    io.check_output(out, bridge.config().output_numel(io.shape().grid), "out")?;
+    io.check_output(
+        out,
+        bridge.config().output_numel(io.shape().grid),
+        dt,
+        "out",
+    )?;
     // SAFETY: the entry points' contracts. (Device input is not scanned for NaN/Inf.)
-    let x = unsafe { io.latents(latents, true)? };
+    let x = unsafe { io.latents(latents, dt, true)? };
     let y = bridge.forward(&x)?;
     // SAFETY: `out` was checked to hold `batch` output samples (and is caller memory).
-    unsafe { io.write(out, &y, "out") }
+    unsafe { io.write(out, &y, dt, "out") }
 }
 
 fn finite_loss(loss: f32) -> Result<f32> {
@@ -244,9 +253,9 @@ pub unsafe extern "C" fn bridge_forward(
             (batch, height, width),
             dtype,
             Buffers::Host,
-            |bridge, io| {
+            |bridge, io, dt| {
                 // SAFETY: host buffers of `batch` samples, per the contract above.
-                unsafe { forward_into(bridge, io, latents, out) }
+                unsafe { forward_into(bridge, io, dt, latents, out) }
             },
         )
     })
@@ -294,14 +303,14 @@ pub unsafe extern "C" fn bridge_forward_cuda_ptr(
             (batch, height, width),
             dtype,
             Buffers::Bridge(stream),
-            |bridge, io| {
+            |bridge, io, dt| {
                 if !bridge.device().is_cuda() {
                     return Err(Error::invalid(
                         "this bridge runs on the CPU: use bridge_forward with host buffers",
                     ));
                 }
                 // SAFETY: device pointers, checked with the driver before each copy.
-                unsafe { forward_into(bridge, io, latents, out) }
+                unsafe { forward_into(bridge, io, dt, latents, out) }
             },
         )
     })
@@ -347,7 +356,7 @@ pub unsafe extern "C" fn bridge_loss_backward(
             (batch, height, width),
             dtype,
             Buffers::Bridge(stream),
-            |bridge, io| {
+            |bridge, io, dt| {
                 let c = bridge.config();
                 GridMatch::of((pred_h as i64, pred_w as i64), io.shape().grid)?;
                 if loss.is_null() {
@@ -355,17 +364,17 @@ pub unsafe extern "C" fn bridge_loss_backward(
                 }
                 let pred_grid = (pred_h as usize, pred_w as usize);
                 let pred_shape = [pred_grid.0 * pred_grid.1, c.target_dim];
-                io.check_output(grad_pred, pred_shape[0] * pred_shape[1], "grad_pred")?;
+                io.check_output(grad_pred, pred_shape[0] * pred_shape[1], dt, "grad_pred")?;
                 // SAFETY: buffers of `batch` samples by the contract above; device pointers
                 // are checked with the driver.
-                let p = unsafe { io.read(pred, &pred_shape, "pred", true)? };
-                let x = unsafe { io.latents(latents, true)? };
+                let p = unsafe { io.read(pred, dt, &pred_shape, "pred", true)? };
+                let x = unsafe { io.latents(latents, dt, true)? };
                 // The loss value is read back to the host (one sync on a GPU): it is both the
                 // output and the NaN check.
                 let (value, grad) = bridge.loss_backward(&p, &x, pred_grid)?;
                 let value = finite_loss(value)?;
                 // SAFETY: `grad_pred` was checked to hold `batch` samples of `pred`'s shape.
-                unsafe { io.write(grad_pred, &grad, "grad_pred")? };
+                unsafe { io.write(grad_pred, &grad, dt, "grad_pred")? };
                 Ok(value)
             },
         )?;
@@ -406,21 +415,27 @@ pub unsafe extern "C" fn bridge_latent_loss_backward(
             (batch, height, width),
             dtype,
             Buffers::Bridge(stream),
-            |bridge, io| {
+            |bridge, io, dt| {
                 let c = bridge.config();
                 if loss.is_null() {
                     return Err(Error::invalid("loss is NULL"));
                 }
-                io.check_output(grad_latents, io.latent_numel(), "grad_latents")?;
+                io.check_output(grad_latents, io.latent_numel(), dt, "grad_latents")?;
                 // SAFETY: as in `bridge_loss_backward`.
-                let x = unsafe { io.latents(latents, true)? };
+                let x = unsafe { io.latents(latents, dt, true)? };
                 let t = unsafe {
-                    io.read(target, &[io.shape().tokens(), c.target_dim], "target", true)?
+                    io.read(
+                        target,
+                        dt,
+                        &[io.shape().tokens(), c.target_dim],
+                        "target",
+                        true,
+                    )?
                 };
                 let (value, grad) = bridge.latent_loss_backward(&x, &t)?;
                 let value = finite_loss(value)?;
                 // SAFETY: `grad_latents` was checked to hold `batch` latent samples.
-                unsafe { io.write(grad_latents, &grad, "grad_latents")? };
+                unsafe { io.write(grad_latents, &grad, dt, "grad_latents")? };
                 Ok(value)
             },
         )?;
@@ -465,17 +480,18 @@ pub unsafe extern "C" fn bridge_train_step(
             (batch, height, width),
             dtype,
             Buffers::Bridge(stream),
-            |bridge, io| {
+            |bridge, io, dt| {
                 // SAFETY: NULL or the caller's struct (its first field is always present).
                 let size = unsafe { struct_size(stats, "stats", "BridgeStepStats", OUT_MIN_SIZE)? };
                 let c = bridge.config();
                 // Non-finite inputs are not an error here: they make a non-finite loss, which
                 // skips the update like any other.
                 // SAFETY: as in `bridge_loss_backward`.
-                let x = unsafe { io.latents(latents, false)? };
+                let x = unsafe { io.latents(latents, dt, false)? };
                 let t = unsafe {
                     io.read(
                         targets,
+                        dt,
                         &[io.shape().tokens(), c.target_dim],
                         "targets",
                         false,
@@ -507,5 +523,323 @@ pub unsafe extern "C" fn bridge_save(handle: *const BridgeHandle, path: *const c
         // SAFETY: NULL or a NUL-terminated string, by the contract above.
         let path = unsafe { params::path_arg(path, "path")? };
         bridge.save(&path)
+    })
+}
+
+// ---- ABI 3: DLPack tensors, capabilities, the log callback -------------------------
+
+/// The batch and latent size of a DLPack call, from `latents` `[B, in_ch, H, W]`.
+fn latent_call_shape(bridge: &Bridge, x: &View) -> Result<(i64, CallShape)> {
+    let c = bridge.config();
+    match x.shape[..] {
+        [b, ch, h, w] if b > 0 && ch == c.in_ch => {
+            let shape = CallShape::of(bridge, h as i64, w as i64)?;
+            bridge.check_fits(b as i64, shape.grid)?;
+            Ok((b as i64, shape))
+        }
+        _ => Err(Error::shape(format!(
+            "latents has shape {:?}; expected [B, {}, H, W] with B > 0",
+            x.shape, c.in_ch
+        ))),
+    }
+}
+
+/// A DLPack call's buffers where the bridge lives, `body`, and the caller's stream joined
+/// after it (on error paths too, by `Io`'s drop). Every tensor is checked before this.
+fn with_io<R>(
+    bridge: &Bridge,
+    (batch, shape): (i64, CallShape),
+    stream: *mut c_void,
+    body: impl FnOnce(&Io) -> Result<R>,
+) -> Result<R> {
+    let io = Io::for_bridge(bridge, batch, shape, stream)?;
+    let r = body(&io)?;
+    io.finish()?;
+    Ok(r)
+}
+
+/// Checks a loss tensor: one element, host or the bridge's device.
+///
+/// # Safety
+/// As `dlpack::view`.
+unsafe fn loss_view(loss: *const DLTensor, bridge: &Bridge) -> Result<View> {
+    // SAFETY: forwarded contract.
+    let v = unsafe { dlpack::view(loss, "loss", bridge, true)? };
+    if v.numel() != 1 {
+        return Err(Error::shape(format!(
+            "loss has shape {:?}; expected one element",
+            v.shape
+        )));
+    }
+    Ok(v)
+}
+
+/// Writes `grad` and the loss: into a device loss tensor without waiting for it (a
+/// non-finite loss is written as it is: no host saw it), or read back into a host one,
+/// checked finite first (then nothing is written on a non-finite loss).
+///
+/// # Safety
+/// The views are checked caller tensors of the call's shapes.
+unsafe fn write_grad_and_loss(
+    io: &Io,
+    (grad_view, grad, grad_name): (&View, &Tensor, &str),
+    loss_view: &View,
+    loss: &Tensor,
+) -> Result<()> {
+    if loss_view.host {
+        // One sync on a GPU: the value is both the output and the NaN check.
+        let value = finite_loss(loss.to_scalar::<f32>()?)?;
+        // SAFETY: checked views of the right shapes (the contract).
+        unsafe {
+            io.write(grad_view.ptr, grad, grad_view.dtype, grad_name)?;
+            Io::write_host_value(loss_view.ptr, value, loss_view.dtype, "loss")
+        }
+    } else {
+        // SAFETY: as above; the loss tensor holds one element of device memory.
+        unsafe {
+            io.write(grad_view.ptr, grad, grad_view.dtype, grad_name)?;
+            io.write(loss_view.ptr, loss, loss_view.dtype, "loss")
+        }
+    }
+}
+
+/// (ABI 3) `bridge_forward` on DLPack tensors: `latents` `[B, in_ch, H, W]` in, `out`
+/// `[B, h*w, target_dim]` written, `(h, w) = (H, W) / 2^adapter_depth`. Shapes, dtypes
+/// (f32, f16 or bf16, each tensor its own), strides (compact row-major; a size-1
+/// dimension's stride is free), byte offsets and devices are read from the descriptors
+/// and all checked before any work. The tensors live where the bridge does: host memory
+/// (`kDLCPU`, `kDLCUDAHost`) for a CPU bridge, its GPU (`kDLCUDA`, `kDLCUDAManaged`,
+/// `device_id` = the bridge's ordinal) for a CUDA bridge, with the work ordered on
+/// `stream` as in `bridge_forward_cuda_ptr`. The caller keeps ownership; nothing is
+/// retained.
+///
+/// Returns `BRIDGE_OK`, `INVALID_ARGUMENT` (NULL descriptor or data, dtype, strides,
+/// device, dead handle), `SHAPE` (shapes that do not fit the model or each other, as in
+/// `bridge_forward`), `NON_FINITE` (NaN/Inf in host latents; nothing written),
+/// `INTERNAL`. Thread-safe like `bridge_forward`.
+///
+/// # Safety
+/// Each descriptor must be NULL or a valid `DLTensor` whose memory holds what it
+/// describes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bridge_forward_dlpack(
+    handle: *const BridgeHandle,
+    latents: *const DLTensor,
+    out: *const DLTensor,
+    stream: *mut c_void,
+) -> i32 {
+    ffi_call("bridge_forward_dlpack", || {
+        let bridge = lookup(handle)?;
+        // SAFETY: descriptors per the contract above.
+        let (x, y) = unsafe {
+            (
+                dlpack::view(latents, "latents", &bridge, false)?,
+                dlpack::view(out, "out", &bridge, false)?,
+            )
+        };
+        let (batch, shape) = latent_call_shape(&bridge, &x)?;
+        let d = bridge.config().target_dim;
+        dlpack::expect_shape(&y, "out", &[batch as usize, shape.tokens(), d])?;
+        with_io(&bridge, (batch, shape), stream, |io| {
+            io.check_output(y.ptr, shape.tokens() * d, y.dtype, "out")?;
+            // SAFETY: checked views of the call's shapes.
+            let lat = unsafe { io.latents(x.ptr, x.dtype, true)? };
+            let tokens = bridge.forward(&lat)?;
+            // SAFETY: as above.
+            unsafe { io.write(y.ptr, &tokens, y.dtype, "out") }
+        })
+    })
+}
+
+/// (ABI 3) `bridge_loss_backward` on DLPack tensors. `pred` is `[B, T, target_dim]`, its
+/// grid inferred (`T` tokens on the bridge's grid times or divided by one factor: at most
+/// one fits), or `[B, pred_h, pred_w, target_dim]`; `grad_pred` has `pred`'s shape;
+/// `loss` is one element, on the host (read back: one sync, and a non-finite loss is
+/// `NON_FINITE` with nothing written) or on the bridge's GPU (nothing syncs; a non-finite
+/// loss is written as NaN or Inf, with no status, since no host saw it). Tensors,
+/// checks and streams as in `bridge_forward_dlpack`.
+///
+/// Returns as `bridge_loss_backward`, plus the descriptor errors of
+/// `bridge_forward_dlpack`. Thread-safe.
+///
+/// # Safety
+/// As `bridge_forward_dlpack`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bridge_loss_backward_dlpack(
+    handle: *const BridgeHandle,
+    pred: *const DLTensor,
+    latents: *const DLTensor,
+    grad_pred: *const DLTensor,
+    loss: *const DLTensor,
+    stream: *mut c_void,
+) -> i32 {
+    ffi_call("bridge_loss_backward_dlpack", || {
+        let bridge = lookup(handle)?;
+        // SAFETY: descriptors per the contract above.
+        let (p, x, g, l) = unsafe {
+            (
+                dlpack::view(pred, "pred", &bridge, false)?,
+                dlpack::view(latents, "latents", &bridge, false)?,
+                dlpack::view(grad_pred, "grad_pred", &bridge, false)?,
+                loss_view(loss, &bridge)?,
+            )
+        };
+        let (batch, shape) = latent_call_shape(&bridge, &x)?;
+        let d = bridge.config().target_dim;
+        let pred_grid = match p.shape[..] {
+            [b, t, pd] if b == batch as usize && pd == d => GridMatch::infer(t, shape.grid)?,
+            [b, ph, pw, pd] if b == batch as usize && pd == d => {
+                GridMatch::of((ph as i64, pw as i64), shape.grid)?;
+                (ph, pw)
+            }
+            _ => {
+                return Err(Error::shape(format!(
+                    "pred has shape {:?}; expected [{batch}, T, {d}] or [{batch}, pred_h, pred_w, {d}]",
+                    p.shape
+                )));
+            }
+        };
+        dlpack::expect_shape(&g, "grad_pred", &p.shape)?;
+        let tokens = pred_grid.0 * pred_grid.1;
+        with_io(&bridge, (batch, shape), stream, |io| {
+            io.check_output(g.ptr, tokens * d, g.dtype, "grad_pred")?;
+            // SAFETY: checked views of the call's shapes.
+            let pt = unsafe { io.read(p.ptr, p.dtype, &[tokens, d], "pred", true)? };
+            let lat = unsafe { io.latents(x.ptr, x.dtype, true)? };
+            let (value, grad) = bridge.loss_backward_on_device(&pt, &lat, pred_grid)?;
+            let grad = grad.reshape(p.shape.as_slice())?;
+            // SAFETY: as above.
+            unsafe { write_grad_and_loss(io, (&g, &grad, "grad_pred"), &l, &value) }
+        })
+    })
+}
+
+/// (ABI 3) `bridge_latent_loss_backward` on DLPack tensors: `latents` `[B, in_ch, H, W]`,
+/// `target` `[B, h*w, target_dim]`, `grad_latents` of `latents`' shape, `loss` one element
+/// on the host or the bridge's GPU (as in `bridge_loss_backward_dlpack`).
+///
+/// Returns as `bridge_latent_loss_backward`, plus the descriptor errors of
+/// `bridge_forward_dlpack`. Thread-safe.
+///
+/// # Safety
+/// As `bridge_forward_dlpack`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bridge_latent_loss_backward_dlpack(
+    handle: *const BridgeHandle,
+    latents: *const DLTensor,
+    target: *const DLTensor,
+    grad_latents: *const DLTensor,
+    loss: *const DLTensor,
+    stream: *mut c_void,
+) -> i32 {
+    ffi_call("bridge_latent_loss_backward_dlpack", || {
+        let bridge = lookup(handle)?;
+        // SAFETY: descriptors per the contract above.
+        let (x, t, g, l) = unsafe {
+            (
+                dlpack::view(latents, "latents", &bridge, false)?,
+                dlpack::view(target, "target", &bridge, false)?,
+                dlpack::view(grad_latents, "grad_latents", &bridge, false)?,
+                loss_view(loss, &bridge)?,
+            )
+        };
+        let (batch, shape) = latent_call_shape(&bridge, &x)?;
+        let d = bridge.config().target_dim;
+        dlpack::expect_shape(&t, "target", &[batch as usize, shape.tokens(), d])?;
+        dlpack::expect_shape(&g, "grad_latents", &x.shape)?;
+        with_io(&bridge, (batch, shape), stream, |io| {
+            io.check_output(g.ptr, io.latent_numel(), g.dtype, "grad_latents")?;
+            // SAFETY: checked views of the call's shapes.
+            let lat = unsafe { io.latents(x.ptr, x.dtype, true)? };
+            let tt = unsafe { io.read(t.ptr, t.dtype, &[shape.tokens(), d], "target", true)? };
+            let (value, grad) = bridge.latent_loss_backward_on_device(&lat, &tt)?;
+            // SAFETY: as above.
+            unsafe { write_grad_and_loss(io, (&g, &grad, "grad_latents"), &l, &value) }
+        })
+    })
+}
+
+/// (ABI 3) `bridge_train_step` on DLPack tensors: `latents` `[B, in_ch, H, W]`,
+/// `targets` `[B, h*w, target_dim]`; `*stats` as in `bridge_train_step` (host memory;
+/// the step reads its loss and gradient norm back to decide on the update).
+///
+/// Returns as `bridge_train_step`, plus the descriptor errors of `bridge_forward_dlpack`.
+/// Thread-safe like `bridge_train_step`.
+///
+/// # Safety
+/// As `bridge_forward_dlpack`; `stats` NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bridge_train_step_dlpack(
+    handle: *const BridgeHandle,
+    latents: *const DLTensor,
+    targets: *const DLTensor,
+    stats: *mut BridgeStepStats,
+    stream: *mut c_void,
+) -> i32 {
+    ffi_call("bridge_train_step_dlpack", || {
+        let bridge = lookup(handle)?;
+        // SAFETY: descriptors per the contract above; `stats` NULL or the caller's struct.
+        let (x, t, size) = unsafe {
+            (
+                dlpack::view(latents, "latents", &bridge, false)?,
+                dlpack::view(targets, "targets", &bridge, false)?,
+                struct_size(stats, "stats", "BridgeStepStats", OUT_MIN_SIZE)?,
+            )
+        };
+        let (batch, shape) = latent_call_shape(&bridge, &x)?;
+        let d = bridge.config().target_dim;
+        dlpack::expect_shape(&t, "targets", &[batch as usize, shape.tokens(), d])?;
+        let s = with_io(&bridge, (batch, shape), stream, |io| {
+            // Non-finite inputs skip the update, as in `bridge_train_step`.
+            // SAFETY: checked views of the call's shapes.
+            let lat = unsafe { io.latents(x.ptr, x.dtype, false)? };
+            let tt = unsafe { io.read(t.ptr, t.dtype, &[shape.tokens(), d], "targets", false)? };
+            bridge.train_step(&lat, &tt)
+        })?;
+        // SAFETY: `size` is the caller's struct_size, checked against ours.
+        unsafe { write_versioned(stats, size, &params::stats_of(&s, size)) };
+        Ok(())
+    })
+}
+
+/// (ABI 3) Describes this build: ABI version, CUDA support and visible devices, the buffer
+/// and compute dtypes, the DLPack layout read, the largest latent side. Set
+/// `caps->struct_size = sizeof(BridgeCapabilities)` first.
+///
+/// Returns `BRIDGE_OK`, `INVALID_ARGUMENT` (NULL), `ABI_MISMATCH`. Thread-safe.
+///
+/// # Safety
+/// `caps` must be NULL or point to `caps->struct_size` writable bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bridge_get_capabilities(caps: *mut BridgeCapabilities) -> i32 {
+    ffi_call("bridge_get_capabilities", || {
+        // SAFETY: NULL or the caller's struct (its first field is always present).
+        let size = unsafe { struct_size(caps, "caps", "BridgeCapabilities", OUT_MIN_SIZE)? };
+        let value = params::capabilities(size);
+        // SAFETY: `size` is the caller's struct_size, checked against ours.
+        unsafe { write_versioned(caps, size, &value) };
+        Ok(())
+    })
+}
+
+/// (ABI 3) Sends the library's messages to `callback` (NULL: nowhere, the default):
+/// which BLAS or device path was taken (`BRIDGE_LOG_INFO`), fallbacks and train steps
+/// skipped for a non-finite loss or gradient (`BRIDGE_LOG_WARN`). `user_data` is handed
+/// back untouched. Process-wide; safe to call at any time from any thread (a message
+/// being delivered finishes first).
+///
+/// Returns `BRIDGE_OK`.
+///
+/// # Safety
+/// `callback` must be NULL or a function of the `BridgeLogCallback` signature that stays
+/// callable, with `user_data` valid, until the callback is replaced.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bridge_set_log_callback(
+    callback: BridgeLogCallback,
+    user_data: *mut c_void,
+) -> i32 {
+    ffi_call("bridge_set_log_callback", || {
+        crate::log::set(callback, user_data);
+        Ok(())
     })
 }

@@ -170,3 +170,36 @@ pub unsafe fn path_arg(ptr: *const c_char, name: &str) -> Result<PathBuf> {
     }
     Ok(PathBuf::from(s))
 }
+
+/// What `bridge_get_capabilities` reports, with the caller's `struct_size`.
+pub fn capabilities(struct_size: usize) -> BridgeCapabilities {
+    let bit = |code: i32| 1u32 << code;
+    BridgeCapabilities {
+        struct_size: struct_size as u32,
+        abi_version: BRIDGE_ABI_VERSION,
+        cuda: cfg!(feature = "cuda") as i32,
+        cuda_devices: cuda_devices(),
+        buffer_dtypes: bit(BRIDGE_DTYPE_F32) | bit(BRIDGE_DTYPE_F16) | bit(BRIDGE_DTYPE_BF16),
+        compute_dtypes: bit(BRIDGE_DTYPE_F32)
+            | if cfg!(feature = "cuda") {
+                bit(BRIDGE_DTYPE_BF16)
+            } else {
+                0
+            },
+        dlpack_major: 1,
+        dlpack_minor: 0,
+        max_latent_side: crate::config::MAX_SIDE as i32,
+    }
+}
+
+/// CUDA devices the driver reports; 0 without CUDA support or a working driver.
+fn cuda_devices() -> i32 {
+    #[cfg(feature = "cuda")]
+    {
+        crate::cuda::device_count()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        0
+    }
+}

@@ -1,10 +1,11 @@
 //! The C-visible types and constants. Plain integers and `#[repr(C)]` structs only: no
 //! Rust enum crosses the boundary.
 
+use std::ffi::c_void;
 use std::os::raw::c_char;
 
 /// ABI version: bumped when a struct or function signature changes incompatibly.
-pub const BRIDGE_ABI_VERSION: u32 = 2;
+pub const BRIDGE_ABI_VERSION: u32 = 3;
 
 /// Success.
 pub const BRIDGE_OK: i32 = 0;
@@ -135,4 +136,40 @@ pub struct BridgeStepStats {
     pub step: i64,
     /// 1 when a non-finite loss or gradient skipped the update (weights unchanged).
     pub skipped: i32,
+}
+
+/// Message levels of the log callback.
+pub const BRIDGE_LOG_DEBUG: i32 = 1;
+pub const BRIDGE_LOG_INFO: i32 = 2;
+pub const BRIDGE_LOG_WARN: i32 = 3;
+pub const BRIDGE_LOG_ERROR: i32 = 4;
+
+/// (ABI 3) Receives the library's messages: `level` (`BRIDGE_LOG_*`), the message
+/// (valid during the call only) and the `user_data` given to `bridge_set_log_callback`.
+/// Called from whichever thread the library runs on; it must be thread-safe and must not
+/// call back into the library.
+pub type BridgeLogCallback =
+    Option<unsafe extern "C" fn(level: i32, message: *const c_char, user_data: *mut c_void)>;
+
+/// (ABI 3) What this build of the library can do (`bridge_get_capabilities`). Set
+/// `struct_size` before the call.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BridgeCapabilities {
+    pub struct_size: u32,
+    /// `BRIDGE_ABI_VERSION` of the library.
+    pub abi_version: u32,
+    /// 1 when built with CUDA support.
+    pub cuda: i32,
+    /// CUDA devices the driver reports (0 without CUDA support or without a driver).
+    pub cuda_devices: i32,
+    /// Buffer dtypes the compute calls take: bit `1 << BRIDGE_DTYPE_*`.
+    pub buffer_dtypes: u32,
+    /// Compute dtypes `BridgeParams.compute_dtype` may name: bit `1 << BRIDGE_DTYPE_*`.
+    pub compute_dtypes: u32,
+    /// The DLPack version whose `DLTensor` layout the `*_dlpack` calls read.
+    pub dlpack_major: i32,
+    pub dlpack_minor: i32,
+    /// The largest latent side the compute calls accept.
+    pub max_latent_side: i32,
 }

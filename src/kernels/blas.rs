@@ -60,7 +60,7 @@ static BLAS: Lazy<Option<Blas>> = Lazy::new(|| {
     } else {
         vec![choice]
     };
-    names.into_iter().find_map(|name| {
+    let found = names.into_iter().find_map(|name| {
         let cname = CString::new(name.clone()).ok()?;
         // SAFETY: dlopen/dlsym with valid C strings; the handle is kept for the process.
         unsafe {
@@ -94,7 +94,16 @@ static BLAS: Lazy<Option<Blas>> = Lazy::new(|| {
                 name,
             })
         }
-    })
+    });
+    match &found {
+        Some(b) => crate::log::emit(crate::log::Level::Info, format!("BLAS: {}", b.name)),
+        None => crate::log::emit(
+            crate::log::Level::Warn,
+            "no BLAS found (MKL, OpenBLAS, BLIS): matrix products on the CPU fall back to \
+             candle's own, about 3x slower; install libopenblas0 or set DINO_BRIDGE_BLAS",
+        ),
+    }
+    found
 });
 
 /// `C = alpha * op(A) op(B) + beta * C` on raw row-major buffers, single-threaded, when a BLAS is
