@@ -3,12 +3,13 @@
 # as fine as the bridge's (pooled to it by the library) and on the bridge's own grid.
 #
 #   cargo build --release
-#   DINO_BRIDGE_LIB=target/release/libdino_bridge.so julia examples/align.jl [bridge.safetensors]
+#   julia examples/align.jl [bridge.safetensors]
 #
-# Without a checkpoint the bridge is a fresh one on the `repa` grid (16x16 tokens from
-# 32x32 latents).
-include(joinpath(@__DIR__, "..", "bindings", "julia", "DinoBridge.jl"))
-using .DinoBridge
+# The package finds the checkout's target/release/libdino_bridge.so by itself
+# (DINO_BRIDGE_LIB=/path/to/libdino_bridge.so names another). Without a checkpoint the
+# bridge is a fresh one on the `repa` grid (16x16 tokens from 32x32 latents).
+push!(LOAD_PATH, joinpath(@__DIR__, "..", "bindings", "julia"))   # the DinoBridge package
+using DinoBridge
 
 bridge = length(ARGS) > 0 ? DinoBridge.Bridge(ARGS[1]) : DinoBridge.Bridge(; adapter_depth=1, grid=16)
 info = bridge.info

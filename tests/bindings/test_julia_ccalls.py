@@ -4,15 +4,42 @@ types of arguments and the right return type, every function of the header has o
 every mirrored struct has the header's fields in the header's order with matching types
 (ABI 2's `w_gram`, `spatial_norm_gamma` included), the module declares the header's
 ABI version and checks it before creating a bridge, and examples/align.jl only calls
-what the module defines."""
+what the module defines. The bindings are a package: bindings/julia/Project.toml names
+DinoBridge (uuid, version, no dependencies outside the standard library), the module is
+src/DinoBridge.jl, every `ccall` goes to the library that `library_path()` finds at run
+time (DINO_BRIDGE_LIB first), and examples/align.jl loads the package with `using`."""
 
 import re
+import uuid
 from pathlib import Path
 
+try:
+    import tomllib
+except ImportError:  # Python < 3.11
+    tomllib = None
+
 ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = ROOT / "bindings" / "julia"
 HEADER = (ROOT / "include" / "dino_bridge.h").read_text()
-JULIA = (ROOT / "bindings" / "julia" / "DinoBridge.jl").read_text()
+JULIA = (PACKAGE / "src" / "DinoBridge.jl").read_text()
 EXAMPLE = (ROOT / "examples" / "align.jl").read_text()
+# The uuids of the standard libraries a dependency may name (Julia's own, fixed).
+STDLIB_UUIDS = {"Libdl": "8f399da3-3557-5675-b5ff-fb832c97cbdb"}
+
+
+def project_toml() -> dict:
+    text = (PACKAGE / "Project.toml").read_text()
+    if tomllib is not None:
+        return tomllib.loads(text)
+    # Project.toml's plain subset: `key = "value"` lines, top level and in [sections]
+    project, table = {}, None
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if m := re.fullmatch(r"\[(\w+)\]", line):
+            table = project.setdefault(m.group(1), {})
+        elif m := re.fullmatch(r'(\w+)\s*=\s*"([^"]*)"', line):
+            (project if table is None else table)[m.group(1)] = m.group(2)
+    return project
 
 
 def canon_c(t: str) -> str:
@@ -54,7 +81,7 @@ def julia_to_c(t: str) -> set:
 
 
 def julia_ccalls():
-    pattern = r"ccall\(\(:(\w+),\s*LIB\),\s*([\w{}]+),\s*\(([^)]*)\)"
+    pattern = r"ccall\(\(:(\w+),\s*library_path\(\)\),\s*([\w{}]+),\s*\(([^)]*)\)"
     return re.findall(pattern, JULIA, re.S)
 
 
@@ -122,3 +149,50 @@ def test_the_example_calls_only_what_the_module_defines():
             assert re.search(r"^\s*%s::" % kw, params, re.M), f"BridgeParams has no field {kw}"
         else:
             assert re.search(r"\b%s(::|=)" % kw, sig.group(1)), f"{name} has no keyword {kw}"
+
+
+def test_the_bindings_are_a_package():
+    project = project_toml()
+    assert project.get("name") == "DinoBridge"
+    assert str(uuid.UUID(project["uuid"])) == project["uuid"].lower()
+    assert re.fullmatch(r"\d+\.\d+\.\d+", project.get("version", "")), project.get("version")
+    deps = project.get("deps", {})
+    assert {name: STDLIB_UUIDS.get(name) for name in deps} == deps, f"dependencies outside the standard library: {deps}"
+    # the module is where Julia's code loading looks for it: src/<name>.jl, module <name>
+    assert (PACKAGE / "src" / "DinoBridge.jl").is_file()
+    assert not (PACKAGE / "DinoBridge.jl").exists(), "the module moved to src/DinoBridge.jl"
+    assert re.search(r"^module DinoBridge$", JULIA, re.M)
+    assert re.search(r"^end # module$", JULIA, re.M)
+    # whatever the code (past the docstring) loads is Base, Core or a declared dependency
+    code = JULIA[re.search(r"^module DinoBridge$", JULIA, re.M).end():]
+    loaded = set(re.findall(r"^\s*(?:using|import)\s+(\w+)", code, re.M))
+    assert loaded <= set(deps) | {"Base", "Core"}, loaded - set(deps)
+
+
+def test_every_ccall_goes_to_the_library_found_at_run_time():
+    assert JULIA.count("ccall(") == len(julia_ccalls()) == 12, "a ccall that does not go through library_path()"
+    # nothing fixes the library when the package is precompiled
+    assert not re.search(r"^const LIB\b", JULIA, re.M)
+    body = re.search(r"^function find_library\(\)\n(.*?)^end$", JULIA, re.S | re.M).group(1)
+    env = body.index('get(ENV, "DINO_BRIDGE_LIB"')
+    deps = body.index('"deps"')
+    target = body.index('"target", "release"')
+    assert env < deps < target, "DINO_BRIDGE_LIB first, then deps/, then the checkout's target/release"
+    library_path = re.search(r"^function library_path\(\)\n(.*?)^end$", JULIA, re.S | re.M).group(1)
+    assert "find_library()" in library_path and "LIB_PATH[]" in library_path
+    init = re.search(r"^__init__\(\) = (.*)$", JULIA, re.M)
+    assert init and 'LIB_PATH[] = ""' in init.group(1), "each session finds the library again"
+    # the ABI error names the library it checked
+    check = re.search(r"^function check_abi\(\)\n(.*?)^end$", JULIA, re.S | re.M).group(1)
+    assert "$(library_path())" in check
+
+
+def test_the_example_loads_the_package():
+    assert "include(" not in EXAMPLE, "examples/align.jl should load the package, not include its file"
+    push = re.search(r"^push!\(LOAD_PATH, joinpath\(@__DIR__, (.*?)\)\)", EXAMPLE, re.M)
+    assert push, "examples/align.jl puts the package on the LOAD_PATH"
+    parts = [p.strip().strip('"') for p in push.group(1).split(",")]
+    assert (ROOT / "examples").joinpath(*parts).resolve() == PACKAGE.resolve()
+    using = re.search(r"^using DinoBridge$", EXAMPLE, re.M)
+    assert using and push.start() < using.start()
+    assert "using .DinoBridge" not in EXAMPLE

@@ -2,10 +2,14 @@
     DinoBridge
 
 Julia bindings for dino-bridge: DINOv2-base patch tokens from SD VAE latents, as a REPA
-alignment target. The shared library is `ENV["DINO_BRIDGE_LIB"]` (default
-`libdino_bridge.so` on the loader path).
+alignment target. A package (`bindings/julia`): put that directory on the `LOAD_PATH` (or
+`] dev path/to/bindings/julia`) and `using DinoBridge`. The shared library is
+`library_path()`: `ENV["DINO_BRIDGE_LIB"]`, else `deps/libdino_bridge.so` in the package,
+else the checkout's `target/release/libdino_bridge.so` (`cargo build --release`), else
+`libdino_bridge.so` on the loader path.
 
-    using .DinoBridge
+    push!(LOAD_PATH, "path/to/dino-bridge/bindings/julia")
+    using DinoBridge
     b = DinoBridge.Bridge("bridge.safetensors")       # or Bridge(; adapter_depth=1, grid=16) (`repa`)
     tokens = DinoBridge.forward(b, latents)           # latents: Array{Float32,4}
     loss, grad = DinoBridge.loss_backward(b, pred, latents)               # caller grid inferred
@@ -23,7 +27,37 @@ The library must speak `ABI_VERSION` (the header's `BRIDGE_ABI_VERSION`): the fi
 """
 module DinoBridge
 
-const LIB = get(ENV, "DINO_BRIDGE_LIB", "libdino_bridge.so")
+# The library's file name as cargo writes it on this platform.
+const LIBNAME = Sys.iswindows() ? "dino_bridge.dll" : "libdino_bridge." * (Sys.isapple() ? "dylib" : "so")
+
+# Found at the first call of a session, not when the package is precompiled: a path (or an
+# ENV value) frozen into the precompile cache would outlive a change of DINO_BRIDGE_LIB.
+const LIB_PATH = Ref("")
+
+"""
+    library_path()
+
+The shared library every call goes to, decided once per session at its first use:
+`ENV["DINO_BRIDGE_LIB"]` when set; else `deps/libdino_bridge.so` in this package (copy or
+link a built library there); else `target/release/libdino_bridge.so` of the checkout the
+package sits in (`bindings/julia` is two levels below its root); else the bare file name,
+for the system's loader path (`LD_LIBRARY_PATH`)."""
+function library_path()
+    isempty(LIB_PATH[]) || return LIB_PATH[]
+    LIB_PATH[] = find_library()
+end
+
+function find_library()
+    env = get(ENV, "DINO_BRIDGE_LIB", "")
+    isempty(env) || return env
+    root = something(pkgdir(@__MODULE__), dirname(@__DIR__))   # the package's directory
+    for candidate in (joinpath(root, "deps", LIBNAME), joinpath(root, "..", "..", "target", "release", LIBNAME))
+        isfile(candidate) && return normpath(candidate)
+    end
+    LIBNAME
+end
+
+__init__() = (LIB_PATH[] = ""; nothing)
 
 # The header's BRIDGE_ABI_VERSION these declarations were written for.
 const ABI_VERSION = UInt32(2)
@@ -112,13 +146,13 @@ Base.showerror(io::IO, e::BridgeError) =
 
 function check(status::Int32)
     if status != BRIDGE_OK
-        msg = unsafe_string(ccall((:bridge_last_error, LIB), Cstring, ()))
+        msg = unsafe_string(ccall((:bridge_last_error, library_path()), Cstring, ()))
         throw(BridgeError(status, msg))
     end
     nothing
 end
 
-abi_version() = ccall((:bridge_abi_version, LIB), UInt32, ())
+abi_version() = ccall((:bridge_abi_version, library_path()), UInt32, ())
 
 const ABI_CHECKED = Ref(false)
 
@@ -131,7 +165,7 @@ fit that version."""
 function check_abi()
     ABI_CHECKED[] && return nothing
     v = abi_version()
-    v == ABI_VERSION || error("$LIB has ABI version $(Int(v)), but DinoBridge.jl was written for ABI version " *
+    v == ABI_VERSION || error("$(library_path()) has ABI version $(Int(v)), but DinoBridge.jl was written for ABI version " *
                               "$(Int(ABI_VERSION)): build the library from the same checkout (cargo build --release " *
                               "--lib) and point DINO_BRIDGE_LIB at it")
     ABI_CHECKED[] = true
@@ -155,7 +189,7 @@ function Bridge(checkpoint::Union{Nothing,AbstractString}=nothing; settings...)
     check_abi()
     params = zeroed(BridgeParams)
     params.struct_size = UInt32(sizeof(BridgeParams))
-    check(ccall((:bridge_params_default, LIB), Int32, (Ref{BridgeParams},), params))
+    check(ccall((:bridge_params_default, library_path()), Int32, (Ref{BridgeParams},), params))
     for (k, v) in settings
         setfield!(params, k, convert(fieldtype(BridgeParams, k), v))
     end
@@ -163,7 +197,7 @@ function Bridge(checkpoint::Union{Nothing,AbstractString}=nothing; settings...)
     path = checkpoint === nothing ? nothing : String(checkpoint)
     GC.@preserve path begin
         params.checkpoint_path = path === nothing ? Ptr{UInt8}(C_NULL) : pointer(path)
-        check(ccall((:bridge_create, LIB), Int32, (Ref{BridgeParams}, Ref{Ptr{Cvoid}}), params, handle))
+        check(ccall((:bridge_create, library_path()), Int32, (Ref{BridgeParams}, Ref{Ptr{Cvoid}}), params, handle))
     end
     b = Bridge(handle[], zeroed(BridgeInfo))
     finalizer(close, b)
@@ -174,7 +208,7 @@ end
 function Base.close(b::Bridge)
     if b.handle != C_NULL
         h, b.handle = b.handle, C_NULL
-        check(ccall((:bridge_destroy, LIB), Int32, (Ptr{Cvoid},), h))
+        check(ccall((:bridge_destroy, library_path()), Int32, (Ptr{Cvoid},), h))
     end
     nothing
 end
@@ -184,7 +218,7 @@ handle(b::Bridge) = b.handle == C_NULL ? throw(ArgumentError("this Bridge is clo
 function info(b::Bridge)
     i = zeroed(BridgeInfo)
     i.struct_size = UInt32(sizeof(BridgeInfo))
-    check(ccall((:bridge_get_info, LIB), Int32, (Ptr{Cvoid}, Ref{BridgeInfo}), handle(b), i))
+    check(ccall((:bridge_get_info, library_path()), Int32, (Ptr{Cvoid}, Ref{BridgeInfo}), handle(b), i))
     i
 end
 
@@ -245,7 +279,7 @@ end
 function forward(b::Bridge, latents::Array{Float32,4})
     batch, height, width, grid = latent_shape(b, latents)
     out = Array{Float32}(undef, token_dims(b, batch, grid))
-    check(ccall((:bridge_forward, LIB), Int32, (Ptr{Cvoid}, Ptr{Cvoid}, Ptr{Cvoid}, Int64, Int32, Int32, Int32),
+    check(ccall((:bridge_forward, library_path()), Int32, (Ptr{Cvoid}, Ptr{Cvoid}, Ptr{Cvoid}, Int64, Int32, Int32, Int32),
         handle(b), latents, out, batch, height, width, DTYPE_F32))
     out
 end
@@ -270,7 +304,7 @@ end
 height, width]`, `stream` a CUstream."""
 function forward_cuda_ptr(b::Bridge, latents::Ptr{Cvoid}, out::Ptr{Cvoid}, batch::Integer, height::Integer,
                           width::Integer, stream::Ptr{Cvoid})
-    check(ccall((:bridge_forward_cuda_ptr, LIB), Int32,
+    check(ccall((:bridge_forward_cuda_ptr, library_path()), Int32,
         (Ptr{Cvoid}, Ptr{Cvoid}, Ptr{Cvoid}, Int64, Int32, Int32, Int32, Ptr{Cvoid}),
         handle(b), latents, out, batch, height, width, DTYPE_F32, stream))
 end
@@ -295,7 +329,7 @@ function loss_backward(b::Bridge, pred::Array{Float32,3}, latents::Array{Float32
     expect(pred, token_dims(b, batch, grid), "pred")
     grad = similar(pred)
     loss = Ref{Float32}(0)
-    check(ccall((:bridge_loss_backward, LIB), Int32,
+    check(ccall((:bridge_loss_backward, library_path()), Int32,
         (Ptr{Cvoid}, Ptr{Cvoid}, Ptr{Cvoid}, Ptr{Cvoid}, Int64, Int32, Int32, Int32, Int32, Int32, Ref{Float32},
          Ptr{Cvoid}),
         handle(b), pred, latents, grad, batch, height, width, grid[1], grid[2], DTYPE_F32, loss, stream))
@@ -308,7 +342,7 @@ function latent_loss_backward(b::Bridge, latents::Array{Float32,4}, target::Arra
     expect(target, token_dims(b, batch, grid), "target")
     grad = similar(latents)
     loss = Ref{Float32}(0)
-    check(ccall((:bridge_latent_loss_backward, LIB), Int32,
+    check(ccall((:bridge_latent_loss_backward, library_path()), Int32,
         (Ptr{Cvoid}, Ptr{Cvoid}, Ptr{Cvoid}, Ptr{Cvoid}, Int64, Int32, Int32, Int32, Ref{Float32}, Ptr{Cvoid}),
         handle(b), latents, target, grad, batch, height, width, DTYPE_F32, loss, stream))
     loss[], grad
@@ -320,7 +354,7 @@ function train_step!(b::Bridge, latents::Array{Float32,4}, targets::Array{Float3
     expect(targets, token_dims(b, batch, grid), "targets")
     stats = zeroed(BridgeStepStats)
     stats.struct_size = UInt32(sizeof(BridgeStepStats))
-    check(ccall((:bridge_train_step, LIB), Int32,
+    check(ccall((:bridge_train_step, library_path()), Int32,
         (Ptr{Cvoid}, Ptr{Cvoid}, Ptr{Cvoid}, Int64, Int32, Int32, Int32, Ref{BridgeStepStats}, Ptr{Cvoid}),
         handle(b), latents, targets, batch, height, width, DTYPE_F32, stats, stream))
     stats
@@ -328,6 +362,6 @@ end
 
 """Atomic checkpoint write."""
 save(b::Bridge, path::AbstractString) =
-    check(ccall((:bridge_save, LIB), Int32, (Ptr{Cvoid}, Cstring), handle(b), path))
+    check(ccall((:bridge_save, library_path()), Int32, (Ptr{Cvoid}, Cstring), handle(b), path))
 
 end # module
