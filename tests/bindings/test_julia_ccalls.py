@@ -2,7 +2,7 @@
 every `ccall` names a function of `include/dino_bridge.h` with the right number and C
 types of arguments and the right return type, every function of the header has one,
 every mirrored struct has the header's fields in the header's order with matching types
-(ABI 2's `w_gram`, `spatial_norm_gamma` included), the module declares the header's
+(ABI 2's `w_gram`, `spatial_norm_gamma` and ABI 3's capabilities and DLPack descriptors included), the module declares the header's
 ABI version and checks it before creating a bridge, and examples/align.jl only calls
 what the module defines. The bindings are a package: bindings/julia/Project.toml names
 DinoBridge (uuid, version, no dependencies outside the standard library), the module is
@@ -69,7 +69,9 @@ def julia_to_c(t: str) -> set:
     if t in SCALARS:
         return {SCALARS[t]}
     if t == "Ptr{Cvoid}":
-        return {"void*", "BridgeHandle*"}
+        return {"void*", "BridgeHandle*", "BridgeLogCallback"}
+    if t == "DLTensor":
+        return {"DLTensor"}
     if t == "Ptr{UInt8}":
         return {"char*"}
     m = re.fullmatch(r"Ref\{(.+)\}", t)
@@ -88,7 +90,7 @@ def julia_ccalls():
 def test_every_ccall_matches_a_header_function():
     funcs = c_functions()
     calls = julia_ccalls()
-    assert len(funcs) == 12, sorted(funcs)
+    assert len(funcs) == 18, sorted(funcs)
     assert {name for name, _, _ in calls} == set(funcs), "functions without a Julia wrapper or unknown to the header"
     for name, ret, args in calls:
         c_ret, c_args = funcs[name]
@@ -100,7 +102,7 @@ def test_every_ccall_matches_a_header_function():
 
 
 def test_mirrored_structs_match_the_header():
-    for struct in ("BridgeParams", "BridgeInfo", "BridgeStepStats"):
+    for struct in ("BridgeParams", "BridgeInfo", "BridgeStepStats", "BridgeCapabilities"):
         body = re.search(r"typedef struct %s \{(.*?)\} %s;" % (struct, struct), HEADER, re.S).group(1)
         c_fields = [(m.group(2), canon_c(m.group(1))) for m in re.finditer(r"^\s*([\w][\w *]*?)(\w+);$", body, re.M)]
         jl_body = re.search(r"mutable struct %s\n(.*?)\nend" % struct, JULIA, re.S).group(1)
@@ -127,7 +129,7 @@ def test_the_abi_2_fields_and_arguments_are_mirrored():
 
 def test_the_module_declares_and_checks_the_headers_abi_version():
     header = int(re.search(r"#define BRIDGE_ABI_VERSION (\d+)", HEADER).group(1))
-    assert header == 2
+    assert header == 3
     declared = re.search(r"^const ABI_VERSION = UInt32\((\d+)\)$", JULIA, re.M)
     assert declared and int(declared.group(1)) == header
     check = re.search(r"^function check_abi\(\)\n(.*?)^end$", JULIA, re.S | re.M).group(1)
@@ -135,6 +137,19 @@ def test_the_module_declares_and_checks_the_headers_abi_version():
     constructor = re.search(r"^function Bridge\(checkpoint.*?\n(.*?)^end$", JULIA, re.S | re.M).group(1)
     first = constructor.strip().splitlines()[0].strip()
     assert first == "check_abi()", f"Bridge(...) must check the ABI before any other call, starts with {first!r}"
+
+
+def test_the_dlpack_mirrors_match_the_headers_declarations():
+    for struct in ("DLDevice", "DLDataType", "DLTensor"):
+        body = re.search(r"typedef struct \{([^}]*)\} %s;" % struct, HEADER, re.S).group(1)
+        c_fields = [(m.group(2), canon_c(m.group(1))) for m in re.finditer(r"^\s*([\w][\w *]*?)(\w+);", body, re.M)]
+        jl_body = re.search(r"^struct %s\n(.*?)\nend" % struct, JULIA, re.S | re.M).group(1)
+        jl_fields = re.findall(r"^\s*(\w+)::([\w{}]+)", jl_body, re.M)
+        assert [n for n, _ in jl_fields] == [n for n, _ in c_fields], struct
+        jl_c = {"Int32": "int32_t", "UInt8": "uint8_t", "UInt16": "uint16_t", "UInt64": "uint64_t",
+                "Ptr{Cvoid}": "void*", "Ptr{Int64}": "int64_t*", "DLDevice": "DLDevice", "DLDataType": "DLDataType"}
+        for (name, jt), (_, ct) in zip(jl_fields, c_fields):
+            assert jl_c[jt] == ct, f"{struct}.{name}: C {ct}, Julia {jt}"
 
 
 def test_the_example_calls_only_what_the_module_defines():
@@ -170,7 +185,7 @@ def test_the_bindings_are_a_package():
 
 
 def test_every_ccall_goes_to_the_library_found_at_run_time():
-    assert JULIA.count("ccall(") == len(julia_ccalls()) == 12, "a ccall that does not go through library_path()"
+    assert JULIA.count("ccall(") == len(julia_ccalls()) == 18, "a ccall that does not go through library_path()"
     # nothing fixes the library when the package is precompiled
     assert not re.search(r"^const LIB\b", JULIA, re.M)
     body = re.search(r"^function find_library\(\)\n(.*?)^end$", JULIA, re.S | re.M).group(1)

@@ -60,7 +60,7 @@ end
 __init__() = (LIB_PATH[] = ""; nothing)
 
 # The header's BRIDGE_ABI_VERSION these declarations were written for.
-const ABI_VERSION = UInt32(2)
+const ABI_VERSION = UInt32(3)
 
 const BRIDGE_OK = Int32(0)
 const STATUS_NAMES = Dict{Int32,String}(1 => "INVALID_ARGUMENT", 2 => "SHAPE", 3 => "IO", 4 => "CHECKPOINT",
@@ -133,6 +133,39 @@ mutable struct BridgeStepStats
     lr::Float32
     step::Int64
     skipped::Int32
+end
+
+# ABI 3
+mutable struct BridgeCapabilities
+    struct_size::UInt32
+    abi_version::UInt32
+    cuda::Int32
+    cuda_devices::Int32
+    buffer_dtypes::UInt32
+    compute_dtypes::UInt32
+    dlpack_major::Int32
+    dlpack_minor::Int32
+    max_latent_side::Int32
+end
+
+# DLPack 1.x descriptors, as the header declares them (immutable: passed by reference).
+struct DLDevice
+    device_type::Int32   # 1 = CPU, 2 = CUDA
+    device_id::Int32
+end
+struct DLDataType
+    code::UInt8          # 2 = float
+    bits::UInt8
+    lanes::UInt16
+end
+struct DLTensor
+    data::Ptr{Cvoid}
+    device::DLDevice
+    ndim::Int32
+    dtype::DLDataType
+    shape::Ptr{Int64}
+    strides::Ptr{Int64}  # C_NULL: compact row-major
+    byte_offset::UInt64
 end
 
 zeroed(::Type{T}) where {T} = T((zero(fieldtype(T, i)) for i in 1:fieldcount(T))...)
@@ -358,6 +391,101 @@ function train_step!(b::Bridge, latents::Array{Float32,4}, targets::Array{Float3
         (Ptr{Cvoid}, Ptr{Cvoid}, Ptr{Cvoid}, Int64, Int32, Int32, Int32, Ref{BridgeStepStats}, Ptr{Cvoid}),
         handle(b), latents, targets, batch, height, width, DTYPE_F32, stats, stream))
     stats
+end
+
+# ---- ABI 3: DLPack descriptors (each array its own element type), capabilities, logs ----
+
+dl_dtype(::Type{Float32}) = DLDataType(2, 32, 1)
+dl_dtype(::Type{Float16}) = DLDataType(2, 16, 1)
+
+"""A host `DLTensor` over a Julia `Array` (the C shape is Julia's size reversed).
+`shape` must outlive the call (`GC.@preserve` it with `x`)."""
+dltensor(x::Array{T}, shape::Vector{Int64}) where {T<:Union{Float32,Float16}} =
+    DLTensor(Ptr{Cvoid}(pointer(x)), DLDevice(1, 0), Int32(length(shape)), dl_dtype(T), pointer(shape),
+             Ptr{Int64}(C_NULL), UInt64(0))
+
+c_shape(x::AbstractArray) = Int64[reverse(size(x))...]
+
+"""
+    forward_dlpack(b, latents; out_type=Float32)
+
+`forward` through `bridge_forward_dlpack`: `latents` may be `Float32` or `Float16`, the
+output another of them (each buffer its own type)."""
+function forward_dlpack(b::Bridge, latents::Array{T,4}; out_type::Type=Float32) where {T<:Union{Float32,Float16}}
+    batch, _, _, grid = latent_shape(b, latents)
+    out = Array{out_type}(undef, token_dims(b, batch, grid))
+    ls, os = c_shape(latents), c_shape(out)
+    GC.@preserve latents out ls os begin
+        check(ccall((:bridge_forward_dlpack, library_path()), Int32,
+            (Ptr{Cvoid}, Ref{DLTensor}, Ref{DLTensor}, Ptr{Cvoid}),
+            handle(b), dltensor(latents, ls), dltensor(out, os), C_NULL))
+    end
+    out
+end
+
+"""`loss_backward` through `bridge_loss_backward_dlpack` (the caller grid inferred by the library)."""
+function loss_backward_dlpack(b::Bridge, pred::Array{P,3}, latents::Array{T,4}) where {P<:Union{Float32,Float16},
+                                                                                      T<:Union{Float32,Float16}}
+    grad, loss = similar(pred), zeros(Float32, 1)
+    ps, ls, gs, ss = c_shape(pred), c_shape(latents), c_shape(grad), Int64[1]
+    GC.@preserve pred latents grad loss ps ls gs ss begin
+        check(ccall((:bridge_loss_backward_dlpack, library_path()), Int32,
+            (Ptr{Cvoid}, Ref{DLTensor}, Ref{DLTensor}, Ref{DLTensor}, Ref{DLTensor}, Ptr{Cvoid}),
+            handle(b), dltensor(pred, ps), dltensor(latents, ls), dltensor(grad, gs), dltensor(loss, ss), C_NULL))
+    end
+    loss[1], grad
+end
+
+"""`latent_loss_backward` through `bridge_latent_loss_backward_dlpack`."""
+function latent_loss_backward_dlpack(b::Bridge, latents::Array{T,4}, target::Array{Float32,3}) where {T<:Union{Float32,Float16}}
+    grad, loss = similar(latents), zeros(Float32, 1)
+    ls, ts, gs, ss = c_shape(latents), c_shape(target), c_shape(grad), Int64[1]
+    GC.@preserve latents target grad loss ls ts gs ss begin
+        check(ccall((:bridge_latent_loss_backward_dlpack, library_path()), Int32,
+            (Ptr{Cvoid}, Ref{DLTensor}, Ref{DLTensor}, Ref{DLTensor}, Ref{DLTensor}, Ptr{Cvoid}),
+            handle(b), dltensor(latents, ls), dltensor(target, ts), dltensor(grad, gs), dltensor(loss, ss), C_NULL))
+    end
+    loss[1], grad
+end
+
+"""`train_step!` through `bridge_train_step_dlpack`."""
+function train_step_dlpack!(b::Bridge, latents::Array{T,4}, targets::Array{Float32,3}) where {T<:Union{Float32,Float16}}
+    stats = zeroed(BridgeStepStats)
+    stats.struct_size = UInt32(sizeof(BridgeStepStats))
+    ls, ts = c_shape(latents), c_shape(targets)
+    GC.@preserve latents targets ls ts begin
+        check(ccall((:bridge_train_step_dlpack, library_path()), Int32,
+            (Ptr{Cvoid}, Ref{DLTensor}, Ref{DLTensor}, Ref{BridgeStepStats}, Ptr{Cvoid}),
+            handle(b), dltensor(latents, ls), dltensor(targets, ts), stats, C_NULL))
+    end
+    stats
+end
+
+"""What this build of the library can do (ABI, CUDA and devices, dtypes, DLPack version)."""
+function capabilities()
+    c = zeroed(BridgeCapabilities)
+    c.struct_size = UInt32(sizeof(BridgeCapabilities))
+    check(ccall((:bridge_get_capabilities, library_path()), Int32, (Ref{BridgeCapabilities},), c))
+    c
+end
+
+const LOG_HANDLER = Ref{Any}(nothing)
+
+function log_trampoline(level::Int32, message::Cstring, ::Ptr{Cvoid})::Cvoid
+    f = LOG_HANDLER[]
+    f === nothing || f(Int(level), unsafe_string(message))
+    nothing
+end
+
+"""
+    set_log_callback(f)
+
+Sends the library's messages to `f(level, message)` (`level` 1 debug .. 4 error), or
+nowhere for `f = nothing`. The library calls it on the thread of the call that logs."""
+function set_log_callback(f)
+    LOG_HANDLER[] = f
+    cb = f === nothing ? C_NULL : @cfunction(log_trampoline, Cvoid, (Int32, Cstring, Ptr{Cvoid}))
+    check(ccall((:bridge_set_log_callback, library_path()), Int32, (Ptr{Cvoid}, Ptr{Cvoid}), cb, C_NULL))
 end
 
 """Atomic checkpoint write."""
