@@ -166,12 +166,15 @@ impl GridMatch {
         } else {
             None
         };
-        grid.ok_or_else(|| {
+        let grid = grid.ok_or_else(|| {
             Error::invalid(format!(
                 "pred has {tokens} tokens: no caller grid of {h}x{w} times or divided by one \
                  factor has that many"
             ))
-        })
+        })?;
+        // The same limits as a grid given outright.
+        GridMatch::of((grid.0 as i64, grid.1 as i64), (h, w))?;
+        Ok(grid)
     }
 }
 
@@ -231,6 +234,8 @@ mod tests {
         assert_eq!(GridMatch::infer(240, bridge).unwrap(), (12, 20));
         assert_eq!(GridMatch::infer(15, bridge).unwrap(), (3, 5));
         assert_eq!(GridMatch::infer(60, bridge).unwrap(), (6, 10));
+        // A grid beyond the side limit is refused as when given outright.
+        assert!(GridMatch::infer(60 * 5000 * 5000, bridge).is_err());
         for bad in [0, 1, 120, 30, 7] {
             assert!(GridMatch::infer(bad, bridge).is_err(), "{bad}");
         }

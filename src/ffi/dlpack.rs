@@ -118,7 +118,9 @@ pub unsafe fn view(t: *const DLTensor, name: &str, bridge: &Bridge, host_ok: boo
             )));
         }
     };
-    if !t.strides.is_null() {
+    // An empty tensor has no layout to check (torch gives it ordinary strides); its
+    // shape is refused where it matters.
+    if !t.strides.is_null() && !shape.contains(&0) {
         // SAFETY: `ndim` elements by the contract.
         let strides = unsafe { std::slice::from_raw_parts(t.strides, ndim) };
         let mut expected: i64 = 1;
@@ -248,5 +250,11 @@ mod tests {
         let mut neg = [2i64, -1, 3, 4];
         assert!(err(&tensor(&mut data, &mut neg, None)).contains(">= 0"));
         assert!(unsafe { view(std::ptr::null(), "x", &b, false) }.is_err());
+        // An empty tensor with torch's strides for it is a view like any other (its zero
+        // size is refused by the call's shape checks, as a shape error).
+        let mut empty = [3i64, 4, 0, 16];
+        let mut torch_strides = [64i64, 16, 16, 1];
+        let t = tensor(&mut data, &mut empty, Some(&mut torch_strides));
+        assert_eq!(unsafe { view(&t, "x", &b, false) }.unwrap().numel(), 0);
     }
 }
