@@ -23,6 +23,10 @@ int main(int argc, char** argv) {
     }
     const int steps = argc > 2 ? std::atoi(argv[2]) : 40;
     try {
+        // The library's messages (which BLAS the CPU path uses, fallbacks, skipped steps).
+        dino_bridge::set_log_callback([](int32_t level, const char* message, void*) {
+            if (level >= BRIDGE_LOG_INFO) std::fprintf(stderr, "[dino-bridge] %s\n", message);
+        });
         auto bridge = dino_bridge::Bridge::open(argv[1]);
         const BridgeInfo info = bridge.info();
         const int64_t batch = 4;
@@ -82,5 +86,6 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "%s\n", e.what());
         return 1;
     }
+    dino_bridge::set_log_callback(nullptr);
     return 0;
 }

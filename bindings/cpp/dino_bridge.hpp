@@ -1,10 +1,11 @@
-// dino_bridge.hpp: header-only C++17 wrapper over the dino-bridge C API (ABI version 2).
+// dino_bridge.hpp: header-only C++17 wrapper over the dino-bridge C API (ABI version 3).
 //
 //   dino_bridge::Bridge bridge = dino_bridge::Bridge::open("bridge.safetensors");
 //   std::vector<float> tokens(bridge.token_elems(batch));
 //   bridge.forward(latents, tokens, batch);                  // the stored latent size
 //   auto t = bridge.forward(latents, batch, 32, 48);          // latents [batch, C, 32, 48]
 //   float loss = bridge.loss_backward(pred, latents, grad, batch, 32, 48, 16, 24);
+//   bridge.forward(lat_tensor, out_tensor);                   // DLPack: DLTensor descriptors
 //
 // - `Bridge` owns one handle (move-only; the destructor frees it). Opening one checks that
 //   the library's `bridge_abi_version()` is the header's `BRIDGE_ABI_VERSION` and throws
@@ -19,6 +20,11 @@
 // - Buffers are views (`Span<T>`: pointer + element count, from a std::vector or raw
 //   memory); nothing is copied or retained. `float` means BRIDGE_DTYPE_F32; pass
 //   `Span<const uint16_t>` plus `DType::F16` / `DType::BF16` for half-precision data.
+// - (ABI 3) Every compute method also takes DLPack descriptors (`const DLTensor&`, e.g.
+//   from a framework's DLPack export, or `Tensor` below for host memory): shapes, dtypes
+//   (each tensor its own) and devices come from the descriptors, and the library checks
+//   them. `capabilities()` describes the library; `set_log_callback` routes its messages.
+//   Including the real dlpack.h before this header is fine: its declarations serve.
 // - Thread-safety is the C API's: forward and loss calls may run concurrently on one
 //   Bridge; train_step excludes them.
 #pragma once
@@ -35,7 +41,7 @@
 
 #include "dino_bridge.h"
 
-static_assert(BRIDGE_ABI_VERSION == 2, "dino_bridge.hpp is written for ABI version 2 of dino_bridge.h");
+static_assert(BRIDGE_ABI_VERSION == 3, "dino_bridge.hpp is written for ABI version 3 of dino_bridge.h");
 
 namespace dino_bridge {
 
@@ -107,6 +113,73 @@ struct Grid {
     bool operator==(const Grid& o) const { return h == o.h && w == o.w; }
     bool operator!=(const Grid& o) const { return !(*this == o); }
 };
+
+/// (ABI 3) A DLPack descriptor of host memory (`kDLCPU`, compact row-major: no strides)
+/// that holds its own shape, so that it can be built in place and passed wherever a
+/// `const DLTensor&` is taken. It views the memory; nothing is copied or owned.
+///
+///   std::vector<float> lat(...); std::vector<uint16_t> out(...);
+///   bridge.forward(Tensor(lat, {3, 4, 16, 16}), Tensor(out, {3, 16, 48}, DType::BF16));
+class Tensor {
+public:
+    static constexpr int kMaxDims = 8;
+    /// `shape` elements of `dtype` at `data`.
+    Tensor(const void* data, std::initializer_list<int64_t> shape, DType dtype = DType::F32) {
+        if (shape.size() > static_cast<std::size_t>(kMaxDims)) {
+            throw Error(BRIDGE_ERR_INVALID_ARGUMENT, "Tensor: at most 8 dimensions");
+        }
+        int i = 0;
+        for (int64_t d : shape) shape_[i++] = d;
+        t_.data = const_cast<void*>(data);
+        t_.device.device_type = static_cast<decltype(t_.device.device_type)>(DL_CPU);
+        t_.device.device_id = 0;
+        t_.ndim = i;
+        t_.dtype.code = dtype == DType::BF16 ? 4 : 2;  // kDLBfloat, kDLFloat
+        t_.dtype.bits = dtype == DType::F32 ? 32 : 16;
+        t_.dtype.lanes = 1;
+        t_.shape = shape_;
+        t_.strides = nullptr;
+        t_.byte_offset = 0;
+    }
+    /// A float32 vector, or a uint16_t one holding `DType::F16` / `DType::BF16` values.
+    Tensor(const std::vector<float>& v, std::initializer_list<int64_t> shape) : Tensor(v.data(), shape) {}
+    Tensor(const std::vector<uint16_t>& v, std::initializer_list<int64_t> shape, DType dtype)
+        : Tensor(v.data(), shape, dtype) {}
+    Tensor(const Tensor& o) : t_(o.t_) {
+        for (int i = 0; i < kMaxDims; ++i) shape_[i] = o.shape_[i];
+        t_.shape = shape_;
+    }
+    Tensor& operator=(const Tensor& o) {
+        t_ = o.t_;
+        for (int i = 0; i < kMaxDims; ++i) shape_[i] = o.shape_[i];
+        t_.shape = shape_;
+        return *this;
+    }
+    operator const DLTensor&() const noexcept { return t_; }
+    const DLTensor& dl() const noexcept { return t_; }
+    /// The descriptor, to change a field (`byte_offset`, `device`, `strides`, ...).
+    DLTensor& dl() noexcept { return t_; }
+
+private:
+    int64_t shape_[kMaxDims] = {};
+    DLTensor t_{};
+};
+
+/// (ABI 3) What the loaded library can do: ABI version, CUDA support and devices, buffer
+/// and compute dtypes (bits `1 << BRIDGE_DTYPE_*`), the DLPack version, the largest side.
+inline BridgeCapabilities capabilities() {
+    BridgeCapabilities caps{};
+    caps.struct_size = sizeof caps;
+    check(bridge_get_capabilities(&caps));
+    return caps;
+}
+
+/// (ABI 3) Sends the library's messages (`BRIDGE_LOG_*` levels) to `callback` with
+/// `user_data`; `nullptr` stops them. Process-wide. The callback must be thread-safe, must
+/// not call into the library, and must stay valid (with `user_data`) until replaced.
+inline void set_log_callback(BridgeLogCallback callback, void* user_data = nullptr) {
+    check(bridge_set_log_callback(callback, user_data));
+}
 
 /// Creation settings: the library's defaults, then change what you need. Every field of
 /// the C struct is in `raw` (`raw.w_gram`, `raw.spatial_norm_gamma`, `raw.lr`, ...); the
@@ -295,6 +368,33 @@ public:
         stats.struct_size = sizeof stats;
         check(bridge_train_step(handle_, latents.data, targets.data, batch, height, width, BRIDGE_DTYPE_F32, &stats,
                                 stream));
+        return stats;
+    }
+
+    // ---- (ABI 3) The same on DLPack descriptors: shapes, dtypes (each tensor its own),
+    // strides and devices are read from them and checked by the library (host memory for a
+    // CPU bridge, the bridge's GPU for a CUDA one, ordered on `stream`).
+
+    /// latents `[B, in_ch, H, W]` -> out `[B, h*w, target_dim]`.
+    void forward(const DLTensor& latents, const DLTensor& out, void* stream = nullptr) const {
+        check(bridge_forward_dlpack(handle_, &latents, &out, stream));
+    }
+    /// `pred` `[B, T, target_dim]` (its grid inferred from `T`) or `[B, pred_h, pred_w,
+    /// target_dim]`; `grad_pred` of `pred`'s shape; the loss is written to `loss` (one
+    /// element, on the host or the bridge's GPU).
+    void loss_backward(const DLTensor& pred, const DLTensor& latents, const DLTensor& grad_pred, const DLTensor& loss,
+                       void* stream = nullptr) const {
+        check(bridge_loss_backward_dlpack(handle_, &pred, &latents, &grad_pred, &loss, stream));
+    }
+    /// `target` `[B, h*w, target_dim]`; `grad_latents` of `latents`' shape; `loss` as above.
+    void latent_loss_backward(const DLTensor& latents, const DLTensor& target, const DLTensor& grad_latents,
+                              const DLTensor& loss, void* stream = nullptr) const {
+        check(bridge_latent_loss_backward_dlpack(handle_, &latents, &target, &grad_latents, &loss, stream));
+    }
+    BridgeStepStats train_step(const DLTensor& latents, const DLTensor& targets, void* stream = nullptr) {
+        BridgeStepStats stats{};
+        stats.struct_size = sizeof stats;
+        check(bridge_train_step_dlpack(handle_, &latents, &targets, &stats, stream));
         return stats;
     }
 

@@ -2,8 +2,16 @@
  * get. Each row names the status it must return and the words its message must contain
  * ("a|b": both); after every row no output buffer was written, and the handle gives
  * bit-identical output and the same step count (nothing half-applied). A few rows are
- * calls that must be accepted (ACCEPTED: an ABI 1 BridgeParams). Built and run by
- * tests/c_api.rs, also under valgrind.
+ * calls that must be accepted (ACCEPTED: an ABI 1 BridgeParams; DLPack descriptors with
+ * free strides, compact strides, a byte offset, pinned-host memory, a 0-d loss). Built
+ * and run by tests/c_api.rs, also under valgrind.
+ *
+ * The DLPack entry points (ABI 3) get the same rows on their descriptors: each row passes
+ * valid descriptors of the buffers above (c->d_*) except one, spoiled in one field by the
+ * helpers below. Descriptor problems (NULL, data, device, dtype, ndim, shape pointer,
+ * negative sizes, strides) are INVALID_ARGUMENT, shapes that do not fit the model or each
+ * other SHAPE, a pred token count or grid that meets no caller grid INVALID_ARGUMENT (as
+ * the pred_h, pred_w of bridge_loss_backward).
  *
  * The fixture bridge has adapter_depth 2: latent sides are multiples of 4, and 16x16
  * latents give a 4x4 token grid.
@@ -29,6 +37,15 @@ typedef struct {
         p_cuda, p_device, p_dtype, p_gamma_neg, p_gamma_nan, p_gamma_inf, p_gram_neg, p_gram_nan;
     BridgeHandle *made;
     char dir[4096], missing[4096], notdir[4096], why[512];
+    /* ABI 3: valid descriptors of lat, out, pred8, grad8, tgt, glat and loss, their shapes,
+     * and copies that the rows spoil (slots, taken in turn) */
+    DLTensor d_lat, d_out, d_pred8, d_grad8, d_tgt, d_glat, d_loss;
+    int64_t sh_lat[4], sh_tok[3], sh_tok8[3], sh_one[1], nine[9];
+    DLTensor slot[8];
+    int64_t slot_shape[8][8], slot_strides[8][8];
+    int next;
+    float *pred8_big, *baseline;
+    BridgeCapabilities caps, caps_small, caps_big;
 } Ctx;
 
 /* S: the fixture's latent side. c->lat holds 16x32 latents (LAT_BUF) so that rectangular
@@ -117,6 +134,251 @@ static int32_t abi1_create(Ctx *c) {
     free(ga);
     free(gb);
     bridge_destroy(old);
+    return st;
+}
+
+/* ---- ABI 3: DLPack descriptors ---- */
+
+/* A host descriptor of `ndim` dimensions `shape` of f32 at `data`. */
+static DLTensor host_f32(void *data, int32_t ndim, int64_t *shape) {
+    DLTensor t;
+    memset(&t, 0, sizeof t);
+    t.data = data;
+    t.device.device_type = DL_CPU;
+    t.ndim = ndim;
+    t.dtype.code = 2; /* kDLFloat */
+    t.dtype.bits = 32;
+    t.dtype.lanes = 1;
+    t.shape = shape;
+    return t;
+}
+
+/* A copy of `t` in the next slot, with its own shape (and strides) for a row to change. */
+static DLTensor *spoil(Ctx *c, const DLTensor *t) {
+    int i = c->next++ % 8;
+    c->slot[i] = *t;
+    if (t->shape && t->ndim > 0 && t->ndim <= 8) {
+        memcpy(c->slot_shape[i], t->shape, (size_t)t->ndim * sizeof(int64_t));
+        c->slot[i].shape = c->slot_shape[i];
+    }
+    return &c->slot[i];
+}
+static const DLTensor *data_at(Ctx *c, const DLTensor *t, void *data) {
+    DLTensor *s = spoil(c, t);
+    s->data = data;
+    return s;
+}
+static const DLTensor *on_device(Ctx *c, const DLTensor *t, int32_t type, int32_t id) {
+    DLTensor *s = spoil(c, t);
+    s->device.device_type = type;
+    s->device.device_id = id;
+    return s;
+}
+static const DLTensor *typed(Ctx *c, const DLTensor *t, uint8_t code, uint8_t bits, uint16_t lanes) {
+    DLTensor *s = spoil(c, t);
+    s->dtype.code = code;
+    s->dtype.bits = bits;
+    s->dtype.lanes = lanes;
+    return s;
+}
+static const DLTensor *offset_by(Ctx *c, const DLTensor *t, uint64_t byte_offset) {
+    DLTensor *s = spoil(c, t);
+    s->byte_offset = byte_offset;
+    return s;
+}
+static const DLTensor *no_shape(Ctx *c, const DLTensor *t) {
+    DLTensor *s = spoil(c, t);
+    s->shape = NULL;
+    return s;
+}
+/* ndim set to `ndim` (the shape pointer holds 9 values, so even 9 reads nothing wrong). */
+static const DLTensor *ndim_is(Ctx *c, const DLTensor *t, int32_t ndim) {
+    DLTensor *s = spoil(c, t);
+    s->ndim = ndim;
+    s->shape = c->nine;
+    return s;
+}
+/* The last size negated. */
+static const DLTensor *negative(Ctx *c, const DLTensor *t) {
+    DLTensor *s = spoil(c, t);
+    s->shape[s->ndim - 1] = -s->shape[s->ndim - 1];
+    return s;
+}
+static const DLTensor *shaped(Ctx *c, const DLTensor *t, int32_t ndim, const int64_t *shape) {
+    DLTensor *s = spoil(c, t);
+    s->ndim = ndim;
+    s->shape = c->slot_shape[s - c->slot];
+    memcpy(s->shape, shape, (size_t)ndim * sizeof(int64_t));
+    return s;
+}
+/* `t` with the shape given, e.g. SHAPED(&c->d_lat, 3, 4, 18, 16). */
+#define SHAPED(t, ...) \
+    shaped(c, t, (int32_t)(sizeof((int64_t[]){__VA_ARGS__}) / sizeof(int64_t)), (int64_t[]){__VA_ARGS__})
+static const DLTensor *strided(Ctx *c, const DLTensor *t, const int64_t *strides) {
+    DLTensor *s = spoil(c, t);
+    s->strides = c->slot_strides[s - c->slot];
+    memcpy(s->strides, strides, (size_t)s->ndim * sizeof(int64_t));
+    return s;
+}
+#define STRIDED(t, ...) strided(c, t, (int64_t[]){__VA_ARGS__})
+/* Compact row-major strides with the last two dimensions' swapped (a transposed view). */
+static const DLTensor *transposed(Ctx *c, const DLTensor *t) {
+    int64_t st[8];
+    int n = t->ndim;
+    st[n - 1] = 1;
+    for (int i = n - 2; i >= 0; i--) st[i] = st[i + 1] * t->shape[i + 1];
+    st[n - 1] = t->shape[n - 2];
+    st[n - 2] = 1;
+    return strided(c, t, st);
+}
+
+/* The calls with one descriptor `t` replaced, the rest valid. */
+#define FWD_LAT(t) bridge_forward_dlpack(c->h, t, &c->d_out, NULL)
+#define FWD_OUT(t) bridge_forward_dlpack(c->h, &c->d_lat, t, NULL)
+#define LOSS_PRED(t) bridge_loss_backward_dlpack(c->h, t, &c->d_lat, &c->d_grad8, &c->d_loss, NULL)
+#define LOSS_LAT(t) bridge_loss_backward_dlpack(c->h, &c->d_pred8, t, &c->d_grad8, &c->d_loss, NULL)
+#define LOSS_GRAD(t) bridge_loss_backward_dlpack(c->h, &c->d_pred8, &c->d_lat, t, &c->d_loss, NULL)
+#define LOSS_LOSS(t) bridge_loss_backward_dlpack(c->h, &c->d_pred8, &c->d_lat, &c->d_grad8, t, NULL)
+#define LAT_LAT(t) bridge_latent_loss_backward_dlpack(c->h, t, &c->d_tgt, &c->d_glat, &c->d_loss, NULL)
+#define LAT_TGT(t) bridge_latent_loss_backward_dlpack(c->h, &c->d_lat, t, &c->d_glat, &c->d_loss, NULL)
+#define LAT_GRAD(t) bridge_latent_loss_backward_dlpack(c->h, &c->d_lat, &c->d_tgt, t, &c->d_loss, NULL)
+#define LAT_LOSS(t) bridge_latent_loss_backward_dlpack(c->h, &c->d_lat, &c->d_tgt, &c->d_glat, t, NULL)
+#define STEP_LAT(t) bridge_train_step_dlpack(c->h, t, &c->d_tgt, &c->stats, NULL)
+#define STEP_TGT(t) bridge_train_step_dlpack(c->h, &c->d_lat, t, &c->stats, NULL)
+
+/* The descriptor rows of one tensor argument, named `word` in messages: `call(t)` is the
+ * call with it replaced by `t`, `v` its valid descriptor. DESC_ROWS: one row per check
+ * (NULL descriptor, NULL data, a CUDA device on the CPU bridge, float64, NULL shape);
+ * DESC_ROWS_ALL: every kind of bad descriptor. STRIDE_ROW: a transposed (non-compact)
+ * view, for tensors of two dimensions or more. */
+#define DESC_ROWS(X, ep, word, call, v)                                                               \
+    X(ep##_null, INV, word " is NULL", call(NULL))                                                    \
+    X(ep##_data_null, INV, word ".data is NULL", call(data_at(c, v, NULL)))                           \
+    X(ep##_cuda, INV, word " is on DLPack device type 2|CPU", call(on_device(c, v, DL_CUDA, 0)))     \
+    X(ep##_f64, INV, word " has dtype code 2, 64 bits, 1 lanes", call(typed(c, v, 2, 64, 1)))        \
+    X(ep##_shape_null, INV, word ".shape is NULL", call(no_shape(c, v)))
+#define STRIDE_ROW(X, ep, word, call, v) \
+    X(ep##_transposed, INV, word " has strides|compact row-major", call(transposed(c, v)))
+#define DESC_ROWS_ALL(X, ep, word, call, v)                                                           \
+    DESC_ROWS(X, ep, word, call, v)                                                                   \
+    STRIDE_ROW(X, ep, word, call, v)                                                                  \
+    X(ep##_vulkan, INV, word " is on DLPack device type 7", call(on_device(c, v, 7, 0)))             \
+    X(ep##_managed, INV, word " is on DLPack device type 13", call(on_device(c, v, DL_CUDA_MANAGED, 0))) \
+    X(ep##_device_junk, INV, "device type -559038737, id 77", call(on_device(c, v, (int32_t)0xdeadbeef, 77))) \
+    X(ep##_int32, INV, word " has dtype code 0, 32 bits, 1 lanes", call(typed(c, v, 0, 32, 1)))      \
+    X(ep##_lanes2, INV, "dtype code 2, 32 bits, 2 lanes", call(typed(c, v, 2, 32, 2)))                \
+    X(ep##_bf32, INV, "dtype code 4, 32 bits", call(typed(c, v, 4, 32, 1)))                           \
+    X(ep##_f8, INV, "dtype code 2, 8 bits", call(typed(c, v, 2, 8, 1)))                               \
+    X(ep##_ndim9, INV, word ".ndim = 9|0..=8", call(ndim_is(c, v, 9)))                               \
+    X(ep##_ndim_neg, INV, word ".ndim = -1", call(ndim_is(c, v, -1)))                                 \
+    X(ep##_neg_size, INV, word ".shape|sizes must be >= 0", call(negative(c, v)))
+
+/* DLPack calls that must be accepted; each checks what it wrote into buffers of its own
+ * against the pointer-based call (bit for bit: the same f32 computation). */
+static int same(Ctx *c, const void *a, const void *b, size_t bytes, const char *what) {
+    if (memcmp(a, b, bytes) == 0) return 1;
+    snprintf(c->why, sizeof c->why, "%s: not the pointer call's result", what);
+    return 0;
+}
+/* batch 1: every size-1 dimension with an odd stride (the stride of a size-1 dimension is
+ * free) */
+static int32_t dl_size1_strides(Ctx *c) {
+    float *a = malloc(16 * 48 * sizeof(float)), *b = malloc(16 * 48 * sizeof(float));
+    int32_t st = bridge_forward(c->h, c->lat, a, 1, S, S, BRIDGE_DTYPE_F32);
+    if (st == BRIDGE_OK) {
+        const DLTensor *lat = STRIDED(SHAPED(&c->d_lat, 1, 4, S, S), 12345, S * S, S, 1);
+        DLTensor out = host_f32(b, 3, (int64_t[]){1, 16, 48});
+        out.strides = (int64_t[]){7, 48, 1};
+        st = bridge_forward_dlpack(c->h, lat, &out, NULL);
+        if (st == BRIDGE_OK && !same(c, b, a, 16 * 48 * sizeof(float), "size-1 strides")) st = -100;
+    }
+    free(a);
+    free(b);
+    return st;
+}
+/* compact strides given explicitly; latents on kDLCUDAHost (pinned host memory) */
+static int32_t dl_compact_strides(Ctx *c) {
+    float *b = malloc(TOK * sizeof(float));
+    const DLTensor *lat = STRIDED(&c->d_lat, 4 * S * S, S * S, S, 1);
+    DLTensor out = host_f32(b, 3, c->sh_tok);
+    out.strides = (int64_t[]){16 * 48, 48, 1};
+    int32_t st = bridge_forward_dlpack(c->h, lat, &out, NULL);
+    if (st == BRIDGE_OK && !same(c, b, c->baseline, TOK * sizeof(float), "compact strides")) st = -100;
+    memset(b, 0, TOK * sizeof(float));
+    if (st == BRIDGE_OK) st = bridge_forward_dlpack(c->h, on_device(c, &c->d_lat, DL_CUDA_HOST, 0), &out, NULL);
+    if (st == BRIDGE_OK && !same(c, b, c->baseline, TOK * sizeof(float), "kDLCUDAHost latents")) st = -100;
+    free(b);
+    return st;
+}
+/* data + byte_offset: latents and out after a 16-byte prefix, which stays as it was */
+static int32_t dl_byte_offset(Ctx *c) {
+    unsigned char *lat = malloc(16 + LAT * sizeof(float)), *out = malloc(16 + TOK * sizeof(float));
+    memset(lat, 0xee, 16);
+    memset(out, 0xee, 16);
+    memcpy(lat + 16, c->lat, LAT * sizeof(float));
+    DLTensor tl = host_f32(lat, 4, c->sh_lat), to = host_f32(out, 3, c->sh_tok);
+    tl.byte_offset = to.byte_offset = 16;
+    int32_t st = bridge_forward_dlpack(c->h, &tl, &to, NULL);
+    if (st == BRIDGE_OK && !same(c, out + 16, c->baseline, TOK * sizeof(float), "byte_offset 16")) st = -100;
+    for (int i = 0; i < 16 && st == BRIDGE_OK; i++)
+        if (out[i] != 0xee) st = fail(c, "byte_offset: the prefix was written");
+    free(lat);
+    free(out);
+    return st;
+}
+/* a 0-d loss tensor, and pred [B, 4, D]: the 2x2 grid (half the bridge's 4x4) inferred */
+static int32_t dl_loss_0d_coarse(Ctx *c) {
+    enum { N = 3 * 4 * 48 };
+    float ga[N], gb[N], la = 0, lb = 0;
+    int32_t st = bridge_loss_backward(c->h, c->pred8, c->lat, ga, B, S, S, 2, 2, BRIDGE_DTYPE_F32, &la, NULL);
+    if (st != BRIDGE_OK) return st;
+    DLTensor pred = host_f32(c->pred8, 3, (int64_t[]){B, 4, 48}), grad = host_f32(gb, 3, (int64_t[]){B, 4, 48});
+    DLTensor loss = host_f32(&lb, 0, NULL);
+    st = bridge_loss_backward_dlpack(c->h, &pred, &c->d_lat, &grad, &loss, NULL);
+    if (st == BRIDGE_OK && (la != lb || !same(c, gb, ga, sizeof ga, "pred [3, 4, 48]")))
+        st = c->why[0] ? -100 : fail(c, "0-d loss: not the pointer call's loss");
+    return st;
+}
+/* a train step with compact strides and a byte offset, on a bridge of its own, against
+ * the pointer call on another made alike */
+static int32_t dl_step_accepted(Ctx *c) {
+    BridgeHandle *a = NULL, *b = NULL;
+    BridgeStepStats sa, sb;
+    sa.struct_size = sb.struct_size = sizeof sa;
+    unsigned char *tgt = malloc(8 + TOK * sizeof(float));
+    memcpy(tgt + 8, c->tgt, TOK * sizeof(float));
+    DLTensor tt = host_f32(tgt, 3, c->sh_tok);
+    tt.byte_offset = 8;
+    int32_t st = bridge_create(&c->params, &a);
+    if (st == BRIDGE_OK) st = bridge_create(&c->params, &b);
+    if (st == BRIDGE_OK) st = bridge_train_step(a, c->lat, c->tgt, B, S, S, BRIDGE_DTYPE_F32, &sa, NULL);
+    if (st == BRIDGE_OK)
+        st = bridge_train_step_dlpack(b, STRIDED(&c->d_lat, 4 * S * S, S * S, S, 1), &tt, &sb, NULL);
+    if (st == BRIDGE_OK && !(sb.step == 1 && sa.loss == sb.loss && sa.grad_norm == sb.grad_norm))
+        st = fail(c, "train_step_dlpack: not the pointer call's step");
+    free(tgt);
+    bridge_destroy(a);
+    bridge_destroy(b);
+    return st;
+}
+/* bridge_get_capabilities: the whole struct, and a caller's older, smaller one (only its
+ * struct_size bytes are written) */
+static int32_t get_caps_whole(Ctx *c) {
+    int32_t st = bridge_get_capabilities(&c->caps);
+    if (st == BRIDGE_OK && !(c->caps.abi_version == BRIDGE_ABI_VERSION && c->caps.dlpack_major == 1 &&
+                             c->caps.max_latent_side == MAX_SIDE && c->caps.struct_size == sizeof c->caps))
+        st = fail(c, "capabilities: abi, dlpack or max side wrong");
+    return st;
+}
+static int32_t get_caps_prefix(Ctx *c) {
+    BridgeCapabilities p;
+    memset(&p, 0xab, sizeof p);
+    p.struct_size = (uint32_t)offsetof(BridgeCapabilities, cuda);
+    int32_t st = bridge_get_capabilities(&p);
+    const unsigned char *tail = (const unsigned char *)&p + offsetof(BridgeCapabilities, cuda);
+    for (size_t i = 0; st == BRIDGE_OK && i < sizeof p - offsetof(BridgeCapabilities, cuda); i++)
+        if (tail[i] != 0xab) st = fail(c, "capabilities: wrote past a smaller struct_size");
+    if (st == BRIDGE_OK && p.abi_version != BRIDGE_ABI_VERSION) st = fail(c, "capabilities prefix: abi_version");
     return st;
 }
 
@@ -251,7 +513,135 @@ static int32_t abi1_create(Ctx *c) {
     X(save_utf8, INV, "UTF-8", bridge_save(c->h, BAD_UTF8))                                              \
     X(save_dir, BRIDGE_ERR_IO, "directory", bridge_save(c->h, c->dir))                                   \
     X(save_missing_dir, BRIDGE_ERR_IO, "no-such-dir", bridge_save(c->h, c->missing))                     \
-    X(save_notdir, BRIDGE_ERR_IO, "passwd", bridge_save(c->h, c->notdir))
+    X(save_notdir, BRIDGE_ERR_IO, "passwd", bridge_save(c->h, c->notdir))                                \
+    DLPACK_CASES(X)
+
+#define SH BRIDGE_ERR_SHAPE
+/* ABI 3: the DLPack entry points and the capability query. */
+#define DLPACK_CASES(X)                                                                                   \
+    /* bridge_forward_dlpack */                                                                           \
+    X(dfwd_null_handle, INV, "handle is NULL", bridge_forward_dlpack(NULL, &c->d_lat, &c->d_out, NULL))  \
+    X(dfwd_dead, INV, "not a live bridge", bridge_forward_dlpack(c->dead, &c->d_lat, &c->d_out, NULL))   \
+    DESC_ROWS_ALL(X, dfwd_lat, "latents", FWD_LAT, &c->d_lat)                                             \
+    DESC_ROWS(X, dfwd_out, "out", FWD_OUT, &c->d_out)                                                     \
+    STRIDE_ROW(X, dfwd_out, "out", FWD_OUT, &c->d_out)                                                    \
+    X(dfwd_lat_ndim3, SH, "latents has shape [3, 4, 256]|[B, 4, H, W]", FWD_LAT(SHAPED(&c->d_lat, B, 4, S * S))) \
+    X(dfwd_lat_ndim5, SH, "latents has shape [1, 3, 4, 16, 16]", FWD_LAT(SHAPED(&c->d_lat, 1, B, 4, S, S))) \
+    X(dfwd_lat_ch3, SH, "latents has shape [3, 3, 16, 16]|[B, 4, H, W]", FWD_LAT(SHAPED(&c->d_lat, B, 3, S, S))) \
+    X(dfwd_lat_batch0, SH, "latents has shape [0, 4, 16, 16]|B > 0", FWD_LAT(SHAPED(&c->d_lat, 0, 4, S, S))) \
+    X(dfwd_lat_h18, SH, "latent height = 18|multiple of 4", FWD_LAT(SHAPED(&c->d_lat, B, 4, 18, S)))     \
+    X(dfwd_lat_w2, SH, "latent width = 2|multiple of 4", FWD_LAT(SHAPED(&c->d_lat, B, 4, S, 2)))         \
+    X(dfwd_lat_h0, SH, "latent height = 0", FWD_LAT(SHAPED(&c->d_lat, B, 4, 0, S)))                      \
+    X(dfwd_lat_w16388, SH, "latent width = 16388|16384", FWD_LAT(SHAPED(&c->d_lat, B, 4, S, MAX_SIDE + 4))) \
+    X(dfwd_lat_memory, SH, "batch 3|4096x4096|GiB", FWD_LAT(SHAPED(&c->d_lat, B, 4, MAX_SIDE, MAX_SIDE))) \
+    X(dfwd_lat_batch_big, SH, "batch 4611686018427387903|GiB", FWD_LAT(SHAPED(&c->d_lat, BIG, 4, S, S))) \
+    X(dfwd_lat_offset_wrap, INV, "latents.byte_offset = 18446744073709551615|address space",             \
+      FWD_LAT(offset_by(c, &c->d_lat, UINT64_MAX)))                                                       \
+    X(dfwd_lat_nan, BRIDGE_ERR_NON_FINITE, "latents", FWD_LAT(data_at(c, &c->d_lat, c->lat_nan)))        \
+    X(dfwd_out_tokens, SH, "out has shape [3, 17, 48]; expected [3, 16, 48]", FWD_OUT(SHAPED(&c->d_out, B, 17, 48))) \
+    X(dfwd_out_dim, SH, "out has shape [3, 16, 47]; expected [3, 16, 48]", FWD_OUT(SHAPED(&c->d_out, B, 16, 47))) \
+    X(dfwd_out_batch, SH, "out has shape [2, 16, 48]; expected [3, 16, 48]", FWD_OUT(SHAPED(&c->d_out, 2, 16, 48))) \
+    X(dfwd_out_grid4d, SH, "out has shape [3, 4, 4, 48]; expected [3, 16, 48]", FWD_OUT(SHAPED(&c->d_out, B, 4, 4, 48))) \
+    X(dfwd_out_rect, SH, "out has shape [3, 16, 48]; expected [3, 32, 48]",                             \
+      bridge_forward_dlpack(c->h, SHAPED(&c->d_lat, B, 4, S, 2 * S), &c->d_out, NULL))                    \
+    X(dfwd_size1_strides, ACCEPTED, "", dl_size1_strides(c))                                              \
+    X(dfwd_compact_strides, ACCEPTED, "", dl_compact_strides(c))                                          \
+    X(dfwd_byte_offset, ACCEPTED, "", dl_byte_offset(c))                                                  \
+    /* bridge_loss_backward_dlpack */                                                                     \
+    X(dloss_null_handle, INV, "handle is NULL",                                                           \
+      bridge_loss_backward_dlpack(NULL, &c->d_pred8, &c->d_lat, &c->d_grad8, &c->d_loss, NULL))           \
+    X(dloss_dead, INV, "not a live bridge",                                                               \
+      bridge_loss_backward_dlpack(c->dead, &c->d_pred8, &c->d_lat, &c->d_grad8, &c->d_loss, NULL))        \
+    DESC_ROWS_ALL(X, dloss_pred, "pred", LOSS_PRED, &c->d_pred8)                                          \
+    DESC_ROWS(X, dloss_lat, "latents", LOSS_LAT, &c->d_lat)                                               \
+    STRIDE_ROW(X, dloss_lat, "latents", LOSS_LAT, &c->d_lat)                                              \
+    DESC_ROWS(X, dloss_grad, "grad_pred", LOSS_GRAD, &c->d_grad8)                                         \
+    STRIDE_ROW(X, dloss_grad, "grad_pred", LOSS_GRAD, &c->d_grad8)                                        \
+    DESC_ROWS(X, dloss_loss, "loss", LOSS_LOSS, &c->d_loss)                                               \
+    X(dloss_loss_ndim9, INV, "loss.ndim = 9", LOSS_LOSS(ndim_is(c, &c->d_loss, 9)))                       \
+    X(dloss_loss_neg, INV, "loss.shape = [-1]", LOSS_LOSS(negative(c, &c->d_loss)))                       \
+    X(dloss_loss2, SH, "loss has shape [2]; expected one element", LOSS_LOSS(SHAPED(&c->d_loss, 2)))     \
+    X(dloss_loss0, SH, "loss has shape [0]; expected one element", LOSS_LOSS(SHAPED(&c->d_loss, 0)))     \
+    X(dloss_loss_1x2, SH, "loss has shape [1, 2]", LOSS_LOSS(SHAPED(&c->d_loss, 1, 2)))                   \
+    /* pred token counts and grids that meet no caller grid of the 4x4 token grid */                      \
+    X(dloss_pred_t36, INV, "pred has 36 tokens|4x4", LOSS_PRED(SHAPED(&c->d_pred8, B, 36, 48)))           \
+    X(dloss_pred_t32, INV, "pred has 32 tokens|4x4", LOSS_PRED(SHAPED(&c->d_pred8, B, 32, 48)))           \
+    X(dloss_pred_t8, INV, "pred has 8 tokens|4x4", LOSS_PRED(SHAPED(&c->d_pred8, B, 8, 48)))              \
+    X(dloss_pred_t0, INV, "pred has 0 tokens|4x4", LOSS_PRED(SHAPED(&c->d_pred8, B, 0, 48)))              \
+    X(dloss_pred_6x6, INV, "pred grid 6x6|token grid 4x4", LOSS_PRED(SHAPED(&c->d_pred8, B, 6, 6, 48)))   \
+    X(dloss_pred_8x4, INV, "pred grid 8x4|token grid 4x4", LOSS_PRED(SHAPED(&c->d_pred8, B, 8, 4, 48)))   \
+    X(dloss_pred_0x0, INV, "pred grid 0x0|token grid 4x4", LOSS_PRED(SHAPED(&c->d_pred8, B, 0, 0, 48)))   \
+    X(dloss_pred_huge, INV, "pred grid 16388x16388", LOSS_PRED(SHAPED(&c->d_pred8, B, 16388, 16388, 48))) \
+    X(dloss_rect_t64, INV, "pred has 64 tokens|4x8",                                                      \
+      bridge_loss_backward_dlpack(c->h, &c->d_pred8, SHAPED(&c->d_lat, B, 4, S, 2 * S), &c->d_grad8, &c->d_loss, NULL)) \
+    X(dloss_pred_batch, SH, "pred has shape [2, 64, 48]; expected [3, T, 48] or [3, pred_h, pred_w, 48]", \
+      LOSS_PRED(SHAPED(&c->d_pred8, 2, 64, 48)))                                                          \
+    X(dloss_pred_dim, SH, "pred has shape [3, 64, 47]", LOSS_PRED(SHAPED(&c->d_pred8, B, 64, 47)))        \
+    X(dloss_pred_ndim2, SH, "pred has shape [192, 48]", LOSS_PRED(SHAPED(&c->d_pred8, B * 64, 48)))       \
+    X(dloss_pred_ndim5, SH, "pred has shape [3, 1, 8, 8, 48]", LOSS_PRED(SHAPED(&c->d_pred8, B, 1, 8, 8, 48))) \
+    X(dloss_grad_4d, SH, "grad_pred has shape [3, 8, 8, 48]; expected [3, 64, 48]",                      \
+      LOSS_GRAD(SHAPED(&c->d_grad8, B, 8, 8, 48)))                                                        \
+    X(dloss_grad_tokens, SH, "grad_pred has shape [3, 16, 48]; expected [3, 64, 48]",                    \
+      LOSS_GRAD(SHAPED(&c->d_grad8, B, 16, 48)))                                                          \
+    X(dloss_lat_h18, SH, "latent height = 18", LOSS_LAT(SHAPED(&c->d_lat, B, 4, 18, S)))                  \
+    X(dloss_lat_ch3, SH, "latents has shape [3, 3, 16, 16]", LOSS_LAT(SHAPED(&c->d_lat, B, 3, S, S)))     \
+    X(dloss_pred_nan, BRIDGE_ERR_NON_FINITE, "pred", LOSS_PRED(data_at(c, &c->d_pred8, c->pred8_nan)))    \
+    X(dloss_lat_inf, BRIDGE_ERR_NON_FINITE, "latents", LOSS_LAT(data_at(c, &c->d_lat, c->lat_inf)))       \
+    X(dloss_loss_inf, BRIDGE_ERR_NON_FINITE, "the loss is|nothing was written",                           \
+      LOSS_PRED(data_at(c, &c->d_pred8, c->pred8_big)))                                                   \
+    X(dloss_0d_coarse, ACCEPTED, "", dl_loss_0d_coarse(c))                                                \
+    /* bridge_latent_loss_backward_dlpack */                                                              \
+    X(dlat_null_handle, INV, "handle is NULL",                                                            \
+      bridge_latent_loss_backward_dlpack(NULL, &c->d_lat, &c->d_tgt, &c->d_glat, &c->d_loss, NULL))       \
+    X(dlat_dead, INV, "not a live bridge",                                                                \
+      bridge_latent_loss_backward_dlpack(c->dead, &c->d_lat, &c->d_tgt, &c->d_glat, &c->d_loss, NULL))    \
+    DESC_ROWS_ALL(X, dlat_lat, "latents", LAT_LAT, &c->d_lat)                                             \
+    DESC_ROWS(X, dlat_tgt, "target", LAT_TGT, &c->d_tgt)                                                  \
+    STRIDE_ROW(X, dlat_tgt, "target", LAT_TGT, &c->d_tgt)                                                 \
+    DESC_ROWS(X, dlat_grad, "grad_latents", LAT_GRAD, &c->d_glat)                                         \
+    STRIDE_ROW(X, dlat_grad, "grad_latents", LAT_GRAD, &c->d_glat)                                        \
+    DESC_ROWS(X, dlat_loss, "loss", LAT_LOSS, &c->d_loss)                                                 \
+    X(dlat_loss2, SH, "loss has shape [2]; expected one element", LAT_LOSS(SHAPED(&c->d_loss, 2)))       \
+    X(dlat_lat_w6, SH, "latent width = 6|multiple of 4", LAT_LAT(SHAPED(&c->d_lat, B, 4, S, 6)))         \
+    X(dlat_lat_ch3, SH, "latents has shape [3, 3, 16, 16]", LAT_LAT(SHAPED(&c->d_lat, B, 3, S, S)))       \
+    X(dlat_lat_ndim3, SH, "latents has shape [3, 4, 256]", LAT_LAT(SHAPED(&c->d_lat, B, 4, S * S)))       \
+    X(dlat_tgt_tokens, SH, "target has shape [3, 64, 48]; expected [3, 16, 48]", LAT_TGT(SHAPED(&c->d_tgt, B, 64, 48))) \
+    X(dlat_tgt_4d, SH, "target has shape [3, 4, 4, 48]; expected [3, 16, 48]", LAT_TGT(SHAPED(&c->d_tgt, B, 4, 4, 48))) \
+    X(dlat_tgt_batch, SH, "target has shape [2, 16, 48]", LAT_TGT(SHAPED(&c->d_tgt, 2, 16, 48)))          \
+    X(dlat_tgt_dim, SH, "target has shape [3, 16, 47]", LAT_TGT(SHAPED(&c->d_tgt, B, 16, 47)))            \
+    X(dlat_tgt_rect, SH, "target has shape [3, 16, 48]; expected [3, 32, 48]",                           \
+      bridge_latent_loss_backward_dlpack(c->h, SHAPED(&c->d_lat, B, 4, S, 2 * S), &c->d_tgt, &c->d_glat, &c->d_loss, NULL)) \
+    X(dlat_grad_shape, SH, "grad_latents has shape [3, 4, 16, 32]; expected [3, 4, 16, 16]",             \
+      LAT_GRAD(SHAPED(&c->d_glat, B, 4, S, 2 * S)))                                                       \
+    X(dlat_grad_flat, SH, "grad_latents has shape [3, 1024]", LAT_GRAD(SHAPED(&c->d_glat, B, 4 * S * S))) \
+    X(dlat_nan, BRIDGE_ERR_NON_FINITE, "latents", LAT_LAT(data_at(c, &c->d_lat, c->lat_nan)))             \
+    X(dlat_tgt_inf, BRIDGE_ERR_NON_FINITE, "target", LAT_TGT(data_at(c, &c->d_tgt, c->tgt_inf)))          \
+    /* bridge_train_step_dlpack */                                                                        \
+    X(dstep_null_handle, INV, "handle is NULL", bridge_train_step_dlpack(NULL, &c->d_lat, &c->d_tgt, &c->stats, NULL)) \
+    X(dstep_dead, INV, "not a live bridge", bridge_train_step_dlpack(c->dead, &c->d_lat, &c->d_tgt, &c->stats, NULL)) \
+    DESC_ROWS_ALL(X, dstep_lat, "latents", STEP_LAT, &c->d_lat)                                           \
+    DESC_ROWS(X, dstep_tgt, "targets", STEP_TGT, &c->d_tgt)                                               \
+    STRIDE_ROW(X, dstep_tgt, "targets", STEP_TGT, &c->d_tgt)                                              \
+    X(dstep_stats_null, INV, "stats is NULL", bridge_train_step_dlpack(c->h, &c->d_lat, &c->d_tgt, NULL, NULL)) \
+    X(dstep_stats_small, BRIDGE_ERR_ABI_MISMATCH, "BridgeStepStats",                                      \
+      bridge_train_step_dlpack(c->h, &c->d_lat, &c->d_tgt, &c->stats_small, NULL))                        \
+    X(dstep_stats_big, BRIDGE_ERR_ABI_MISMATCH, "BridgeStepStats",                                        \
+      bridge_train_step_dlpack(c->h, &c->d_lat, &c->d_tgt, &c->stats_big, NULL))                          \
+    X(dstep_lat_ndim3, SH, "latents has shape [3, 4, 256]", STEP_LAT(SHAPED(&c->d_lat, B, 4, S * S)))     \
+    X(dstep_lat_h18, SH, "latent height = 18", STEP_LAT(SHAPED(&c->d_lat, B, 4, 18, S)))                  \
+    X(dstep_lat_batch_big, SH, "batch 4611686018427387903|GiB", STEP_LAT(SHAPED(&c->d_lat, BIG, 4, S, S))) \
+    X(dstep_tgt_tokens, SH, "targets has shape [3, 64, 48]; expected [3, 16, 48]",                       \
+      STEP_TGT(SHAPED(&c->d_tgt, B, 64, 48)))                                                             \
+    X(dstep_tgt_dim, SH, "targets has shape [3, 16, 47]", STEP_TGT(SHAPED(&c->d_tgt, B, 16, 47)))         \
+    X(dstep_nan, SKIPPED, "", STEP_LAT(data_at(c, &c->d_lat, c->lat_nan)))                                \
+    X(dstep_tgt_inf, SKIPPED, "", STEP_TGT(data_at(c, &c->d_tgt, c->tgt_inf)))                            \
+    X(dstep_accepted, ACCEPTED, "", dl_step_accepted(c))                                                  \
+    /* bridge_get_capabilities */                                                                         \
+    X(caps_null, INV, "caps is NULL", bridge_get_capabilities(NULL))                                      \
+    X(caps_small, BRIDGE_ERR_ABI_MISMATCH, "BridgeCapabilities.struct_size = 4", bridge_get_capabilities(&c->caps_small)) \
+    X(caps_big, BRIDGE_ERR_ABI_MISMATCH, "BridgeCapabilities|newer", bridge_get_capabilities(&c->caps_big)) \
+    X(caps_whole, ACCEPTED, "", get_caps_whole(c))                                                            \
+    X(caps_prefix, ACCEPTED, "", get_caps_prefix(c))
 
 /* A non-finite train step is not an error: OK with stats.skipped = 1, nothing updated. */
 #define SKIPPED (-1)
@@ -405,9 +795,28 @@ int main(int argc, char **argv) {
     c->info.struct_size = sizeof c->info;
     c->info_small.struct_size = 4;
     c->info_big.struct_size = sizeof c->info + 8;
+    c->caps.struct_size = sizeof c->caps;
+    c->caps_small.struct_size = 4;
+    c->caps_big.struct_size = sizeof c->caps + 8;
+    /* finite predictions whose squares overflow: a non-finite loss */
+    c->pred8_big = malloc(TOK8 * sizeof(float));
+    for (int i = 0; i < TOK8; i++) c->pred8_big[i] = (i % 2 ? 3e38f : -3e38f);
+    memcpy(c->sh_lat, (int64_t[]){B, 4, S, S}, sizeof c->sh_lat);
+    memcpy(c->sh_tok, (int64_t[]){B, 16, 48}, sizeof c->sh_tok);
+    memcpy(c->sh_tok8, (int64_t[]){B, 64, 48}, sizeof c->sh_tok8);
+    c->sh_one[0] = 1;
+    for (int i = 0; i < 9; i++) c->nine[i] = 1;
+    c->d_lat = host_f32(c->lat, 4, c->sh_lat);
+    c->d_out = host_f32(c->out, 3, c->sh_tok);
+    c->d_pred8 = host_f32(c->pred8, 3, c->sh_tok8);
+    c->d_grad8 = host_f32(c->grad8, 3, c->sh_tok8);
+    c->d_tgt = host_f32(c->tgt, 3, c->sh_tok);
+    c->d_glat = host_f32(c->glat, 4, c->sh_lat);
+    c->d_loss = host_f32(&c->loss, 1, c->sh_one);
 
     float *baseline = malloc(TOK * sizeof(float)), *now = malloc(TOK * sizeof(float));
     if (bridge_forward(c->h, c->lat, baseline, B, S, S, BRIDGE_DTYPE_F32) != BRIDGE_OK) return 1;
+    c->baseline = baseline;
     int failures = 0, n = (int)(sizeof cases / sizeof cases[0]);
     for (int i = 0; i < n; i++) {
         const Case *k = &cases[i];
@@ -450,7 +859,7 @@ int main(int argc, char **argv) {
     bridge_destroy(c->h);
     bridge_destroy(c->hg);
     free(c->lat); free(c->lat_nan); free(c->lat_inf); free(c->tgt); free(c->tgt_inf);
-    free(c->pred8); free(c->pred8_nan); free(c->out); free(c->grad8); free(c->glat);
+    free(c->pred8); free(c->pred8_nan); free(c->pred8_big); free(c->out); free(c->grad8); free(c->glat);
     free(baseline); free(now);
     if (failures) {
         fprintf(stderr, "%d of %d bad-input cases failed\n", failures, n);

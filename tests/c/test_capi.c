@@ -1,5 +1,7 @@
-/* The C API from C: a full round trip on the PyTorch fixtures, then every bad input the
- * API promises to survive. Built by tests/c_api.rs with gcc -Wall -Wextra -Werror.
+/* The C API from C: a full round trip on the PyTorch fixtures; the DLPack entry points of
+ * ABI 3 against their pointer-based counterparts (each tensor its own dtype), the
+ * capability query and the log callback; then every bad input the API promises to
+ * survive. Built by tests/c_api.rs with gcc -Wall -Wextra -Werror.
  *
  * usage: test_capi FIXTURE_DIR TMP_DIR LOSS_GRID8 LOSS_LATENTS MISFIT_CHECKPOINT */
 #include "dino_bridge.h"
@@ -82,6 +84,240 @@ static float from_bf16(uint16_t h) {
     return x;
 }
 
+/* IEEE half precision, round to nearest even (as the library converts). Finite input. */
+static uint16_t to_f16(float x) {
+    uint16_t sign = signbit(x) ? 0x8000 : 0;
+    float a = fabsf(x);
+    if (a >= 65520.0f) return sign | 0x7c00;
+    if (a == 0.0f) return sign;
+    int e;
+    frexpf(a, &e); /* a = m * 2^e, m in [0.5, 1) */
+    int q = e - 1 < -14 ? -24 : e - 11; /* the quantum: 2^-24 below 2^-14, else 11 bits */
+    int n = (int)nearbyintf(ldexpf(a, -q));
+    if (q == -24) return sign | (uint16_t)n; /* subnormal (n = 1024 is the smallest normal) */
+    if (n == 2048) { /* rounded up to the next binade */
+        n = 1024;
+        q++;
+    }
+    if (q + 25 >= 31) return sign | 0x7c00;
+    return sign | (uint16_t)((q + 25) << 10) | (uint16_t)(n - 1024);
+}
+
+static float from_f16(uint16_t h) {
+    int e = (h >> 10) & 31, m = h & 1023;
+    float a = e == 0 ? ldexpf((float)m, -24) : e == 31 ? (m ? NAN : INFINITY) : ldexpf((float)(m + 1024), e - 25);
+    return (h & 0x8000) ? -a : a;
+}
+
+/* A host DLTensor of `ndim` dimensions `shape` of BRIDGE_DTYPE_* `dtype` at `data`. */
+static DLTensor host_tensor(void *data, int32_t ndim, int64_t *shape, int dtype) {
+    DLTensor t;
+    memset(&t, 0, sizeof t);
+    t.data = data;
+    t.device.device_type = DL_CPU;
+    t.device.device_id = 0;
+    t.ndim = ndim;
+    t.dtype.code = dtype == BRIDGE_DTYPE_BF16 ? 4 : 2; /* kDLBfloat : kDLFloat */
+    t.dtype.bits = dtype == BRIDGE_DTYPE_F32 ? 32 : 16;
+    t.dtype.lanes = 1;
+    t.shape = shape;
+    t.strides = NULL;
+    t.byte_offset = 0;
+    return t;
+}
+
+/* Element i of a buffer of BRIDGE_DTYPE_* `dtype`, as f32. */
+static float elem(const void *buf, size_t i, int dtype) {
+    if (dtype == BRIDGE_DTYPE_F32) return ((const float *)buf)[i];
+    uint16_t h = ((const uint16_t *)buf)[i];
+    return dtype == BRIDGE_DTYPE_F16 ? from_f16(h) : from_bf16(h);
+}
+
+/* Each of `n` values of `dtype` is `want` (f32) rounded to that dtype: within half a unit
+ * in the last place (relative 2^-8 for bf16, 2^-11 for f16, 0 for f32; 2^-25 absolute
+ * below f16's normal range). */
+static int rounded_from(const void *got, const float *want, size_t n, int dtype, const char *what) {
+    float rel = dtype == BRIDGE_DTYPE_BF16 ? 1.0f / 256 : dtype == BRIDGE_DTYPE_F16 ? 1.0f / 2048 : 0.0f;
+    float abs_min = dtype == BRIDGE_DTYPE_F16 ? ldexpf(1.0f, -25) : 0.0f;
+    size_t bad = 0, first = 0;
+    for (size_t i = 0; i < n; i++) {
+        float g = elem(got, i, dtype);
+        if (!(fabsf(g - want[i]) <= rel * fabsf(want[i]) + abs_min)) {
+            if (!bad++) first = i;
+        }
+    }
+    if (bad)
+        fprintf(stderr, "  %s: %zu of %zu values off, first [%zu] %g vs %g\n", what, bad, n, first,
+                elem(got, first, dtype), want[first]);
+    return bad == 0;
+}
+
+/* What the log callback saw; it expects `log_user_data` back. */
+typedef struct {
+    int calls, skip_warnings;
+    char last[512];
+} LogSeen;
+static void *log_user_data;
+static int log_wrong_user_data;
+
+static void on_log(int32_t level, const char *message, void *user_data) {
+    if (user_data != log_user_data) {
+        log_wrong_user_data++;
+        return;
+    }
+    LogSeen *seen = user_data;
+    seen->calls++;
+    snprintf(seen->last, sizeof seen->last, "%d %s", level, message ? message : "(null)");
+    if (level == BRIDGE_LOG_WARN && message && strstr(message, "train step 2") && strstr(message, "skipped"))
+        seen->skip_warnings++;
+}
+
+/* The DLPack entry points (ABI 3) on a CPU bridge give the numbers of the pointer-based
+ * calls: f32 throughout bit for bit; a tensor of another dtype holds the f32 result
+ * rounded to it (inputs are rounded first and the pointer call gets the same values as
+ * f32). Also the capability query and the log callback. `h` is a live CPU bridge,
+ * `params` made it; fixtures of B = 3 samples of 16x16 latents, 4x4 tokens, D = 48. */
+static void dlpack_calls(BridgeHandle *h, const BridgeParams *params, const float *lat, const float *pred8,
+                         const float *target) {
+    enum { B = 3, C = 4, D = 48, T = 16, T8 = 64 };
+    const size_t n_lat = B * C * S * S, n_tok = B * T * D, n_pred = B * T8 * D;
+    int64_t s_lat[4] = {B, C, S, S}, s_tok[3] = {B, T, D}, s_p3[3] = {B, T8, D}, s_p4[4] = {B, 8, 8, D},
+            s_one[1] = {1};
+    float *ref = malloc(n_pred * sizeof(float)), *got = malloc(n_pred * sizeof(float));
+    float *lat_r = malloc(n_lat * sizeof(float)), *tgt_r = malloc(n_tok * sizeof(float));
+    uint16_t *lat_h = malloc(n_lat * 2), *tgt_b = malloc(n_tok * 2), *half = malloc(n_pred * 2);
+    float *glat_ref = malloc(n_lat * sizeof(float));
+    /* f16 latents and bf16 targets, and the f32 values they hold */
+    for (size_t i = 0; i < n_lat; i++) lat_r[i] = from_f16(lat_h[i] = to_f16(lat[i]));
+    for (size_t i = 0; i < n_tok; i++) tgt_r[i] = from_bf16(tgt_b[i] = to_bf16(target[i]));
+    CHECK(from_f16(to_f16(1.0f)) == 1.0f && to_f16(1.0f) == 0x3c00 && to_f16(-2.5f) == 0xc100 &&
+              to_f16(ldexpf(1.0f, -24)) == 1 && to_f16(65504.0f) == 0x7bff,
+          "the test's own f16 conversion");
+
+    /* forward: f32 -> f32 bit for bit; f16 latents -> f32 out; f32 -> bf16 and f16 out */
+    DLTensor t_lat = host_tensor((void *)lat, 4, s_lat, BRIDGE_DTYPE_F32);
+    DLTensor t_lat_h = host_tensor(lat_h, 4, s_lat, BRIDGE_DTYPE_F16);
+    DLTensor t_out = host_tensor(got, 3, s_tok, BRIDGE_DTYPE_F32);
+    DLTensor t_out_b = host_tensor(half, 3, s_tok, BRIDGE_DTYPE_BF16);
+    DLTensor t_out_h = host_tensor(half, 3, s_tok, BRIDGE_DTYPE_F16);
+    EXPECT_OK(bridge_forward(h, lat, ref, B, S, S, BRIDGE_DTYPE_F32));
+    EXPECT_OK(bridge_forward_dlpack(h, &t_lat, &t_out, NULL));
+    CHECK(memcmp(got, ref, n_tok * sizeof(float)) == 0, "forward_dlpack f32 differs from bridge_forward");
+    EXPECT_OK(bridge_forward_dlpack(h, &t_lat, &t_out_b, NULL));
+    CHECK(rounded_from(half, ref, n_tok, BRIDGE_DTYPE_BF16, "bf16 out"), "forward_dlpack: bf16 out");
+    EXPECT_OK(bridge_forward_dlpack(h, &t_lat, &t_out_h, NULL));
+    CHECK(rounded_from(half, ref, n_tok, BRIDGE_DTYPE_F16, "f16 out"), "forward_dlpack: f16 out");
+    EXPECT_OK(bridge_forward(h, lat_r, ref, B, S, S, BRIDGE_DTYPE_F32));
+    EXPECT_OK(bridge_forward_dlpack(h, &t_lat_h, &t_out, NULL));
+    CHECK(memcmp(got, ref, n_tok * sizeof(float)) == 0, "forward_dlpack: f16 latents, f32 out");
+
+    /* REPA loss on the 8x8 caller grid (2x the bridge's 4x4), given as [B, T, D] (grid
+     * inferred) and as [B, ph, pw, D]; loss tensors of each dtype, on the host */
+    float loss_ref = 0, loss32 = 0;
+    uint16_t loss16 = 0;
+    DLTensor t_p3 = host_tensor((void *)pred8, 3, s_p3, BRIDGE_DTYPE_F32);
+    DLTensor t_p4 = host_tensor((void *)pred8, 4, s_p4, BRIDGE_DTYPE_F32);
+    DLTensor t_g3 = host_tensor(got, 3, s_p3, BRIDGE_DTYPE_F32), t_g4 = host_tensor(got, 4, s_p4, BRIDGE_DTYPE_F32);
+    DLTensor t_g3_b = host_tensor(half, 3, s_p3, BRIDGE_DTYPE_BF16);
+    DLTensor t_loss32 = host_tensor(&loss32, 0, NULL, BRIDGE_DTYPE_F32);
+    DLTensor t_loss_h = host_tensor(&loss16, 1, s_one, BRIDGE_DTYPE_F16);
+    DLTensor t_loss_b = host_tensor(&loss16, 1, s_one, BRIDGE_DTYPE_BF16);
+    EXPECT_OK(bridge_loss_backward(h, pred8, lat, ref, B, S, S, 8, 8, BRIDGE_DTYPE_F32, &loss_ref, NULL));
+    EXPECT_OK(bridge_loss_backward_dlpack(h, &t_p3, &t_lat, &t_g3, &t_loss32, NULL));
+    CHECK(loss32 == loss_ref && memcmp(got, ref, n_pred * sizeof(float)) == 0,
+          "loss_backward_dlpack [B, T, D]: loss %.9g vs %.9g", loss32, loss_ref);
+    memset(got, 0, n_pred * sizeof(float));
+    EXPECT_OK(bridge_loss_backward_dlpack(h, &t_p4, &t_lat, &t_g4, &t_loss_b, NULL));
+    CHECK(memcmp(got, ref, n_pred * sizeof(float)) == 0, "loss_backward_dlpack [B, ph, pw, D]: gradient");
+    CHECK(rounded_from(&loss16, &loss_ref, 1, BRIDGE_DTYPE_BF16, "bf16 loss"), "bf16 loss");
+    /* f16 latents, bf16 gradient, f16 loss: the f32 call on the same latent values */
+    EXPECT_OK(bridge_loss_backward(h, pred8, lat_r, ref, B, S, S, 8, 8, BRIDGE_DTYPE_F32, &loss_ref, NULL));
+    EXPECT_OK(bridge_loss_backward_dlpack(h, &t_p3, &t_lat_h, &t_g3_b, &t_loss_h, NULL));
+    CHECK(rounded_from(half, ref, n_pred, BRIDGE_DTYPE_BF16, "bf16 grad_pred"), "bf16 grad_pred");
+    CHECK(rounded_from(&loss16, &loss_ref, 1, BRIDGE_DTYPE_F16, "f16 loss"), "f16 loss");
+
+    /* gradient to the latents: f32 latents, bf16 target, f16 gradient, f32 loss [1] */
+    DLTensor t_tgt_b = host_tensor(tgt_b, 3, s_tok, BRIDGE_DTYPE_BF16);
+    DLTensor t_glat_h = host_tensor(half, 4, s_lat, BRIDGE_DTYPE_F16);
+    DLTensor t_glat = host_tensor(got, 4, s_lat, BRIDGE_DTYPE_F32);
+    DLTensor t_tgt = host_tensor((void *)target, 3, s_tok, BRIDGE_DTYPE_F32);
+    t_loss32 = host_tensor(&loss32, 1, s_one, BRIDGE_DTYPE_F32);
+    EXPECT_OK(bridge_latent_loss_backward(h, lat, tgt_r, glat_ref, B, S, S, BRIDGE_DTYPE_F32, &loss_ref, NULL));
+    EXPECT_OK(bridge_latent_loss_backward_dlpack(h, &t_lat, &t_tgt_b, &t_glat_h, &t_loss32, NULL));
+    CHECK(loss32 == loss_ref, "latent_loss_backward_dlpack: loss %.9g vs %.9g", loss32, loss_ref);
+    CHECK(rounded_from(half, glat_ref, n_lat, BRIDGE_DTYPE_F16, "f16 grad_latents"), "f16 grad_latents");
+    EXPECT_OK(bridge_latent_loss_backward(h, lat, target, glat_ref, B, S, S, BRIDGE_DTYPE_F32, &loss_ref, NULL));
+    EXPECT_OK(bridge_latent_loss_backward_dlpack(h, &t_lat, &t_tgt, &t_glat, &t_loss32, NULL));
+    CHECK(loss32 == loss_ref && memcmp(got, glat_ref, n_lat * sizeof(float)) == 0,
+          "latent_loss_backward_dlpack f32: loss %.9g vs %.9g", loss32, loss_ref);
+
+    /* a train step on two bridges made alike: pointer call (f32) on one, DLPack (f16
+     * latents, bf16 targets: the same values) on the other; the same step, weights after */
+    BridgeHandle *ha = NULL, *hb = NULL;
+    EXPECT_OK(bridge_create(params, &ha));
+    EXPECT_OK(bridge_create(params, &hb));
+    if (ha && hb) {
+        BridgeStepStats sa, sb;
+        sa.struct_size = sb.struct_size = sizeof sa;
+        EXPECT_OK(bridge_train_step(ha, lat_r, tgt_r, B, S, S, BRIDGE_DTYPE_F32, &sa, NULL));
+        EXPECT_OK(bridge_train_step_dlpack(hb, &t_lat_h, &t_tgt_b, &sb, NULL));
+        CHECK(sa.step == 1 && sb.step == 1 && !sa.skipped && !sb.skipped && sa.loss == sb.loss &&
+                  sa.grad_norm == sb.grad_norm && sa.lr == sb.lr,
+              "train_step_dlpack: loss %.9g vs %.9g, grad_norm %.9g vs %.9g", sb.loss, sa.loss, sb.grad_norm,
+              sa.grad_norm);
+        EXPECT_OK(bridge_forward(ha, lat, ref, B, S, S, BRIDGE_DTYPE_F32));
+        EXPECT_OK(bridge_forward(hb, lat, got, B, S, S, BRIDGE_DTYPE_F32));
+        CHECK(memcmp(got, ref, n_tok * sizeof(float)) == 0, "train_step_dlpack: weights differ after the step");
+
+        /* the log callback: a skipped step is a WARN naming it, with our user_data; nothing
+         * arrives once the callback is removed */
+        LogSeen seen;
+        memset(&seen, 0, sizeof seen);
+        float *tgt_nan = malloc(n_tok * sizeof(float));
+        memcpy(tgt_nan, target, n_tok * sizeof(float));
+        tgt_nan[5] = NAN;
+        DLTensor t_tgt_nan = host_tensor(tgt_nan, 3, s_tok, BRIDGE_DTYPE_F32);
+        log_user_data = &seen;
+        EXPECT_OK(bridge_set_log_callback(on_log, &seen));
+        EXPECT_OK(bridge_train_step_dlpack(hb, &t_lat, &t_tgt_nan, &sb, NULL));
+        CHECK(sb.skipped == 1 && sb.step == 1, "NaN targets: skipped %d step %lld", sb.skipped, (long long)sb.step);
+        CHECK(seen.skip_warnings == 1, "log callback: %d warnings naming the skipped step 2 (last: '%s')",
+              seen.skip_warnings, seen.last);
+        printf("log callback got: %s\n", seen.last);
+        EXPECT_OK(bridge_set_log_callback(NULL, NULL));
+        int calls = seen.calls;
+        EXPECT_OK(bridge_train_step(hb, lat, tgt_nan, B, S, S, BRIDGE_DTYPE_F32, &sb, NULL));
+        CHECK(sb.skipped == 1, "NaN targets (pointer call): skipped %d", sb.skipped);
+        CHECK(seen.calls == calls, "log callback called after removal: '%s'", seen.last);
+        CHECK(log_wrong_user_data == 0, "log callback got another user_data %d times", log_wrong_user_data);
+        free(tgt_nan);
+    }
+    bridge_destroy(ha);
+    bridge_destroy(hb);
+
+    /* what this build can do */
+    BridgeCapabilities caps;
+    memset(&caps, 0xab, sizeof caps);
+    caps.struct_size = sizeof caps;
+    EXPECT_OK(bridge_get_capabilities(&caps));
+    CHECK(caps.struct_size == sizeof caps && caps.abi_version == 3 && caps.dlpack_major == 1 &&
+              caps.dlpack_minor == 0 && caps.max_latent_side == 16384,
+          "capabilities: abi %u dlpack %d.%d max side %d", caps.abi_version, caps.dlpack_major, caps.dlpack_minor,
+          caps.max_latent_side);
+    CHECK(caps.buffer_dtypes == ((1u << BRIDGE_DTYPE_F32) | (1u << BRIDGE_DTYPE_F16) | (1u << BRIDGE_DTYPE_BF16)),
+          "buffer_dtypes 0x%x", caps.buffer_dtypes);
+#ifndef DINO_BRIDGE_CUDA_BUILD
+    CHECK(caps.cuda == 0 && caps.cuda_devices == 0 && caps.compute_dtypes == (1u << BRIDGE_DTYPE_F32),
+          "CPU build: cuda %d devices %d compute_dtypes 0x%x", caps.cuda, caps.cuda_devices, caps.compute_dtypes);
+#else
+    CHECK(caps.cuda == 1 && caps.cuda_devices >= 0 &&
+              caps.compute_dtypes == ((1u << BRIDGE_DTYPE_F32) | (1u << BRIDGE_DTYPE_BF16)),
+          "CUDA build: cuda %d devices %d compute_dtypes 0x%x", caps.cuda, caps.cuda_devices, caps.compute_dtypes);
+#endif
+
+    free(ref); free(got); free(lat_r); free(tgt_r); free(lat_h); free(tgt_b); free(half); free(glat_ref);
+}
+
 int main(int argc, char **argv) {
     if (argc != 6) {
         fprintf(stderr, "usage: %s FIXTURES TMP LOSS_GRID8 LOSS_LATENTS MISFIT\n", argv[0]);
@@ -91,7 +327,7 @@ int main(int argc, char **argv) {
     double want_loss_grid8 = atof(argv[3]), want_loss_latents = atof(argv[4]);
     char path[4096];
 
-    CHECK(bridge_abi_version() == BRIDGE_ABI_VERSION && BRIDGE_ABI_VERSION == 2, "ABI version %u",
+    CHECK(bridge_abi_version() == BRIDGE_ABI_VERSION && BRIDGE_ABI_VERSION == 3, "ABI version %u",
           bridge_abi_version());
 
     BridgeParams params;
@@ -179,6 +415,9 @@ int main(int argc, char **argv) {
     EXPECT_OK(bridge_get_info(h2, &info));
     CHECK(info.step == 1, "reloaded step %lld", (long long)info.step);
     EXPECT_OK(bridge_destroy(h2));
+
+    /* ---- ABI 3: DLPack descriptors, capabilities, the log callback ---- */
+    dlpack_calls(h, &params, lat, pred8, target);
 
     /* ---- bad input: named status, message, handle still usable ---- */
     EXPECT_ERR(BRIDGE_ERR_INVALID_ARGUMENT, "handle is NULL", bridge_forward(NULL, lat, out, B, S, S, 0));

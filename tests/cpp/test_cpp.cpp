@@ -115,6 +115,66 @@ int main(int argc, char** argv) {
     CHECK(loss2 == loss && grad2 == grad, "explicit sizes");
     CHECK(bridge.forward(lat, 3, 16, 16) == out, "explicit forward");
 
+    // (ABI 3) The same calls on DLPack descriptors (dino_bridge::Tensor: host memory, each
+    // tensor its own dtype): the same numbers.
+    {
+        using dino_bridge::DType;
+        using dino_bridge::Tensor;
+        const auto caps = dino_bridge::capabilities();
+        CHECK(caps.abi_version == 3 && caps.dlpack_major == 1 && caps.dlpack_minor == 0 &&
+                  caps.buffer_dtypes == 7u && caps.max_latent_side == 16384,
+              "capabilities: abi " << caps.abi_version << " dlpack " << caps.dlpack_major << "."
+                                   << caps.dlpack_minor);
+        const Tensor lat_t(lat, {3, 4, 16, 16});
+        std::vector<float> out_dl(out.size());
+        bridge.forward(lat_t, Tensor(out_dl, {3, 16, 48}));
+        CHECK(out_dl == out, "forward on DLTensors");
+        std::vector<uint16_t> out16(out.size());
+        bridge.forward(lat_t, Tensor(out16, {3, 16, 48}, DType::BF16));
+        float worst = 0;
+        for (std::size_t i = 0; i < out.size(); ++i) {
+            uint32_t u = static_cast<uint32_t>(out16[i]) << 16;
+            float v;
+            std::memcpy(&v, &u, 4);
+            worst = std::fmax(worst, std::fabs(v - out[i]) / std::fmax(std::fabs(out[i]), 1e-30f));
+        }
+        CHECK(worst <= 1.0f / 256, "bf16 out: relative error " << worst);
+        // The 8x8 caller grid, as [B, T, D] (grid inferred) and as [B, ph, pw, D].
+        std::vector<float> g3(pred.size()), g4(pred.size());
+        float l3 = 0, l4 = 0;
+        bridge.loss_backward(Tensor(pred, {3, 64, 48}), lat_t, Tensor(g3, {3, 64, 48}), Tensor(&l3, {}));
+        bridge.loss_backward(Tensor(pred, {3, 8, 8, 48}), lat_t, Tensor(g4, {3, 8, 8, 48}), Tensor(&l4, {1}));
+        CHECK(l3 == loss && l4 == loss && g3 == grad && g4 == grad, "loss_backward on DLTensors " << l3 << " " << l4);
+        const auto target = npy(fx + "/target.npy");
+        std::vector<float> glat_dl(lat.size()), glat_ptr(lat.size());
+        float ll = 0;
+        bridge.latent_loss_backward(lat_t, Tensor(target, {3, 16, 48}), Tensor(glat_dl, {3, 4, 16, 16}),
+                                    Tensor(&ll, {}));
+        float ll_ptr = bridge.latent_loss_backward(lat, target, glat_ptr, 3);
+        CHECK(ll == ll_ptr && glat_dl == glat_ptr, "latent_loss_backward on DLTensors");
+        // A train step on two bridges opened alike: the same step.
+        Bridge a = Bridge::open(fx + "/model.safetensors"), b = Bridge::open(fx + "/model.safetensors");
+        const auto sa = a.train_step(lat, target, 3);
+        const auto sb = b.train_step(lat_t, Tensor(target, {3, 16, 48}));
+        CHECK(sa.step == 1 && sb.step == 1 && sa.loss == sb.loss && sa.grad_norm == sb.grad_norm &&
+                  a.forward(lat, 3) == b.forward(lat, 3),
+              "train_step on DLTensors: loss " << sa.loss << " vs " << sb.loss);
+        // The library checks the descriptors.
+        Tensor f64(lat, {3, 4, 16, 16});
+        f64.dl().dtype.bits = 64;
+        try {
+            bridge.forward(f64, Tensor(out_dl, {3, 16, 48}));
+            CHECK(false, "float64 latents accepted");
+        } catch (const dino_bridge::Error& e) {
+            CHECK(e.status() == BRIDGE_ERR_INVALID_ARGUMENT && std::strstr(e.what(), "64 bits"), e.what());
+        }
+        CHECK(status_of([&] { bridge.forward(lat_t, Tensor(out_dl, {3, 16, 47})); }) == BRIDGE_ERR_SHAPE,
+              "out [3, 16, 47]");
+        Tensor copy = lat_t;  // a copy holds its own shape
+        CHECK(copy.dl().shape != lat_t.dl().shape && copy.dl().shape[3] == 16, "Tensor copy");
+        CHECK(out_dl == out, "out written by a refused call");
+    }
+
     std::vector<float> glat(lat.size());
     bridge.latent_loss_backward(lat, npy(fx + "/target.npy"), glat, 3);
     CHECK(close_to(glat, npy(fx + "/grad_latents.npy")), "grad_latents");
