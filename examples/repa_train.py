@@ -4,7 +4,8 @@ No VAE decode, no DINOv2: the bridge predicts the targets from the latents.
 
     cargo build --release
     DINO_BRIDGE_LIB=target/release/libdino_bridge.so PYTHONPATH=bindings/python \\
-        python examples/repa_train.py [--checkpoint bridge.safetensors] [--steps 60]
+        python examples/repa_train.py [--checkpoint bridge.safetensors] [--steps 60] \\
+            [--bf16] [--compile [BACKEND]]
 
 The projector makes 16x16 tokens for 32x32 latents (SiT/2's patch grid), and the bridge is
 a `repa`-grid one (`adapter_depth = 1, grid = 16`: 16x16 tokens from 32x32 latents, REPA's
@@ -13,6 +14,11 @@ own DINOv2-B-at-224-px target), so the two grids meet with no pooling. Without
 checkpoint is published yet; its target is then arbitrary but fixed, which is enough to
 see the mechanics work). A checkpoint of another grid works too: with the published 8x8
 bridge the library pools the 16x16 prediction 2x2 to meet it.
+
+`--bf16` runs the model under `torch.autocast` (bf16): the projector's output reaches the
+bridge in bf16, the latents in f32 (each tensor keeps its dtype through DLPack).
+`--compile` compiles the loss computation with `torch.compile(fullgraph=True)`: AlignLoss
+is a `torch.library` custom op, so the DiT, the projector and the alignment make one graph.
 """
 
 import argparse
@@ -71,6 +77,9 @@ def main():
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lam", type=float, default=0.5, help="weight of the alignment loss")
+    ap.add_argument("--bf16", action="store_true", help="autocast the model to bf16")
+    ap.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                    help="torch.compile(fullgraph=True) the losses (default backend: inductor)")
     args = ap.parse_args()
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
@@ -93,15 +102,22 @@ def main():
     opt = torch.optim.AdamW(list(model.parameters()) + list(projector.parameters()), lr=1e-3)
     data = smooth_latents(64, gen)
 
+    def losses(x0, t, noise):
+        xt = torch.sqrt(1 - t)[:, None, None, None] * x0 + torch.sqrt(t)[:, None, None, None] * noise
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            eps, hidden = model(xt, t)
+            diffusion = F.mse_loss(eps.float(), noise)
+            alignment = align(projector(hidden), x0)  # 16x16 tokens against the bridge's 16x16
+        return diffusion, alignment
+
+    if args.compile:
+        losses = torch.compile(losses, fullgraph=True, backend=args.compile)
     history = []
     for step in range(args.steps):
         x0 = data[torch.randint(0, len(data), (args.batch,), generator=gen)]
         t = torch.rand(args.batch, generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
-        xt = torch.sqrt(1 - t)[:, None, None, None] * x0 + torch.sqrt(t)[:, None, None, None] * noise
-        eps, hidden = model(xt, t)
-        diffusion = F.mse_loss(eps, noise)
-        alignment = align(projector(hidden), x0)  # 16x16 tokens against the bridge's 16x16
+        diffusion, alignment = losses(x0, t, noise)
         loss = diffusion + args.lam * alignment
         opt.zero_grad()
         loss.backward()

@@ -12,8 +12,13 @@ all through the Python binding with torch CUDA tensors on a non-default stream. 
 threads on one CUDA bridge (forwards against train steps) must each see one weight
 version. PyTorch's current device and stream, and the driver's current context, must be
 what they were before a call. Safety: a host pointer given as a device pointer must get
-INVALID_ARGUMENT. Speed: forward, loss_backward and train step against PyTorch eager with
-the same weights. Prints one line per check and exits non-zero if any check fails.
+INVALID_ARGUMENT. ABI 3 (DLPack): each tensor in its own dtype (bf16 pred, f32 latents), the
+loss written into a device tensor with no host sync (the host returns while the stream is
+still busy behind torch.cuda._sleep, and the result is still right: the library waited on
+the stream), calls on the legacy default stream (`__dlpack__(stream=1)`, NULL to the
+library), and AlignLoss / LatentLoss as custom ops under torch.compile(fullgraph=True) on
+CUDA tensors, against eager. Speed: forward, loss_backward and train step against PyTorch
+eager with the same weights. Prints one line per check and exits non-zero if any check fails.
 
     python tests/gpu/check_gpu.py FIXTURES_DIR [--quick] [--dry-run]
 
@@ -33,8 +38,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dino_bridge import Bridge, BridgeError
+from dino_bridge import Bridge, BridgeError, capabilities
 from dino_bridge import _lib as L
+from dino_bridge.torch import AlignLoss, LatentLoss
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from torch_bridge import TorchBridge  # noqa: E402
@@ -311,6 +317,115 @@ def threads_race(ckpt, steps):
           f"{mixed} mixed, {matched} versions matched")
 
 
+def dlpack_calls(ckpt, batch):
+    """ABI 3 through the binding: mixed dtypes, a device loss, the legacy default stream,
+    all against the CPU path of the same library."""
+    cpu = Bridge(ckpt, device=-1)
+    gpu = Bridge(ckpt, device=DEVICE)
+    info = cpu.info()
+    g, d, s = info["grid"], info["target_dim"], info["latent_size"]
+    gen = torch.Generator().manual_seed(4)
+    lat = torch.randn(batch, info["in_ch"], s, s, generator=gen)
+    pred = torch.randn(batch, (2 * g) ** 2, d, generator=gen)
+    tgt = torch.randn(batch, g * g, d, generator=gen)
+    loss_c, grad_c = cpu.loss_backward(pred.bfloat16().float(), lat)
+    side = new_stream()
+    with on(side):
+        lat_d, pred16_d = lat.to(TDEV), pred.bfloat16().to(TDEV)
+        loss_t = torch.full((), float("nan"), device=TDEV)
+        got, grad_g = gpu.loss_backward(pred16_d, lat_d, loss_out=loss_t)
+    sync(side)
+    check("DLPack: bf16 pred with f32 latents, loss in a device tensor",
+          got is loss_t and close_loss(loss_t.item(), loss_c, 1e-4) and grad_g.dtype == torch.bfloat16
+          and rel(grad_g, grad_c) < 1e-2, f"loss {loss_t.item():.6f} vs {loss_c:.6f}, grad rel {rel(grad_g, grad_c):.2e}")
+    # The legacy default stream: torch's current stream is handle 0, passed to __dlpack__ as 1.
+    out = gpu.forward(lat.to(TDEV))
+    lloss, lgrad = gpu.latent_loss_backward(lat.to(TDEV), tgt.to(TDEV), loss_out=torch.empty((), device=TDEV))
+    sync()
+    lloss_c, lgrad_c = cpu.latent_loss_backward(lat, tgt)
+    check("DLPack: the legacy default stream", rel(out, cpu.forward(lat)) < 1e-4
+          and close_loss(lloss.item(), lloss_c, 1e-4) and rel(lgrad, lgrad_c) < 1e-3,
+          f"forward rel {rel(out, cpu.forward(lat)):.2e}, latent loss {lloss.item():.6f} vs {lloss_c:.6f}")
+    caps = capabilities()
+    check("capabilities", caps["abi_version"] == L.ABI_VERSION and caps["cuda"] == (not DRY)
+          and (DRY or caps["cuda_devices"] >= 1) and caps["dlpack_version"] == (1, 0), str(caps))
+    no_host_sync(gpu, cpu, lat, pred)
+
+
+def no_host_sync(gpu, cpu, lat, pred):
+    """A device loss leaves the host free: with the stream held busy by torch.cuda._sleep
+    and the inputs made by kernels queued behind it, the calls must return long before the
+    sleep ends, and their results, read after a sync, must be right (the library waited
+    on the stream for its inputs with an event, not the host)."""
+    name = "DLPack: forward and loss_backward with a device loss return before the stream is done"
+    if DRY:
+        skip(name, "no CUDA in a dry run")
+        return
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        lat_d, pred_d = lat.to(TDEV), pred.to(TDEV)
+        loss_t = torch.empty((), device=TDEV)
+        gpu.loss_backward(pred_d, lat_d, loss_out=loss_t)  # warm-up (first-use work of this shape)
+        gpu.forward(lat_d)
+    side.synchronize()
+    cycles = 2_000_000_000
+    with torch.cuda.stream(side):
+        start = time.perf_counter()
+        torch.cuda._sleep(cycles)
+        side.synchronize()
+    slept = time.perf_counter() - start
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(cycles)
+        lat2, pred2 = lat_d * 1.0, pred_d + 0.0  # queued behind the sleep
+        start = time.perf_counter()
+        _, grad_g = gpu.loss_backward(pred2, lat2, loss_out=loss_t)
+        out = gpu.forward(lat2)
+        host = time.perf_counter() - start
+    side.synchronize()
+    loss_c, grad_c = cpu.loss_backward(pred, lat)
+    check(name, host < 0.25 * slept and close_loss(loss_t.item(), loss_c, 1e-4) and rel(grad_g, grad_c) < 1e-4
+          and rel(out, cpu.forward(lat)) < 1e-4,
+          f"host {host * 1e3:.1f} ms against a {slept * 1e3:.0f} ms sleep; loss {loss_t.item():.6f} vs {loss_c:.6f}")
+
+
+def compiled_losses(ckpt, batch):
+    """AlignLoss and LatentLoss (torch.library custom ops) in one torch.compile(fullgraph=True)
+    step on the bridge's device: no graph break, the same loss and projector gradients as
+    eager (aot_eager: the custom ops' fake and autograd registrations, without spending the
+    device budget on inductor's compile)."""
+    b = Bridge(ckpt, device=DEVICE)
+    info = b.info()
+    g, d, s = info["grid"], info["target_dim"], info["latent_size"]
+    gen = torch.Generator().manual_seed(6)
+    lat = torch.randn(batch, info["in_ch"], s, s, generator=gen).to(TDEV)
+    hidden = torch.randn(batch, (2 * g) ** 2, 64, generator=gen).to(TDEV)
+    tgt = torch.randn(batch, g * g, d, generator=gen).to(TDEV)
+    torch.manual_seed(0)
+    proj = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.SiLU(), torch.nn.Linear(128, d)).to(TDEV)
+    dec = torch.nn.Conv2d(info["in_ch"], info["in_ch"], 3, padding=1).to(TDEV)
+    align, latent = AlignLoss(b), LatentLoss(b)
+
+    def step(h, x, t):
+        with torch.autocast(TDEV, dtype=torch.bfloat16):
+            a = align(proj(h), x)
+        return a + 0.1 * latent(dec(x), t)
+
+    breaks = torch._dynamo.explain(step)(hidden, lat, tgt).graph_break_count
+    eager = step(hidden, lat, tgt)
+    eager.backward()
+    want = [p.grad.clone() for p in list(proj.parameters()) + list(dec.parameters())]
+    for p in list(proj.parameters()) + list(dec.parameters()):
+        p.grad = None
+    loss = torch.compile(step, fullgraph=True, backend="aot_eager")(hidden, lat, tgt)
+    loss.backward()
+    got = [p.grad for p in list(proj.parameters()) + list(dec.parameters())]
+    sync()
+    worst = max(rel(a, w) for a, w in zip(got, want))
+    check("custom ops under torch.compile(fullgraph=True), autocast bf16", breaks == 0
+          and close_loss(loss.item(), eager.item(), 1e-5) and worst < 1e-2,
+          f"{breaks} graph breaks, loss {loss.item():.6f} vs {eager.item():.6f}, worst grad rel {worst:.2e}")
+
+
 def timed(fn, iters):
     fn()
     sync()
@@ -369,6 +484,8 @@ def main():
     repa = os.path.join(tmp, "repa.safetensors")
     Bridge(adapter_depth=1, grid=16, seed=1, dropout=0.0).save(repa)
     repa_alignment(repa, 2 if DRY else 8, 1e-3)
+    dlpack_calls(model, 4)
+    compiled_losses(model, 4)
     if DRY:
         throughput(ckpt, [2], 1)
     else:

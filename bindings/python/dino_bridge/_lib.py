@@ -1,6 +1,10 @@
-"""ctypes declarations of the C API in include/dino_bridge.h (ABI version 2), and finding
+"""ctypes declarations of the C API in include/dino_bridge.h (ABI version 3), and finding
 the library. `lib()` refuses a library whose `bridge_abi_version()` differs from
-`ABI_VERSION`: the structs and signatures below are only right for that version."""
+`ABI_VERSION`: the structs and signatures below are only right for that version.
+
+ABI 3 adds the DLPack entry points (`bridge_*_dlpack`, taking `DLTensor` descriptors in the
+DLPack 1.x layout, mirrored below with the managed wrappers a `__dlpack__` capsule holds),
+`bridge_get_capabilities` and `bridge_set_log_callback`."""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 OK = 0
 STATUS_NAMES = {
@@ -24,6 +28,18 @@ STATUS_NAMES = {
     9: "ABI_MISMATCH",
 }
 DTYPE_F32, DTYPE_F16, DTYPE_BF16 = 0, 1, 2
+DTYPE_NAMES = {DTYPE_F32: "float32", DTYPE_F16: "float16", DTYPE_BF16: "bfloat16"}
+DEVICE_CPU = -1
+LOG_DEBUG, LOG_INFO, LOG_WARN, LOG_ERROR = 1, 2, 3, 4
+
+# DLPack (https://dmlc.github.io/dlpack/latest/c_api.html): the device types the library
+# reads, the type codes of the dtypes it takes, and the flags of a versioned tensor.
+DL_CPU, DL_CUDA, DL_CUDA_HOST, DL_CUDA_MANAGED = 1, 2, 3, 13
+DL_FLOAT, DL_BFLOAT = 2, 4
+DLPACK_FLAG_READ_ONLY = 1 << 0
+DLPACK_FLAG_IS_COPIED = 1 << 1
+# What the `*_dlpack` calls read: the DLPack major version requested from producers.
+DLPACK_MAX_VERSION = (1, 0)
 
 
 class BridgeParams(ctypes.Structure):
@@ -99,8 +115,83 @@ class BridgeStepStats(ctypes.Structure):
     ]
 
 
+class BridgeCapabilities(ctypes.Structure):
+    """(ABI 3) `bridge_get_capabilities`: what this build of the library can do."""
+
+    _fields_ = [
+        ("struct_size", ctypes.c_uint32),
+        ("abi_version", ctypes.c_uint32),
+        ("cuda", ctypes.c_int32),
+        ("cuda_devices", ctypes.c_int32),
+        ("buffer_dtypes", ctypes.c_uint32),  # bit 1 << DTYPE_*
+        ("compute_dtypes", ctypes.c_uint32),  # bit 1 << DTYPE_*
+        ("dlpack_major", ctypes.c_int32),
+        ("dlpack_minor", ctypes.c_int32),
+        ("max_latent_side", ctypes.c_int32),
+    ]
+
+
+# -- DLPack 1.x (the header declares the first three under dlpack.h's guard) -------------
+
+
+class DLDevice(ctypes.Structure):
+    _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
+
+
+class DLDataType(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+
+
+class DLTensor(ctypes.Structure):
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("device", DLDevice),
+        ("ndim", ctypes.c_int32),
+        ("dtype", DLDataType),
+        ("shape", ctypes.POINTER(ctypes.c_int64)),
+        ("strides", ctypes.POINTER(ctypes.c_int64)),  # in elements; NULL = compact row-major
+        ("byte_offset", ctypes.c_uint64),
+    ]
+
+
+# What a `__dlpack__` capsule points to (dlpack.h; not part of this library's header: the
+# binding reads them to build the DLTensor it passes, then hands them back to their deleter).
+class DLManagedTensor(ctypes.Structure):
+    """The pre-1.0 (unversioned) capsule, named "dltensor"."""
+
+    _fields_ = [
+        ("dl_tensor", DLTensor),
+        ("manager_ctx", ctypes.c_void_p),
+        ("deleter", ctypes.c_void_p),  # void (*)(DLManagedTensor *)
+    ]
+
+
+class DLPackVersion(ctypes.Structure):
+    _fields_ = [("major", ctypes.c_uint32), ("minor", ctypes.c_uint32)]
+
+
+class DLManagedTensorVersioned(ctypes.Structure):
+    """The DLPack >= 1.0 capsule, named "dltensor_versioned"."""
+
+    _fields_ = [
+        ("version", DLPackVersion),
+        ("manager_ctx", ctypes.c_void_p),
+        ("deleter", ctypes.c_void_p),  # void (*)(DLManagedTensorVersioned *)
+        ("flags", ctypes.c_uint64),
+        ("dl_tensor", DLTensor),
+    ]
+
+
+# `void (*)(DLManagedTensor[Versioned] *)`, called with the GIL held (the deleters of numpy,
+# torch, JAX and CuPy take it themselves where they need it; holding it is safe either way).
+DLPACK_DELETER = ctypes.PYFUNCTYPE(None, ctypes.c_void_p)
+
+# (ABI 3) `typedef void (*BridgeLogCallback)(int32_t level, const char *message, void *user_data)`.
+BridgeLogCallback = ctypes.CFUNCTYPE(None, ctypes.c_int32, ctypes.c_char_p, ctypes.c_void_p)
+
 _P = ctypes.c_void_p
 _I32, _I64, _F32P = ctypes.c_int32, ctypes.c_int64, ctypes.POINTER(ctypes.c_float)
+_DLT = ctypes.POINTER(DLTensor)
 _SIGNATURES = {
     "bridge_params_default": (_I32, [ctypes.POINTER(BridgeParams)]),
     "bridge_abi_version": (ctypes.c_uint32, []),
@@ -119,13 +210,24 @@ _SIGNATURES = {
     # handle, latents, targets, batch, height, width, dtype, &stats, stream
     "bridge_train_step": (_I32, [_P, _P, _P, _I64, _I32, _I32, _I32, ctypes.POINTER(BridgeStepStats), _P]),
     "bridge_save": (_I32, [_P, ctypes.c_char_p]),
+    # ABI 3. handle, latents, out, stream
+    "bridge_forward_dlpack": (_I32, [_P, _DLT, _DLT, _P]),
+    # handle, pred, latents, grad_pred, loss, stream
+    "bridge_loss_backward_dlpack": (_I32, [_P, _DLT, _DLT, _DLT, _DLT, _P]),
+    # handle, latents, target, grad_latents, loss, stream
+    "bridge_latent_loss_backward_dlpack": (_I32, [_P, _DLT, _DLT, _DLT, _DLT, _P]),
+    # handle, latents, targets, &stats, stream
+    "bridge_train_step_dlpack": (_I32, [_P, _DLT, _DLT, ctypes.POINTER(BridgeStepStats), _P]),
+    "bridge_get_capabilities": (_I32, [ctypes.POINTER(BridgeCapabilities)]),
+    "bridge_set_log_callback": (_I32, [BridgeLogCallback, _P]),
 }
 
 _lib = None
 
 
 def library_path() -> Path:
-    """`$DINO_BRIDGE_LIB`, else `libdino_bridge.so` next to this package."""
+    """`$DINO_BRIDGE_LIB` if set, else `libdino_bridge.so` next to this package: where
+    `pip install ./bindings/python` puts the library it builds (or copy one there)."""
     env = os.environ.get("DINO_BRIDGE_LIB")
     if env:
         return Path(env)

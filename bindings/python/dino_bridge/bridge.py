@@ -1,19 +1,38 @@
-"""`Bridge`: a loaded dino-bridge model, used from numpy arrays or torch tensors.
+"""`Bridge`: a loaded dino-bridge model, used from any array with `__dlpack__`.
 
 Latents are `[B, C, H, W]` with `H, W` any positive multiples of `2^adapter_depth`; tokens
 come out `[B, h*w, D]` on the token grid `(h, w) = (H, W) / 2^adapter_depth` (row-major).
-Every array is checked (container, dtype, shape, C-contiguity, device) before anything
-reaches C, and is passed by pointer without a copy when it already fits. Errors from the
-library raise `BridgeError` with the status name and the library's message.
+
+Arrays reach the library through DLPack (ABI 3's `bridge_*_dlpack` calls): numpy arrays,
+torch tensors, JAX and CuPy arrays, anything with `__dlpack__` / `__dlpack_device__`. Each
+one is exported by its producer (`__dlpack__(stream=..., max_version=(1, 0))`), the capsule
+is taken over (renamed `used_dltensor[_versioned]`) and its managed tensor handed back to
+the producer's deleter when the call returns; the library gets a `DLTensor` of the
+binding's own pointing at the producer's memory, never a copy. Each array keeps its own
+dtype (float32, float16 or bfloat16): a bf16 `pred` does not round f32 latents. Every
+array is checked (dtype, shape, compact row-major layout, device, writability of outputs)
+before anything reaches C. Errors from the library raise `BridgeError` with the status name
+and the library's message.
+
+On CUDA, the library's work is ordered on the caller's current stream (torch's, or
+CuPy's for CuPy arrays): that stream is passed to the library and, as the DLPack protocol
+defines it, to every `__dlpack__` call (the legacy default stream as 1), so the producer
+makes it wait for pending work on the array. Nothing syncs the host except a loss read back
+to a Python float: pass `loss_out=` (a one-element array on the bridge's device) to keep it
+on the device.
 """
 
 from __future__ import annotations
 
+import atexit
 import ctypes
+import logging
 import math
 import numbers
+import sys
+import threading
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 from . import _lib as L
 
@@ -40,48 +59,296 @@ def _check(status: int) -> None:
         raise BridgeError(status, (L.lib().bridge_last_error() or b"").decode("utf-8", "replace"))
 
 
-class _Buffer:
-    """A caller array as the C API sees it: pointer, dtype code, shape, device."""
+# -- DLPack: reading a producer's capsule ------------------------------------------------------
 
-    __slots__ = ("obj", "ptr", "code", "shape", "kind", "device")
+_capsule_is_valid = ctypes.pythonapi.PyCapsule_IsValid
+_capsule_is_valid.restype, _capsule_is_valid.argtypes = ctypes.c_int, [ctypes.py_object, ctypes.c_char_p]
+_capsule_get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+_capsule_get_pointer.restype, _capsule_get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+_capsule_set_name = ctypes.pythonapi.PyCapsule_SetName
+_capsule_set_name.restype, _capsule_set_name.argtypes = ctypes.c_int, [ctypes.py_object, ctypes.c_char_p]
+# PyCapsule_SetName keeps the pointer: these module constants outlive every capsule renamed.
+_VERSIONED, _USED_VERSIONED = b"dltensor_versioned", b"used_dltensor_versioned"
+_LEGACY, _USED_LEGACY = b"dltensor", b"used_dltensor"
+
+_DTYPES = {(L.DL_FLOAT, 32, 1): L.DTYPE_F32, (L.DL_FLOAT, 16, 1): L.DTYPE_F16, (L.DL_BFLOAT, 16, 1): L.DTYPE_BF16}
+_HOST = (L.DL_CPU, L.DL_CUDA_HOST)
+_GPU = (L.DL_CUDA, L.DL_CUDA_MANAGED)
+
+
+def _kind(obj) -> str:
+    mod = type(obj).__module__.split(".")[0]
+    if mod == "numpy" and hasattr(obj, "__dlpack__"):
+        return "numpy"
+    if mod == "torch" and hasattr(obj, "__dlpack__"):
+        return "torch"
+    if hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__"):
+        return "dlpack"
+    return ""
+
+
+def _device_name(device_type: int, device_id: int) -> str:
+    return {L.DL_CPU: "cpu", L.DL_CUDA: f"cuda:{device_id}", L.DL_CUDA_HOST: "cuda_host",
+            L.DL_CUDA_MANAGED: f"cuda_managed:{device_id}"}.get(device_type,
+                                                                f"DLPack device ({device_type}, {device_id})")
+
+
+def _dlpack_stream(handle: int) -> int:
+    """The `stream` argument of `__dlpack__` for a CUDA stream handle: 1 for the legacy
+    default stream (handle 0, which the protocol forbids as ambiguous), 2 is the
+    per-thread default stream, any other value the `cudaStream_t` itself."""
+    return 1 if handle == 0 else handle
+
+
+def _consumer_stream(obj, ordinal: int) -> int:
+    """The `cudaStream_t` (an integer, 0 = the legacy default stream) the library's work
+    is ordered on: the current stream of CuPy for a CuPy array, else torch's current stream
+    on the bridge's device when torch is loaded, else the legacy default stream."""
+    if type(obj).__module__.split(".")[0] == "cupy":
+        import cupy
+
+        return int(cupy.cuda.get_current_stream().ptr)
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        return int(torch.cuda.current_stream(ordinal).cuda_stream)
+    return 0
+
+
+class _Tensor:
+    """A caller array as the library sees it: `ref` is a `DLTensor` of the binding's own
+    (its shape array owned here, strides NULL once the layout was checked compact) pointing
+    at the producer's memory. The producer's managed tensor stays alive (and so its memory)
+    until `release()` hands it to the producer's deleter."""
+
+    __slots__ = ("obj", "name", "kind", "code", "shape", "device", "host", "dl", "ref", "_shape_arr", "_managed",
+                 "_deleter", "__weakref__")
 
     def __init__(self, obj, name: str):
-        self.obj = obj
-        mod = type(obj).__module__.split(".")[0]
-        if mod == "numpy":
-            import numpy as np
+        self.obj, self.name = obj, name
+        self._managed, self._deleter, self._shape_arr = None, None, None
+        self.dl = L.DLTensor()
+        self.ref = ctypes.pointer(self.dl)
 
-            codes = {np.dtype(np.float32): L.DTYPE_F32, np.dtype(np.float16): L.DTYPE_F16}
-            if obj.dtype not in codes:
-                raise ValueError(f"{name}: dtype {obj.dtype} is not supported (float32 or float16; bfloat16 via torch)")
-            if not obj.flags["C_CONTIGUOUS"]:
-                raise ValueError(f"{name}: array is not C-contiguous (use numpy.ascontiguousarray)")
-            self.ptr, self.code, self.kind, self.device = obj.ctypes.data, codes[obj.dtype], "numpy", "cpu"
-        elif mod == "torch":
-            import torch
+    @classmethod
+    def host_scalar(cls, name: str) -> "_Tensor":
+        """A 0-d float32 in host memory owned here (`value()` reads it)."""
+        t = cls(ctypes.c_float(float("nan")), name)
+        t.kind, t.code, t.shape, t.device, t.host = "scalar", L.DTYPE_F32, (), "cpu", True
+        t.dl.data = ctypes.addressof(t.obj)
+        t.dl.device = L.DLDevice(L.DL_CPU, 0)
+        t.dl.dtype = L.DLDataType(L.DL_FLOAT, 32, 1)
+        t.dl.ndim = 0
+        return t
 
-            codes = {torch.float32: L.DTYPE_F32, torch.float16: L.DTYPE_F16, torch.bfloat16: L.DTYPE_BF16}
-            if obj.dtype not in codes:
-                raise ValueError(f"{name}: dtype {obj.dtype} is not supported (float32, float16 or bfloat16)")
+    def value(self) -> float:
+        return float(self.obj.value)
+
+    def reshape(self, shape) -> None:
+        """Describes the same compact memory with another shape (same element count)."""
+        shape = tuple(int(s) for s in shape)
+        assert math.prod(shape) == math.prod(self.shape), (shape, self.shape)
+        self._set_shape(shape)
+
+    def _set_shape(self, shape: tuple) -> None:
+        self.shape = shape
+        self._shape_arr = (ctypes.c_int64 * max(len(shape), 1))(*shape)
+        self.dl.ndim = len(shape)
+        self.dl.shape = ctypes.cast(self._shape_arr, ctypes.POINTER(ctypes.c_int64))
+
+    def release(self) -> None:
+        """Hands the producer's managed tensor to its deleter (once)."""
+        managed, deleter = self._managed, self._deleter
+        self._managed = self._deleter = None
+        if managed and deleter:
+            L.DLPACK_DELETER(deleter)(managed)
+
+    def __del__(self):
+        try:
+            self.release()
+        except Exception:
+            pass
+
+    # -- import ------------------------------------------------------------------------
+    def take(self, capsule) -> tuple:
+        """Takes over a `__dlpack__` capsule: reads its managed tensor, marks the capsule
+        used (its destructor then leaves the tensor alone: the deleter is ours to call), and
+        copies the descriptor. Returns the producer's flags and strides."""
+        if _capsule_is_valid(capsule, _VERSIONED):
+            ptr = _capsule_get_pointer(capsule, _VERSIONED)
+            _capsule_set_name(capsule, _USED_VERSIONED)
+            managed = L.DLManagedTensorVersioned.from_address(ptr)
+            self._managed, self._deleter = ptr, managed.deleter
+            if managed.version.major != L.DLPACK_MAX_VERSION[0]:
+                version = (managed.version.major, managed.version.minor)
+                self.release()
+                raise BufferError(f"{self.name}: the producer exported DLPack {version[0]}.{version[1]}, "
+                                  f"but this binding reads DLPack {L.DLPACK_MAX_VERSION[0]}.x")
+            flags = int(managed.flags)
+        elif _capsule_is_valid(capsule, _LEGACY):
+            ptr = _capsule_get_pointer(capsule, _LEGACY)
+            _capsule_set_name(capsule, _USED_LEGACY)
+            managed = L.DLManagedTensor.from_address(ptr)
+            self._managed, self._deleter = ptr, managed.deleter
+            flags = 0
+        else:
+            raise BufferError(f"{self.name}: __dlpack__ returned {capsule!r}, not an unused DLPack capsule")
+        src = managed.dl_tensor
+        ndim = int(src.ndim)
+        shape = tuple(int(src.shape[i]) for i in range(ndim))
+        strides = None if not src.strides else tuple(int(src.strides[i]) for i in range(ndim))
+        self.dl.data = src.data
+        self.dl.device = L.DLDevice(src.device.device_type, src.device.device_id)
+        self.dl.dtype = L.DLDataType(src.dtype.code, src.dtype.bits, src.dtype.lanes)
+        self.dl.byte_offset = src.byte_offset
+        self.dl.strides = None
+        self._set_shape(shape)
+        return flags, strides
+
+
+def _dtype_name(obj, dl: L.DLDataType) -> str:
+    dt = getattr(obj, "dtype", None)
+    return str(dt) if dt is not None else f"(DLPack code {dl.code}, {dl.bits} bits, {dl.lanes} lanes)"
+
+
+def _not_compact(t: _Tensor, strides) -> str:
+    if t.kind == "torch":
+        return f"{t.name}: tensor is not contiguous (call .contiguous())"
+    if t.kind == "numpy":
+        return f"{t.name}: array is not C-contiguous (use numpy.ascontiguousarray)"
+    return f"{t.name}: strides {list(strides)} for shape {list(t.shape)} are not compact row-major"
+
+
+def _compact(shape, strides) -> bool:
+    if strides is None:
+        return True
+    expected = 1
+    for size, stride in zip(reversed(shape), reversed(strides)):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+class _Call:
+    """The arrays of one library call: imported on the bridge's device with one stream,
+    released (their managed tensors handed back) when the call is over."""
+
+    def __init__(self, bridge: "Bridge"):
+        self.ordinal = bridge._info["device"]
+        self.bridge_device = bridge.device
+        self.tensors = []
+        self.stream = None  # the cudaStream_t handle (int) on a CUDA bridge, once known
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for t in self.tensors:
+            t.release()
+
+    def stream_arg(self):
+        return ctypes.c_void_p(self.stream or None)
+
+    def arg(self, obj, name: str, *, writable: bool = False, host_ok: bool = False) -> _Tensor:
+        kind = _kind(obj)
+        if not kind:
+            raise TypeError(f"{name}: expected an array with __dlpack__ (numpy, torch, JAX, CuPy, ...), got "
+                            f"{type(obj).__name__}")
+        if kind == "torch":
             if obj.device.type not in ("cpu", "cuda"):
                 raise ValueError(f"{name}: device {obj.device} is not supported (cpu or cuda)")
-            if not obj.is_contiguous():
-                raise ValueError(f"{name}: tensor is not contiguous (call .contiguous())")
-            self.ptr, self.code, self.kind = obj.data_ptr(), codes[obj.dtype], "torch"
-            self.device = "cpu" if obj.device.type == "cpu" else f"cuda:{obj.device.index or 0}"
-        else:
-            raise TypeError(f"{name}: expected a numpy array or a torch tensor, got {type(obj).__name__}")
-        self.shape = tuple(obj.shape)
+            obj = obj.detach()  # __dlpack__ refuses a tensor that requires grad
+        t = _Tensor(obj, name)
+        t.kind = kind
+        device_type, device_id = (int(x) for x in obj.__dlpack_device__())
+        t.device, t.host = _device_name(device_type, device_id), device_type in _HOST
+        if device_type not in _HOST + _GPU:
+            raise ValueError(f"{name}: {t.device} is not supported (host memory or CUDA)")
+        on_bridge = (t.host if self.ordinal < 0 else
+                     (t.host and host_ok) or (device_type in _GPU and device_id == self.ordinal))
+        if not on_bridge:
+            raise ValueError(f"{name} is on {t.device} but the bridge is on {self.bridge_device}")
+        kwargs = {}
+        if device_type in _GPU:
+            if self.stream is None:
+                self.stream = _consumer_stream(obj, self.ordinal)
+            kwargs["stream"] = _dlpack_stream(self.stream)
+        self.tensors.append(t)
+        try:
+            capsule = self._export(obj, kind, device_type, device_id, kwargs, writable)
+        except BufferError as e:
+            raise ValueError(f"{name}: its producer cannot export it through DLPack: {e}") from e
+        flags, strides = t.take(capsule)
+        del capsule
+        code = _DTYPES.get((t.dl.dtype.code, t.dl.dtype.bits, t.dl.dtype.lanes))
+        if code is None:
+            raise ValueError(f"{name}: dtype {_dtype_name(obj, t.dl.dtype)} is not supported "
+                             f"(float32, float16 or bfloat16)")
+        t.code = code
+        if not _compact(t.shape, strides):
+            raise ValueError(_not_compact(t, strides))
+        if writable and flags & L.DLPACK_FLAG_READ_ONLY:
+            raise ValueError(f"{name} is read-only, but the library writes it")
+        if writable and flags & L.DLPACK_FLAG_IS_COPIED:
+            raise ValueError(f"{name}: its producer exported a copy, so what the library writes would not reach it")
+        return t
 
-    def empty(self, shape):
-        """A new output array of the same kind, dtype and device."""
-        if self.kind == "numpy":
+    @staticmethod
+    def _export(obj, kind, device_type, device_id, kwargs, writable):
+        if kind == "torch" and device_type == L.DL_CUDA:
+            import torch
+
+            if device_id != torch.cuda.current_device():  # torch exports from the current device only
+                with torch.cuda.device(device_id):
+                    return _Call._dlpack(obj, kwargs, writable)
+        return _Call._dlpack(obj, kwargs, writable)
+
+    @staticmethod
+    def _dlpack(obj, kwargs, writable):
+        versioned = dict(kwargs, max_version=L.DLPACK_MAX_VERSION)
+        if writable:
+            versioned["copy"] = False
+        try:
+            return obj.__dlpack__(**versioned)
+        except TypeError:  # a producer that predates DLPack 1.0's Python protocol
+            return obj.__dlpack__(**kwargs)
+
+    def empty(self, like: _Tensor, shape):
+        """A new output of `like`'s kind, dtype and device. For other producers: numpy for
+        float32/float16 host memory, else torch (bfloat16, CUDA); `result` converts it to the
+        producer's kind."""
+        obj = like.obj
+        if like.kind == "torch":
+            import torch
+
+            return torch.empty(shape, dtype=obj.dtype, device=obj.device)
+        if like.kind == "numpy" or (like.host and like.code != L.DTYPE_BF16):
             import numpy as np
 
-            return np.empty(shape, dtype=self.obj.dtype)
-        import torch
+            return np.empty(shape, dtype=np.float32 if like.code == L.DTYPE_F32 else np.float16)
+        try:
+            import torch
+        except ImportError:
+            raise ValueError(f"{like.name}: cannot allocate a {L.DTYPE_NAMES[like.code]} output on {like.device} "
+                             f"without torch; pass the output array") from None
+        dtype = {L.DTYPE_F32: torch.float32, L.DTYPE_F16: torch.float16, L.DTYPE_BF16: torch.bfloat16}[like.code]
+        device = "cpu" if like.host else f"cuda:{like.dl.device.device_id}"
+        return torch.empty(shape, dtype=dtype, device=device)
 
-        return torch.empty(shape, dtype=self.obj.dtype, device=self.obj.device)
+    @staticmethod
+    def result(buf, like: _Tensor):
+        """`buf` (made by `empty`) as an array of `like`'s producer: its namespace's
+        `from_dlpack` (the array API), when it has one."""
+        if like.kind != "dlpack":
+            return buf
+        ns = getattr(like.obj, "__array_namespace__", None)
+        xp = ns() if ns is not None else None
+        if xp is not None and hasattr(xp, "from_dlpack"):
+            return xp.from_dlpack(buf)
+        return buf
+
+
+# -- the caller grid ---------------------------------------------------------------------------
 
 
 def grid_match(caller: Tuple[int, int], bridge: Tuple[int, int]) -> Optional[Tuple[str, int]]:
@@ -133,6 +400,86 @@ def infer_caller_grid(tokens: int, bridge: Tuple[int, int]) -> Tuple[int, int]:
         f"pred: {tokens} tokens fit more than one caller grid for the bridge's token grid {h}x{w} "
         f"({', '.join(f'{a}x{b}' for a, b in found)}): pass grid=(ph, pw)"
     )
+
+
+# -- capabilities and logs ---------------------------------------------------------------------
+
+
+def capabilities() -> dict:
+    """What the loaded library can do (`bridge_get_capabilities`): `abi_version`, `cuda`
+    (built with CUDA), `cuda_devices` (devices the driver reports), `buffer_dtypes` and
+    `compute_dtypes` (names), `dlpack_version` (the `DLTensor` layout read, `(major,
+    minor)`), `max_latent_side`."""
+    caps = L.BridgeCapabilities()
+    caps.struct_size = ctypes.sizeof(L.BridgeCapabilities)
+    _check(L.lib().bridge_get_capabilities(ctypes.byref(caps)))
+
+    def names(bits):
+        return [L.DTYPE_NAMES[c] for c in sorted(L.DTYPE_NAMES) if bits >> c & 1]
+
+    return {
+        "abi_version": int(caps.abi_version),
+        "cuda": bool(caps.cuda),
+        "cuda_devices": int(caps.cuda_devices),
+        "buffer_dtypes": names(caps.buffer_dtypes),
+        "compute_dtypes": names(caps.compute_dtypes),
+        "dlpack_version": (int(caps.dlpack_major), int(caps.dlpack_minor)),
+        "max_latent_side": int(caps.max_latent_side),
+    }
+
+
+_LOG_LEVELS = {L.LOG_DEBUG: logging.DEBUG, L.LOG_INFO: logging.INFO, L.LOG_WARN: logging.WARNING,
+               L.LOG_ERROR: logging.ERROR}
+_log_lock = threading.Lock()
+_log_callback = None  # the installed ctypes function: kept alive while the library may call it
+_log_atexit = False
+
+
+def set_log_callback(fn: Optional[Callable[[int, str], None]]) -> None:
+    """Sends the library's messages to `fn(level, message)` (`level` a `logging` level:
+    DEBUG, INFO, WARNING or ERROR), or nowhere with None. Process-wide. `fn` runs on
+    whichever thread the library emits from (with the GIL taken); its exceptions are
+    swallowed, since they cannot cross into the library."""
+    global _log_callback, _log_atexit
+
+    def deliver(level, message, _user_data):
+        try:
+            fn(_LOG_LEVELS.get(level, logging.WARNING), (message or b"").decode("utf-8", "replace"))
+        except Exception:  # noqa: BLE001 (nothing may propagate into C)
+            pass
+
+    cb = None if fn is None else L.BridgeLogCallback(deliver)
+    with _log_lock:
+        # The library lets a message being delivered finish before the call returns, so the
+        # previous callback may be dropped afterwards.
+        _check(L.lib().bridge_set_log_callback(cb if cb is not None else L.BridgeLogCallback(), None))
+        _log_callback = cb
+        if cb is not None and not _log_atexit:
+            atexit.register(_remove_log_callback)
+            _log_atexit = True
+
+
+def _remove_log_callback() -> None:
+    # At exit, before Python tears down what a callback would need.
+    if _log_callback is not None and L._lib is not None:
+        set_log_callback(None)
+
+
+def enable_logging(logger: "logging.Logger | str" = "dino_bridge") -> logging.Logger:
+    """Routes the library's messages (which BLAS or device path was taken, fallbacks,
+    train steps skipped for a non-finite loss) into Python's `logging`, to `logger` (a name
+    or a Logger; default "dino_bridge"). Returns the logger. `disable_logging()` undoes it."""
+    log = logging.getLogger(logger) if isinstance(logger, str) else logger
+    set_log_callback(lambda level, message: log.log(level, "%s", message))
+    return log
+
+
+def disable_logging() -> None:
+    """The library's messages go nowhere again (the default)."""
+    set_log_callback(None)
+
+
+# -- the bridge -----------------------------------------------------------------------------
 
 
 class Bridge:
@@ -227,24 +574,18 @@ class Bridge:
         return (height // m, width // m)
 
     # -- argument checks -------------------------------------------------------------
-    def _args(self, **arrays):
-        bufs = {name: _Buffer(a, name) for name, a in arrays.items()}
-        first = next(iter(bufs.values()))
-        for name, b in bufs.items():
-            if b.code != first.code or b.kind != first.kind:
-                raise ValueError(f"{name}: dtype {b.obj.dtype} differs from the other inputs' {first.obj.dtype}")
-            if b.device != self.device:
-                raise ValueError(f"{name} is on {b.device} but the bridge is on {self.device}")
-        return bufs
+    def _call(self) -> _Call:
+        self._handle()
+        return _Call(self)
 
-    def _expect(self, buf: _Buffer, name: str, tail: tuple, batch: int | None = None) -> int:
+    def _expect(self, buf: _Tensor, name: str, tail: tuple, batch: int | None = None) -> int:
         shape = buf.shape
         if len(shape) != len(tail) + 1 or shape[1:] != tail or shape[0] < 1 or (batch is not None and shape[0] != batch):
             want = f"[{batch if batch is not None else 'B'}, {', '.join(map(str, tail))}]"
             raise ValueError(f"{name}: shape {list(shape)}, expected {want}")
         return shape[0]
 
-    def _latents(self, buf: _Buffer, name: str = "latents", batch: int | None = None):
+    def _latents(self, buf: _Tensor, name: str = "latents", batch: int | None = None):
         """(batch, height, width, token grid) of latents `[B, in_ch, H, W]`."""
         shape, c = buf.shape, self._info["in_ch"]
         if len(shape) != 4 or shape[1] != c or shape[0] < 1 or (batch is not None and shape[0] != batch):
@@ -256,18 +597,20 @@ class Bridge:
     def _tokens(self, grid: Tuple[int, int]) -> tuple:
         return (grid[0] * grid[1], self._info["target_dim"])
 
-    def _caller_grid(self, pred: _Buffer, grid, bridge_grid: Tuple[int, int]) -> Tuple[int, int]:
-        """The caller grid of `pred`: `grid` checked against the bridge grid, or inferred."""
-        if len(pred.shape) != 3:
-            raise ValueError(f"pred: shape {list(pred.shape)}, expected [B, ph*pw, {self._info['target_dim']}]")
+    def _caller_grid(self, pred: _Tensor, grid, bridge_grid: Tuple[int, int]) -> Tuple[int, int]:
+        """The caller grid of `pred` (`[B, ph*pw, D]`, or `[B, ph, pw, D]`, which names it):
+        `grid` checked against the bridge grid, or inferred."""
+        d = self._info["target_dim"]
+        if len(pred.shape) == 4:
+            own = tuple(pred.shape[1:3])
+            if grid is not None and _grid_pair(grid) != own:
+                raise ValueError(f"grid={grid!r} differs from pred's own grid {own} (pred {list(pred.shape)})")
+            grid = own
+        elif len(pred.shape) != 3:
+            raise ValueError(f"pred: shape {list(pred.shape)}, expected [B, ph*pw, {d}] or [B, ph, pw, {d}]")
         if grid is None:
             return infer_caller_grid(pred.shape[1], bridge_grid)
-        if isinstance(grid, numbers.Integral):
-            grid = (grid, grid)
-        try:
-            ph, pw = (int(g) for g in grid)
-        except (TypeError, ValueError):
-            raise ValueError(f"grid={grid!r}: expected (ph, pw), the caller's token grid") from None
+        ph, pw = _grid_pair(grid)
         if grid_match((ph, pw), bridge_grid) is None:
             h, w = bridge_grid
             raise ValueError(
@@ -276,98 +619,114 @@ class Bridge:
             )
         return (ph, pw)
 
-    def _stream(self, buf: _Buffer):
-        if buf.device == "cpu":
-            return None
-        import torch
-
-        return ctypes.c_void_p(torch.cuda.current_stream(buf.obj.device).cuda_stream)
+    def _loss(self, call: _Call, loss_out):
+        if loss_out is None:
+            return _Tensor.host_scalar("loss")
+        t = call.arg(loss_out, "loss_out", writable=True, host_ok=True)
+        if math.prod(t.shape) != 1:
+            raise ValueError(f"loss_out: shape {list(t.shape)}, expected one element")
+        return t
 
     # -- compute ---------------------------------------------------------------------
     def forward(self, latents, out=None):
         """DINOv2 tokens `[B, h*w, target_dim]` for latents `[B, C, H, W]`, on the token grid
         `(h, w) = (H, W) / 2^adapter_depth` (same kind, dtype and device as `latents`;
-        written into `out` when given)."""
-        bufs = self._args(latents=latents, **({} if out is None else {"out": out}))
-        lat = bufs["latents"]
-        b, height, width, grid = self._latents(lat)
-        if out is None:
-            out = lat.empty((b,) + self._tokens(grid))
-            o = _Buffer(out, "out")
-        else:
-            o = bufs["out"]
+        written into `out`, of any float dtype, when given)."""
+        with self._call() as call:
+            lat = call.arg(latents, "latents")
+            b, height, width, grid = self._latents(lat)
+            made = out is None
+            if made:
+                out = call.empty(lat, (b,) + self._tokens(grid))
+            o = call.arg(out, "out", writable=True)
             self._expect(o, "out", self._tokens(grid), b)
-        lib = L.lib()
-        if lat.device == "cpu":
-            _check(lib.bridge_forward(self._handle(), lat.ptr, o.ptr, b, height, width, lat.code))
-        else:
-            _check(lib.bridge_forward_cuda_ptr(self._handle(), lat.ptr, o.ptr, b, height, width, lat.code,
-                                               self._stream(lat)))
-        return out
+            _check(L.lib().bridge_forward_dlpack(self._handle(), lat.ref, o.ref, call.stream_arg()))
+        return call.result(out, lat) if made else out
 
-    def loss_backward(self, pred, latents, grid=None, *, grad_out=None):
+    def loss_backward(self, pred, latents, grid=None, *, grad_out=None, loss_out=None):
         """REPA alignment against the frozen bridge. `pred` `[B, ph*pw, target_dim]` is the
-        caller's projection on its token grid `grid = (ph, pw)`; the bridge's grid for
-        `latents` `[B, C, H, W]` is `(h, w) = (H, W) / 2^adapter_depth`, and `(ph, pw)` must
-        equal it, or be `k` times it (pred pooled `k x k`), or `1/k` of it (target pooled).
-        Without `grid` it is inferred from the token count (the one grid that fits; e.g.
-        240 tokens on a 6x10 bridge grid are 12x20). Returns `(loss, d loss / d pred)`."""
-        arrays = {"pred": pred, "latents": latents}
-        if grad_out is not None:
-            arrays["grad_out"] = grad_out
-        bufs = self._args(**arrays)
-        p = bufs["pred"]
-        b, height, width, bridge_grid = self._latents(bufs["latents"])
-        ph, pw = self._caller_grid(p, grid, bridge_grid)
-        self._expect(p, "pred", self._tokens((ph, pw)), b)
-        if grad_out is None:
-            grad_out = p.empty(p.shape)
-            go = _Buffer(grad_out, "grad_out")
-        else:
-            go = bufs["grad_out"]
-            self._expect(go, "grad_out", self._tokens((ph, pw)), b)
-        loss = ctypes.c_float()
-        _check(L.lib().bridge_loss_backward(self._handle(), p.ptr, bufs["latents"].ptr, go.ptr, b, height, width,
-                                            ph, pw, p.code, ctypes.byref(loss), self._stream(p)))
-        return loss.value, grad_out
+        caller's projection on its token grid `grid = (ph, pw)` (or `[B, ph, pw, target_dim]`,
+        which names it); the bridge's grid for `latents` `[B, C, H, W]` is `(h, w) = (H, W) /
+        2^adapter_depth`, and `(ph, pw)` must equal it, or be `k` times it (pred pooled
+        `k x k`), or `1/k` of it (target pooled). Without `grid` it is inferred from the
+        token count (the one grid that fits; e.g. 240 tokens on a 6x10 bridge grid are
+        12x20). `pred` and `latents` may differ in dtype: each is read in its own.
 
-    def latent_loss_backward(self, latents, target, grad_out=None):
+        Returns `(loss, d loss / d pred)`, the gradient in pred's kind, dtype and device (or
+        written into `grad_out`). The loss is a float (read back: one sync on a GPU), or,
+        with `loss_out` (a one-element array on the host or the bridge's device), written
+        there and `loss_out` returned: on the device nothing syncs, and a non-finite loss
+        is written as NaN or Inf instead of raising."""
+        with self._call() as call:
+            p = call.arg(pred, "pred")
+            lat = call.arg(latents, "latents")
+            b, height, width, bridge_grid = self._latents(lat)
+            ph, pw = self._caller_grid(p, grid, bridge_grid)
+            tokens = self._tokens((ph, pw))
+            if len(p.shape) == 4:
+                if p.shape != (b, ph, pw, tokens[1]):
+                    raise ValueError(f"pred: shape {list(p.shape)}, expected [{b}, {ph}, {pw}, {tokens[1]}]")
+            else:
+                self._expect(p, "pred", tokens, b)
+            made = grad_out is None
+            if made:
+                grad_out = call.empty(p, p.shape)
+            go = call.arg(grad_out, "grad_out", writable=True)
+            if go.shape != p.shape:
+                raise ValueError(f"grad_out: shape {list(go.shape)}, expected pred's {list(p.shape)}")
+            loss = self._loss(call, loss_out)
+            # The caller grid made explicit: [B, ph, pw, D] descriptors of the same memory.
+            for t in (p, go):
+                t.reshape((b, ph, pw, tokens[1]))
+            _check(L.lib().bridge_loss_backward_dlpack(self._handle(), p.ref, lat.ref, go.ref, loss.ref,
+                                                       call.stream_arg()))
+        return (loss.value() if loss_out is None else loss_out), (call.result(grad_out, p) if made else grad_out)
+
+    def latent_loss_backward(self, latents, target, grad_out=None, *, loss_out=None):
         """Loss between bridge(latents) and `target` `[B, h*w, target_dim]` (the token grid
         of the latents' size), and its gradient with respect to the latents. Returns
-        `(loss, grad_latents)`."""
-        arrays = {"latents": latents, "target": target}
-        if grad_out is not None:
-            arrays["grad_out"] = grad_out
-        bufs = self._args(**arrays)
-        lat = bufs["latents"]
-        b, height, width, grid = self._latents(lat)
-        self._expect(bufs["target"], "target", self._tokens(grid), b)
-        if grad_out is None:
-            grad_out = lat.empty(lat.shape)
-            go = _Buffer(grad_out, "grad_out")
-        else:
-            go = bufs["grad_out"]
+        `(loss, grad_latents)`; the loss as in `loss_backward` (a float, or `loss_out`)."""
+        with self._call() as call:
+            lat = call.arg(latents, "latents")
+            tgt = call.arg(target, "target")
+            b, height, width, grid = self._latents(lat)
+            self._expect(tgt, "target", self._tokens(grid), b)
+            made = grad_out is None
+            if made:
+                grad_out = call.empty(lat, lat.shape)
+            go = call.arg(grad_out, "grad_out", writable=True)
             self._expect(go, "grad_out", lat.shape[1:], b)
-        loss = ctypes.c_float()
-        _check(L.lib().bridge_latent_loss_backward(self._handle(), lat.ptr, bufs["target"].ptr, go.ptr, b, height,
-                                                   width, lat.code, ctypes.byref(loss), self._stream(lat)))
-        return loss.value, grad_out
+            loss = self._loss(call, loss_out)
+            _check(L.lib().bridge_latent_loss_backward_dlpack(self._handle(), lat.ref, tgt.ref, go.ref, loss.ref,
+                                                              call.stream_arg()))
+        return (loss.value() if loss_out is None else loss_out), (call.result(grad_out, lat) if made else grad_out)
 
     def train_step(self, latents, targets) -> dict:
         """One AdamW step on the bridge's weights: latents `[B, C, H, W]`, targets
         `[B, h*w, target_dim]` on their token grid. Returns loss, grad_norm, lr, step and
         skipped (True when a non-finite loss or gradient skipped the update)."""
-        bufs = self._args(latents=latents, targets=targets)
-        lat = bufs["latents"]
-        b, height, width, grid = self._latents(lat)
-        self._expect(bufs["targets"], "targets", self._tokens(grid), b)
-        stats = L.BridgeStepStats()
-        stats.struct_size = ctypes.sizeof(L.BridgeStepStats)
-        _check(L.lib().bridge_train_step(self._handle(), lat.ptr, bufs["targets"].ptr, b, height, width, lat.code,
-                                         ctypes.byref(stats), self._stream(lat)))
+        with self._call() as call:
+            lat = call.arg(latents, "latents")
+            tgt = call.arg(targets, "targets")
+            b, height, width, grid = self._latents(lat)
+            self._expect(tgt, "targets", self._tokens(grid), b)
+            stats = L.BridgeStepStats()
+            stats.struct_size = ctypes.sizeof(L.BridgeStepStats)
+            _check(L.lib().bridge_train_step_dlpack(self._handle(), lat.ref, tgt.ref, ctypes.byref(stats),
+                                                    call.stream_arg()))
         return {"loss": stats.loss, "grad_norm": stats.grad_norm, "lr": stats.lr, "step": stats.step,
                 "skipped": bool(stats.skipped)}
 
     def save(self, path: str | Path) -> None:
         """Atomic checkpoint write (weights, optimiser state, train state)."""
         _check(L.lib().bridge_save(self._handle(), str(path).encode()))
+
+
+def _grid_pair(grid) -> Tuple[int, int]:
+    if isinstance(grid, numbers.Integral):
+        return (int(grid), int(grid))
+    try:
+        ph, pw = (int(g) for g in grid)
+    except (TypeError, ValueError):
+        raise ValueError(f"grid={grid!r}: expected (ph, pw), the caller's token grid") from None
+    return (ph, pw)

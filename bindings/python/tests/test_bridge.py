@@ -1,10 +1,12 @@
 """The Python binding on numpy arrays against the PyTorch fixtures (the tiny bridge, and
 the `shapes` bridge at three latent sizes with every alignment option), its argument
 checks (which must fire before anything reaches C), the caller-grid inference, and the
-ABI: ctypes declarations against the header, and a library of another version refused."""
+ABI: ctypes declarations against the header (ABI 3's DLPack structs, capabilities and log
+callback included), and a library of another version refused."""
 
 import ctypes
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,10 +87,23 @@ def test_bad_arrays_raise_value_error_before_c(bridge, fx, make, match):
         bridge.forward(make(load(fx, "latents.npy")))
 
 
+def test_each_array_keeps_its_own_dtype(bridge, fx, expected):
+    """ABI 3: a float16 pred with float32 latents is read as it is (no conversion of
+    either to the other's dtype); the gradient comes back in pred's dtype."""
+    lat, pred = load(fx, "latents.npy"), load(fx, "pred_grid8.npy")
+    half = pred.astype(np.float16)
+    loss, grad = bridge.loss_backward(half, lat)
+    assert grad.dtype == np.float16
+    want_loss, want_grad = bridge.loss_backward(half.astype(np.float32), lat)  # the same values, all f32
+    assert abs(loss - want_loss) <= 1e-6
+    np.testing.assert_array_equal(grad, want_grad.astype(np.float16))
+    out = np.zeros((3, 16, 48), np.float16)
+    assert bridge.forward(lat, out=out) is out
+    np.testing.assert_array_equal(out, bridge.forward(lat).astype(np.float16))
+
+
 def test_mismatched_arguments(bridge, fx):
     lat = load(fx, "latents.npy")
-    with pytest.raises(ValueError, match="differs"):
-        bridge.loss_backward(load(fx, "pred_grid8.npy").astype(np.float16), lat)
     with pytest.raises(ValueError, match="60 tokens fit no caller grid for the bridge's token grid 4x4"):
         bridge.loss_backward(np.ascontiguousarray(load(fx, "pred_grid8.npy")[:, :60]), lat)
     with pytest.raises(ValueError, match=r"grid=\(8, 4\): the caller grid must equal .* 4x4"):
@@ -99,7 +114,7 @@ def test_mismatched_arguments(bridge, fx):
         bridge.loss_backward(load(fx, "pred_grid8.npy"), lat, grid="8x8")
     with pytest.raises(ValueError, match=r"expected \[3, 16, 48\]"):
         bridge.latent_loss_backward(lat, load(fx, "target.npy")[:2])
-    with pytest.raises(TypeError, match="numpy array or a torch tensor"):
+    with pytest.raises(TypeError, match=r"expected an array with __dlpack__ \(numpy, torch, JAX, CuPy, ...\), got list"):
         bridge.forward(lat.tolist())
     with pytest.raises(ValueError, match="unknown setting"):
         Bridge(widht=3)
@@ -307,10 +322,10 @@ def test_rectangular_alignment_checks_run_before_c(shapes):
 
 def test_the_library_speaks_the_headers_abi():
     header = int(re.search(r"#define BRIDGE_ABI_VERSION (\d+)", HEADER).group(1))
-    assert L.ABI_VERSION == header == L.lib().bridge_abi_version() == 2
+    assert L.ABI_VERSION == header == L.lib().bridge_abi_version() == 3
 
 
-@pytest.mark.parametrize("package_version", [1, 3])
+@pytest.mark.parametrize("package_version", [2, 4])
 def test_a_library_of_another_abi_is_refused_naming_both_versions(monkeypatch, package_version):
     monkeypatch.setattr(L, "_lib", None)
     monkeypatch.setattr(L, "ABI_VERSION", package_version)
@@ -318,15 +333,16 @@ def test_a_library_of_another_abi_is_refused_naming_both_versions(monkeypatch, p
         with pytest.raises(AbiMismatchError) as e:
             attempt()
         msg = str(e.value)
-        assert f"has ABI version 2, but this dino_bridge package was written for ABI version {package_version}" in msg
+        assert f"has ABI version 3, but this dino_bridge package was written for ABI version {package_version}" in msg
         assert str(L.library_path()) in msg
-        assert (e.value.library_version, e.value.expected) == (2, package_version)
+        assert (e.value.library_version, e.value.expected) == (3, package_version)
         assert isinstance(e.value, OSError)
         assert L._lib is None, "a refused library must not be kept"
 
 
 _CTYPES = {ctypes.c_uint32: "uint32_t", ctypes.c_int32: "int32_t", ctypes.c_int64: "int64_t",
-           ctypes.c_uint64: "uint64_t", ctypes.c_float: "float", ctypes.c_char_p: "char*", ctypes.c_void_p: "void*"}
+           ctypes.c_uint64: "uint64_t", ctypes.c_float: "float", ctypes.c_char_p: "char*", ctypes.c_void_p: "void*",
+           ctypes.c_uint8: "uint8_t", ctypes.c_uint16: "uint16_t"}
 
 
 def _c_type(t: str) -> str:
@@ -335,6 +351,10 @@ def _c_type(t: str) -> str:
 
 
 def _py_type(t) -> set:
+    if t is L.BridgeLogCallback:
+        return {"BridgeLogCallback"}
+    if isinstance(t, type) and issubclass(t, ctypes.Structure):  # a struct by value (DLTensor.device)
+        return {t.__name__}
     if t in _CTYPES:
         c = _CTYPES[t]
         return {c, "BridgeHandle*"} if c == "void*" else {c}
@@ -344,16 +364,38 @@ def _py_type(t) -> set:
     raise AssertionError(f"unmapped ctypes type {t}")
 
 
-@pytest.mark.parametrize("struct", ["BridgeParams", "BridgeInfo", "BridgeStepStats"])
+@pytest.mark.parametrize("struct", ["BridgeParams", "BridgeInfo", "BridgeStepStats", "BridgeCapabilities", "DLDevice",
+                                    "DLDataType", "DLTensor"])
 def test_ctypes_structs_mirror_the_header(struct):
-    body = re.search(r"typedef struct %s \{(.*?)\} %s;" % (struct, struct), HEADER, re.S).group(1)
-    c_fields = [(m.group(2), _c_type(m.group(1))) for m in re.finditer(r"^\s*([\w][\w *]*?)(\w+);$", body, re.M)]
+    # BridgeX is `typedef struct BridgeX {...} BridgeX;`, the DLPack ones `typedef struct {...} DLX;`.
+    body = re.search(r"typedef struct (?:%s )?\{([^{}]*)\} %s;" % (struct, struct), HEADER).group(1)
+    body = re.sub(r"/\*.*?\*/", "", body)
+    c_fields = [(m.group(2), _c_type(m.group(1))) for m in re.finditer(r"^\s*([\w][\w *]*?)(\w+);\s*$", body, re.M)]
+    assert c_fields, struct
     py_fields = getattr(L, struct)._fields_
     assert [n for n, _ in py_fields] == [n for n, _ in c_fields]
     for (name, pt), (_, ct) in zip(py_fields, c_fields):
         assert ct in _py_type(pt), f"{struct}.{name}: C {ct}, ctypes {pt}"
     if struct == "BridgeParams":
         assert [n for n, _ in py_fields[-2:]] == ["w_gram", "spatial_norm_gamma"]
+
+
+def test_the_dlpack_constants_and_the_log_callback_mirror_the_header():
+    for name in ("DL_CPU", "DL_CUDA", "DL_CUDA_HOST", "DL_CUDA_MANAGED", "BRIDGE_LOG_DEBUG", "BRIDGE_LOG_INFO",
+                 "BRIDGE_LOG_WARN", "BRIDGE_LOG_ERROR"):
+        value = int(re.search(r"#define %s (-?\d+)" % name, HEADER).group(1))
+        assert getattr(L, name.replace("BRIDGE_", "")) == value, name
+    m = re.search(r"typedef (\w+) \(\*BridgeLogCallback\)\((.*?)\);", HEADER)
+    ret, args = m.group(1), [_c_type(re.match(r"(.*?)(\w+)$", a.strip()).group(1)) for a in m.group(2).split(",")]
+    assert ret == "void" and L.BridgeLogCallback._restype_ is None
+    assert [c in _py_type(t) for c, t in zip(args, L.BridgeLogCallback._argtypes_)] == [True] * 3, args
+    # The DLPack managed tensors (dlpack.h, not this header): the layout DLPack 1.x defines.
+    P = ctypes.sizeof(ctypes.c_void_p)
+    assert ctypes.sizeof(L.DLTensor) == 48 if P == 8 else True
+    assert L.DLManagedTensor.dl_tensor.offset == 0 and L.DLManagedTensor.deleter.offset == ctypes.sizeof(L.DLTensor) + P
+    assert (L.DLManagedTensorVersioned.manager_ctx.offset, L.DLManagedTensorVersioned.deleter.offset,
+            L.DLManagedTensorVersioned.flags.offset, L.DLManagedTensorVersioned.dl_tensor.offset) == (8, 8 + P, 8 + 2 * P,
+                                                                                                      16 + 2 * P)
 
 
 def test_ctypes_signatures_mirror_the_header():
@@ -369,3 +411,18 @@ def test_ctypes_signatures_mirror_the_header():
         assert len(argtypes) == len(c_args), f"{name}: {len(argtypes)} ctypes arguments, {len(c_args)} in C"
         for i, (pt, ct) in enumerate(zip(argtypes, c_args)):
             assert ct in _py_type(pt), f"{name} argument {i}: C {ct}, ctypes {pt}"
+
+
+@pytest.mark.parametrize("struct", ["DLPackVersion", "DLManagedTensor", "DLManagedTensorVersioned", "DLTensor"])
+def test_the_managed_tensor_mirrors_follow_the_real_dlpack_h(struct):
+    """The capsule's structs are not in our header: check them against the dlpack.h the
+    torch wheel ships (field names and order; the C types as in the header test)."""
+    torch = pytest.importorskip("torch")
+    path = Path(torch.__file__).parent / "include" / "ATen" / "dlpack.h"
+    if not path.is_file():
+        pytest.skip(f"no dlpack.h at {path}")
+    text = re.sub(r"/\*.*?\*/", "", path.read_text(), flags=re.S)
+    body = re.search(r"typedef struct (?:%s )?\{([^{}]*)\} %s;" % (struct, struct), text).group(1)
+    names = [re.sub(r"^\(\*(\w+)\).*", r"\1", m.group(2)) for m in
+             re.finditer(r"^\s*([\w][\w *]*?)\s*(\(\*\w+\)\([^)]*\)|\w+);\s*$", body, re.M)]
+    assert [n for n, _ in getattr(L, struct)._fields_] == names

@@ -1,5 +1,6 @@
 """The REPA example runs on the CPU at the `repa` grid (16x16 caller tokens against a 16x16
-bridge grid, no pooling) and its alignment loss falls."""
+bridge grid, no pooling) and its alignment loss falls; under bf16 autocast and
+torch.compile(fullgraph=True) (AlignLoss a custom op: one graph) it runs too."""
 
 import json
 import os
@@ -13,11 +14,21 @@ pytest.importorskip("torch")
 ROOT = Path(__file__).resolve().parents[3]
 
 
-def test_repa_example_alignment_loss_falls():
+def run_example(*args):
     env = dict(os.environ, PYTHONPATH=str(ROOT / "bindings" / "python"))
-    run = subprocess.run([sys.executable, str(ROOT / "examples" / "repa_train.py"), "--steps", "60"],
+    run = subprocess.run([sys.executable, str(ROOT / "examples" / "repa_train.py"), *args],
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "caller grid 16x16, bridge grid 16x16\n" in run.stdout, run.stdout
-    result = json.loads(run.stdout.strip().splitlines()[-1])
-    assert result["align_last"] < 0.8 * result["align_first"], run.stdout
+    return json.loads(run.stdout.strip().splitlines()[-1]), run.stdout
+
+
+def test_repa_example_alignment_loss_falls():
+    result, out = run_example("--steps", "60")
+    assert result["align_last"] < 0.8 * result["align_first"], out
+
+
+def test_repa_example_compiles_in_one_graph_under_bf16_autocast():
+    # aot_eager: the custom op's fake and autograd registrations, without inductor's compile time.
+    result, out = run_example("--steps", "6", "--bf16", "--compile", "aot_eager")
+    assert result["align_last"] < result["align_first"], out

@@ -204,3 +204,184 @@ def test_latent_loss_and_train_step_on_rectangular_tensors(shapes, shapes_expect
         for _ in range(5):
             last = b.train_step(lat.detach(), tgt)
         assert last["loss"] < first["loss"] and last["step"] == 6
+
+
+# -- custom ops: torch.compile, autocast ----------------------------------------------------
+
+from dino_bridge.torch import bridge_key  # noqa: E402
+
+
+def _projector(seed=0, width=32, dim=48):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(width, 64), torch.nn.SiLU(), torch.nn.Linear(64, dim))
+
+
+def _grads(module):
+    return [p.grad.detach().clone() for p in module.parameters()]
+
+
+def test_the_ops_pass_opcheck(bridge, fx):
+    """Schema, fake (meta) implementation, autograd registration and AOT dispatch with
+    dynamic shapes, as torch.library checks them."""
+    lat = torch.from_numpy(load(fx, "latents.npy"))
+    pred = torch.from_numpy(load(fx, "pred_grid8.npy")).requires_grad_(True)
+    key = bridge_key(bridge)
+    for grid in ([], [8, 8]):
+        torch.library.opcheck(torch.ops.dino_bridge.align_loss.default, (pred, lat, key, grid))
+    torch.library.opcheck(torch.ops.dino_bridge.latent_loss.default,
+                          (lat.clone().requires_grad_(True), torch.from_numpy(load(fx, "target.npy")), key))
+
+
+def test_a_compiled_alignment_step_has_no_graph_break_and_matches_eager(bridge, fx):
+    lat = torch.from_numpy(load(fx, "latents.npy"))
+    hidden = torch.randn(3, 64, 32, generator=torch.Generator().manual_seed(1))
+    proj = _projector()
+    align = AlignLoss(bridge)
+
+    def step(h, latents):
+        return align(proj(h), latents)
+
+    explained = torch._dynamo.explain(step)(hidden, lat)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+    eager = step(hidden, lat)
+    eager.backward()
+    want = _grads(proj)
+    proj.zero_grad()
+    compiled = torch.compile(step, fullgraph=True)  # inductor
+    loss = compiled(hidden, lat)
+    assert loss.shape == () and loss.dtype == torch.float32
+    loss.backward()
+    torch.testing.assert_close(loss, eager, rtol=1e-6, atol=1e-6)
+    for got, ref in zip(_grads(proj), want):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_a_compiled_latent_loss_step_has_no_graph_break_and_matches_eager(bridge, fx):
+    """A decoder's predicted latents scored in DINO space; with dynamic shapes (two batch
+    sizes through one graph)."""
+    x = torch.from_numpy(load(fx, "latents.npy"))
+    target = torch.from_numpy(load(fx, "target.npy"))
+    torch.manual_seed(0)
+    decoder = torch.nn.Conv2d(4, 4, 3, padding=1)
+    latent = LatentLoss(bridge)
+
+    def step(inp, tgt):
+        return latent(decoder(inp), tgt)
+
+    explained = torch._dynamo.explain(step)(x, target)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager", dynamic=True)
+    for b in (3, 2):
+        decoder.zero_grad()
+        eager = step(x[:b], target[:b])
+        eager.backward()
+        want = _grads(decoder)
+        decoder.zero_grad()
+        loss = compiled(x[:b], target[:b])
+        loss.backward()
+        torch.testing.assert_close(loss, eager, rtol=1e-6, atol=1e-6)
+        for got, ref in zip(_grads(decoder), want):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
+
+
+def test_under_autocast_the_bridge_reads_the_latents_unrounded(bridge, fx):
+    """pred comes out of the projector in bf16 under autocast; the latents stay f32 and
+    must reach the bridge as f32 (the ABI 2 wrapper rounded them to pred's dtype). The
+    result must equal the library's all-f32 result on the same (bf16-valued) pred: the
+    same loss, and pred's gradient the f32 one rounded to bf16."""
+    lat = torch.from_numpy(load(fx, "latents.npy"))
+    hidden = torch.randn(3, 64, 32, generator=torch.Generator().manual_seed(2))
+    proj = _projector(1)
+    align = AlignLoss(bridge)
+    seen = []
+    original = bridge.loss_backward
+
+    def spy(pred, latents, *args, **kwargs):
+        seen.append((pred.dtype, latents.dtype))
+        return original(pred, latents, *args, **kwargs)
+
+    bridge.loss_backward = spy
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            pred = proj(hidden)
+            pred.retain_grad()
+            loss = align(pred, lat)
+        loss.backward()
+    finally:
+        del bridge.loss_backward
+    assert pred.dtype == torch.bfloat16 and seen == [(torch.bfloat16, torch.float32)]
+    assert loss.dtype == torch.float32 and pred.grad.dtype == torch.bfloat16
+    ref_loss, ref_grad = bridge.loss_backward(pred.detach().float(), lat)  # exact: the bf16 values in f32
+    assert abs(loss.item() - ref_loss) <= 1e-6 * abs(ref_loss)
+    torch.testing.assert_close(pred.grad, ref_grad.bfloat16(), rtol=0, atol=0)
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in proj.parameters())
+
+
+def test_under_autocast_the_bridges_target_is_the_f32_runs(bridge, fx):
+    """A bf16 pred close to the target, f32 latents, under autocast. (1) The loss, small and
+    so sensitive to the target, equals the all-f32 run's on the same pred values; with the
+    latents rounded to bf16 it moves by half. (2) The target itself, recovered from a
+    raw-MSE-only loss (d/dpred of mean((pool(pred) - t)^2), scaled, is pool(pred) - t
+    spread back), equals the f32 latents' target to the bf16 gradient's precision, 160x
+    closer than the rounded latents' target is."""
+    lat = torch.from_numpy(load(fx, "latents.npy"))
+    target, rounded_target = bridge.forward(lat), bridge.forward(lat.bfloat16().float())
+    assert (target - rounded_target).abs().max() > 1e-3
+    # pred on the caller grid 8x8 (the bridge's is 4x4): the target repeated 2x2, in bf16.
+    near = target.reshape(3, 4, 1, 4, 1, 48).expand(3, 4, 2, 4, 2, 48).reshape(3, 64, 48).bfloat16()
+
+    pred = near.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = AlignLoss(bridge)(pred, lat)
+    f32_loss, _ = bridge.loss_backward(near.float(), lat)
+    rounded_loss, _ = bridge.loss_backward(near.float(), lat.bfloat16().float())
+    assert abs(rounded_loss - f32_loss) > 0.1 * f32_loss
+    assert abs(loss.item() - f32_loss) <= 1e-3 * f32_loss, (loss.item(), f32_loss, rounded_loss)
+
+    with Bridge(fx / "model.safetensors", w_cos=0.0, w_norm=0.0, w_raw=1.0) as raw:
+        pred = near.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            (AlignLoss(raw)(pred, lat) * (pred.numel() / 2)).backward()
+    recovered = (pred.detach().float() - pred.grad.float()).reshape(3, 4, 2, 4, 2, 48).mean(dim=(2, 4))
+    recovered = recovered.reshape(3, 16, 48)
+    err = (recovered - target).abs().max().item()
+    assert err <= 1e-4, err
+    assert (recovered - rounded_target).abs().max().item() > 10 * err
+
+
+def test_a_compiled_step_under_autocast_matches_eager(bridge, fx):
+    lat = torch.from_numpy(load(fx, "latents.npy"))
+    hidden = torch.randn(3, 64, 32, generator=torch.Generator().manual_seed(3))
+    proj = _projector(2)
+    align = AlignLoss(bridge)
+
+    def step(h, latents):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return align(proj(h), latents)
+
+    explained = torch._dynamo.explain(step)(hidden, lat)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    eager = step(hidden, lat)
+    eager.backward()
+    want = _grads(proj)
+    proj.zero_grad()
+    loss = torch.compile(step, fullgraph=True, backend="aot_eager")(hidden, lat)
+    loss.backward()
+    torch.testing.assert_close(loss, eager, rtol=1e-6, atol=1e-6)
+    for got, ref in zip(_grads(proj), want):
+        torch.testing.assert_close(got, ref, rtol=1e-2, atol=1e-5)
+
+
+def test_the_loss_is_a_0d_float32_tensor_written_by_the_library(bridge, fx):
+    lat = torch.from_numpy(load(fx, "latents.npy"))
+    pred = torch.from_numpy(load(fx, "pred_grid8.npy"))
+    loss = AlignLoss(bridge)(pred, lat)
+    assert loss.shape == () and loss.dtype == torch.float32 and loss.device.type == "cpu"
+    out = torch.full((), float("nan"))
+    got, _ = bridge.loss_backward(pred, lat, loss_out=out)
+    assert got is out and out.item() == loss.item()
+    with pytest.raises(ValueError, match=r"loss_out: shape \[2\], expected one element"):
+        bridge.loss_backward(pred, lat, loss_out=torch.zeros(2))
+    with pytest.raises(ValueError, match=r"grid='8x8': expected \(ph, pw\)"):
+        AlignLoss(bridge)(pred, lat, grid="8x8")
