@@ -281,6 +281,10 @@ pub fn new_device(ordinal: i32) -> Result<Device> {
         )
     })?;
     keep_pool_memory(&device)?;
+    crate::log::emit(
+        crate::log::Level::Info,
+        format!("CUDA device {ordinal}: a bridge with a non-blocking stream of its own"),
+    );
     Ok(device)
 }
 
@@ -334,5 +338,12 @@ fn keep_pool_memory(device: &Device) -> Result<()> {
         )?;
     }
     done.push(ordinal);
+    crate::log::emit(
+        crate::log::Level::Info,
+        format!(
+            "CUDA device {ordinal}: the default memory pool's release threshold raised to \
+             UINT64_MAX (process-wide)"
+        ),
+    );
     Ok(())
 }

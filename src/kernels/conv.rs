@@ -334,6 +334,14 @@ fn candle_conv2d(x: &Tensor, weight: &Tensor, bias: &Tensor, max_patch: usize) -
     let weight = weight.to_dtype(x.dtype())?.contiguous()?;
     let per_sample = h * w * c * 9;
     let chunk = (max_patch / per_sample.max(1)).clamp(1, b);
+    if chunk < b {
+        crate::log::emit(
+            crate::log::Level::Debug,
+            format!(
+                "conv3x3: batch {b} in chunks of {chunk} (candle's im2col launches 32-bit sizes)"
+            ),
+        );
+    }
     let nchw = x.permute((0, 3, 1, 2))?;
     let outs = (0..b)
         .step_by(chunk)
