@@ -26,7 +26,10 @@ pub mod synth;
 pub mod train;
 
 /// Large activation buffers are recycled instead of being mapped and zeroed afresh on
-/// every call (see [`allocator`]).
+/// every call (see [`allocator`]). Behind the default feature `caching-allocator`: a Rust
+/// program that links the rlib and wants its own global allocator turns it off
+/// (`default-features = false`).
+#[cfg(feature = "caching-allocator")]
 #[global_allocator]
 static GLOBAL: allocator::CachingAllocator = allocator::CachingAllocator;
 

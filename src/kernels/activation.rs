@@ -1,8 +1,8 @@
 //! GELU (exact, erf) and SiLU as CPU ops with a backward: parallel over threads, SIMD
 //! within, where candle's unary maps run on one thread with scalar `erf`.
 
+use super::cpu::{CHUNK, on_cpu_f32, output_vec, slice};
 use super::simd::{erf, exp, simd_fn};
-use super::{CHUNK, on_cpu_f32, slice};
 use crate::error::Result;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, InplaceOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -62,7 +62,7 @@ impl CustomOp1 for ActFwd {
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = slice(s, l)?;
-        let mut y = super::output_vec(x.len());
+        let mut y = output_vec(x.len());
         let f = match self.0 {
             Activation::Gelu => gelu_fwd,
             Activation::Silu => silu_fwd,
@@ -94,7 +94,7 @@ impl CustomOp2 for ActBwd {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, g) = (slice(s1, l1)?, slice(s2, l2)?);
-        let mut dx = super::output_vec(x.len());
+        let mut dx = output_vec(x.len());
         let f = match self.0 {
             Activation::Gelu => gelu_bwd,
             Activation::Silu => silu_bwd,

@@ -2,6 +2,7 @@
 //! f32 CPU tensors each is one parallel pass over memory (candle's ops make about fourteen
 //! for the update); elsewhere (CUDA, bf16) the same math from candle ops.
 
+use super::cpu::{CHUNK, output_vec};
 use crate::error::Result;
 use candle_core::Tensor;
 use rayon::prelude::*;
@@ -91,7 +92,7 @@ fn fused_update(
     }
     let (ps, gs, ms, vs) = (slices[0], slices[1], slices[2], slices[3]);
     let n = ps.len();
-    let out = crate::kernels::output_vec;
+    let out = output_vec;
     let (mut np, mut nm, mut nv) = (out(n), out(n), out(n));
     let (b1, b2, scale) = (k.b1 as f32, k.b2 as f32, k.grad_scale as f32);
     let (c1, c2) = ((1.0 - k.b1) as f32, (1.0 - k.b2) as f32);
@@ -101,7 +102,6 @@ fn fused_update(
         k.eps as f32,
         k.decay as f32,
     );
-    use crate::kernels::CHUNK;
     np.par_chunks_mut(CHUNK)
         .zip(nm.par_chunks_mut(CHUNK))
         .zip(nv.par_chunks_mut(CHUNK))
@@ -134,8 +134,8 @@ pub fn global_norm(grads: &[Tensor]) -> Result<f32> {
         // One pass, where candle's sqr + sum make two. Chunks are summed in order:
         // the result does not depend on thread scheduling.
         let fast = with_cpu_f32(g, |v| {
-            v.par_chunks(crate::kernels::CHUNK)
-                .map(crate::kernels::simd::sum_sq_f64)
+            v.par_chunks(CHUNK)
+                .map(super::simd::sum_sq_f64)
                 .collect::<Vec<f64>>()
                 .into_iter()
                 .sum::<f64>()

@@ -9,10 +9,9 @@
 //! two batched matmuls and `softmax_last_dim`, which is candle-nn's fused kernel where no
 //! gradient is tracked and differentiable ops where one is.
 
-use super::SendPtr;
-use super::blas::{available, sgemm_raw};
+use super::blas::{available, matmul, sgemm_raw};
+use super::cpu::{SendPtr, on_cpu_f32, output_vec, slice, tracked};
 use super::simd::{dot, exp, max, simd_fn, sum};
-use super::{on_cpu_f32, slice, tracked};
 use crate::error::Result;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -59,7 +58,7 @@ impl CustomOp1 for FusedAttention {
         let w3 = 3 * w;
         let d = w / self.heads;
         let qkv = slice(s, l)?;
-        let mut out = super::output_vec(b * t * w);
+        let mut out = output_vec(b * t * w);
         let (src, dst) = (SendPtr(qkv.as_ptr() as *mut f32), SendPtr(out.as_mut_ptr()));
         let scale = 1.0 / (d as f32).sqrt();
         (0..b * self.heads).into_par_iter().for_each_init(
@@ -161,7 +160,7 @@ impl CustomOp2 for AttentionBwd {
         let w3 = 3 * w;
         let d = w / self.heads;
         let (qkv, dout) = (slice(s1, l1)?, slice(s2, l2)?);
-        let mut dqkv = super::output_vec(b * t * w3);
+        let mut dqkv = output_vec(b * t * w3);
         let (src, gsrc, dst) = (
             SendPtr(qkv.as_ptr() as *mut f32),
             SendPtr(dout.as_ptr() as *mut f32),
@@ -215,8 +214,8 @@ pub fn attention(qkv: &Tensor, tokens: usize, heads: usize) -> Result<Tensor> {
         Ok(split.get(i)?.contiguous()?.reshape((b * heads, t, d))?)
     };
     let (q, k, v) = (part(0)?, part(1)?, part(2)?);
-    let scores = (super::matmul(&q, &k.t()?)? * (1.0 / (d as f64).sqrt()))?;
-    let out = super::matmul(&softmax_last_dim(&scores)?, &v)?.reshape((b, heads, t, d))?;
+    let scores = (matmul(&q, &k.t()?)? * (1.0 / (d as f64).sqrt()))?;
+    let out = matmul(&softmax_last_dim(&scores)?, &v)?.reshape((b, heads, t, d))?;
     let mut out_dims = dims;
     *out_dims.last_mut().unwrap() = w;
     Ok(out.transpose(1, 2)?.reshape(out_dims)?)

@@ -6,8 +6,8 @@
 //! is installed (or `DINO_BRIDGE_BLAS=off`), `matmul` is candle's. The op has a backward
 //! (two more matmuls), so training uses it too.
 
+use super::cpu::{SendPtr, enabled, slice};
 use crate::error::Result;
-use crate::kernels::SendPtr;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use once_cell::sync::Lazy;
 use rayon::prelude::*;
@@ -386,7 +386,7 @@ impl CustomOp3 for BlasLinear {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let bias = super::slice(s3, l3)?;
+        let bias = slice(s3, l3)?;
         if l2.dims()[0] != bias.len() {
             candle_core::bail!(
                 "blas-linear: bias of {} for {} outputs",
@@ -405,7 +405,7 @@ impl CustomOp3 for BlasLinear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let msg = |e: crate::Error| candle_core::Error::Msg(e.to_string());
+        let msg = |e: crate::error::Error| candle_core::Error::Msg(e.to_string());
         let gx = matmul(grad, w).map_err(msg)?;
         let gw = matmul(&grad.t()?, x).map_err(msg)?;
         Ok((Some(gx), Some(gw), Some(column_sums(grad)?)))
@@ -436,8 +436,8 @@ impl CustomOp3 for BlasLinearResidual {
         let candle_core::Storage::Cpu(bias_cpu) = &*bias_storage else {
             candle_core::bail!("blas-linear-residual: bias not on the CPU");
         };
-        let bias = super::slice(bias_cpu, bias_layout)?;
-        let residual = super::slice(s3, l3)?;
+        let bias = slice(bias_cpu, bias_layout)?;
+        let residual = slice(s3, l3)?;
         let (rows, out) = (l1.dims()[0], l2.dims()[0]);
         if bias.len() != out || l3.dims() != [rows, out] {
             candle_core::bail!(
@@ -501,7 +501,7 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// sizes BLAS's 32-bit integers can hold).
 fn usable(a: &Tensor, b: &Tensor) -> bool {
     BLAS.is_some()
-        && super::enabled()
+        && enabled()
         && a.device().is_cpu()
         && a.dtype() == candle_core::DType::F32
         && b.dtype() == candle_core::DType::F32

@@ -15,9 +15,9 @@
 //! Weights are tap-major rows, `w[o, k*C + c]` with tap `k = ky*3 + kx`, so a patch row is
 //! nine contiguous runs of `C` channels.
 
-use super::SendPtr;
 use super::blas::{available, sgemm_raw};
-use super::{on_cpu_f32, slice, tracked};
+use super::cpu::{SendPtr, on_cpu_f32, output_vec, per_item, slice, tracked};
+use super::patches::{Dims, gather, scatter};
 use crate::error::Result;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -26,74 +26,18 @@ use rayon::prelude::*;
 /// BLAS packs once per call, are reused over hundreds of pixels.
 const BUFFER: usize = 2 << 20;
 
-#[derive(Clone, Copy)]
-pub(super) struct Dims {
-    pub(super) b: usize,
-    pub(super) h: usize,
-    pub(super) w: usize,
-    pub(super) c: usize,
-}
-
-impl Dims {
-    pub(super) fn of(l: &Layout) -> candle_core::Result<Self> {
-        let (b, h, w, c) = l.shape().dims4()?;
-        Ok(Dims { b, h, w, c })
-    }
-    pub(super) fn pixels(&self) -> usize {
-        self.b * self.h * self.w
-    }
-    /// Pixels per work item: as many as the buffer holds (64 to 4096), with the number
-    /// of items a multiple of the thread count so that no thread idles at the end.
-    fn rows_per_block(&self) -> usize {
-        super::per_item(self.pixels(), (BUFFER / (9 * self.c)).clamp(64, 4096))
-    }
+/// Pixels per work item of `d`: as many as the buffer holds (64 to 4096), with the number
+/// of items a multiple of the thread count so that no thread idles at the end.
+fn rows_per_block(d: &Dims) -> usize {
+    per_item(d.pixels(), (BUFFER / (9 * d.c)).clamp(64, 4096))
 }
 
 /// Work items: consecutive output pixels `lo..hi` (flat over `B*H*W`).
 fn blocks(d: Dims) -> Vec<(usize, usize)> {
-    let per = d.rows_per_block();
+    let per = rows_per_block(&d);
     (0..d.pixels().div_ceil(per))
         .map(|i| (i * per, ((i + 1) * per).min(d.pixels())))
         .collect()
-}
-
-/// Patch rows of pixels `lo..hi` (flat over `B*H*W`) into `cols`, `[hi-lo, 9*C]`.
-pub(super) fn gather(x: &[f32], d: Dims, lo: usize, hi: usize, cols: &mut [f32]) {
-    let Dims { h, w, c, .. } = d;
-    for (row, p) in cols.chunks_exact_mut(9 * c).zip(lo..hi) {
-        let (n, y, xx) = (p / (h * w), (p / w) % h, p % w);
-        for (k, dst) in row.chunks_exact_mut(c).enumerate() {
-            let (yy, xs) = (y + k / 3, xx + k % 3); // padded coordinates
-            if yy == 0 || yy > h || xs == 0 || xs > w {
-                dst.fill(0.0);
-            } else {
-                let at = ((n * h + yy - 1) * w + xs - 1) * c;
-                dst.copy_from_slice(&x[at..at + c]);
-            }
-        }
-    }
-}
-
-/// The adjoint of `gather`: adds each patch entry back onto its pixel of `dx`. A patch
-/// reaches one row above and below, so concurrent callers must work on different images.
-pub(super) fn scatter(dcols: &[f32], d: Dims, lo: usize, hi: usize, dx: SendPtr) {
-    let Dims { h, w, c, .. } = d;
-    for (row, p) in dcols.chunks_exact(9 * c).zip(lo..hi) {
-        let (n, y, xx) = (p / (h * w), (p / w) % h, p % w);
-        for (k, src) in row.chunks_exact(c).enumerate() {
-            let (yy, xs) = (y + k / 3, xx + k % 3);
-            if yy == 0 || yy > h || xs == 0 || xs > w {
-                continue;
-            }
-            let at = ((n * h + yy - 1) * w + xs - 1) * c;
-            // SAFETY: `at..at+c` lies in dx (B*H*W*C elements); see the function comment
-            // for why no other thread writes it meanwhile.
-            let dst = unsafe { std::slice::from_raw_parts_mut(dx.get().add(at), c) };
-            for (d, s) in dst.iter_mut().zip(src) {
-                *d += s;
-            }
-        }
-    }
 }
 
 /// `y = conv3x3(x, w) + bias`: x `[B, H, W, C]`, w `[O, 9*C]`, bias `[O]`.
@@ -127,10 +71,10 @@ impl CustomOp3 for Conv3x3Op {
             let y = super::winograd::conv3x3((d.b, d.h, d.w, d.c), x, wt, bias);
             return Ok((CpuStorage::F32(y), Shape::from((d.b, d.h, d.w, o))));
         }
-        let mut y = super::output_vec(d.pixels() * o);
+        let mut y = output_vec(d.pixels() * o);
         let py = SendPtr(y.as_mut_ptr());
         blocks(d).into_par_iter().for_each_init(
-            || vec![0f32; d.rows_per_block() * 9 * d.c],
+            || vec![0f32; rows_per_block(&d) * 9 * d.c],
             |cols, (lo, hi)| {
                 let cols = &mut cols[..(hi - lo) * 9 * d.c];
                 gather(x, d, lo, hi, cols);
@@ -206,7 +150,7 @@ impl CustomOp2 for ConvInputGrad {
         // Items are groups of whole images, each walked in blocks in sequence: patches
         // of neighbouring pixels scatter onto shared rows of dx.
         let per_image = h * w;
-        let rows = d.rows_per_block();
+        let rows = rows_per_block(&d);
         let images = (rows / per_image).max(1);
         (0..b.div_ceil(images)).into_par_iter().for_each_init(
             || vec![0f32; rows * 9 * c],
@@ -271,7 +215,7 @@ impl CustomOp2 for ConvWeightGrad {
             .par_chunks(per)
             .map(|run| {
                 let mut acc = vec![0f32; o * k];
-                let mut cols = vec![0f32; d.rows_per_block() * k];
+                let mut cols = vec![0f32; rows_per_block(&d) * k];
                 for &(lo, hi) in run {
                     let rows = hi - lo;
                     gather(x, d, lo, hi, &mut cols[..rows * k]);
@@ -323,7 +267,7 @@ pub fn conv3x3(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
     }
     let (b, h, w, _) = x.dims4()?;
     let cols = super::im2col::im2col_3x3(x)?;
-    Ok(super::linear(&cols, &rows, bias)?.reshape((b, h, w, ()))?)
+    Ok(super::blas::linear(&cols, &rows, bias)?.reshape((b, h, w, ()))?)
 }
 
 /// candle's `conv2d` on the NCHW view of `x` (no copy: its im2col reads strides), in

@@ -5,7 +5,7 @@
 //! composed form makes a mask tensor that gets a gradient of its own (a product, a
 //! zero-filled buffer and an add in the backward, all thrown away) and a separate add node.
 
-use super::{CHUNK, on_cpu_f32, output_vec, slice};
+use super::cpu::{CHUNK, on_cpu_f32, output_vec, slice};
 use crate::error::Result;
 use crate::rng::Rng;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};

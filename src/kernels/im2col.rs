@@ -1,12 +1,10 @@
 //! im2col for a 3x3, padding-1 convolution over a channels-last map, with its backward:
-//! for f32 on the CPU one op (col2im its adjoint, from `conv.rs`'s patch gather and
-//! scatter), elsewhere nine shifted views of the padded map, stacked. The composed
+//! for f32 on the CPU one op (col2im its adjoint; both from `patches.rs`), elsewhere nine shifted views of the padded map, stacked. The composed
 //! convolution of `conv.rs` (CPUs without a BLAS, and training off the CPU) multiplies it
 //! with the weight rows; `conv.rs`'s own CPU op never builds the whole patch matrix.
 
-use super::SendPtr;
-use super::conv::{Dims, gather, scatter};
-use super::{on_cpu_f32, slice};
+use super::cpu::{SendPtr, on_cpu_f32, output_vec, slice};
+use super::patches::{Dims, gather, scatter};
 use crate::error::Result;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -27,7 +25,7 @@ impl CustomOp1 for Im2Col {
         let x = slice(s, l)?;
         let per_image = d.h * d.w;
         // `gather` writes every value, the zeros of the padding included.
-        let mut cols = super::output_vec(d.pixels() * 9 * d.c);
+        let mut cols = output_vec(d.pixels() * 9 * d.c);
         cols.par_chunks_mut(per_image * 9 * d.c)
             .enumerate()
             .for_each(|(n, out)| gather(x, d, n * per_image, (n + 1) * per_image, out));

@@ -7,7 +7,7 @@
 //!   copy and reshape that is four graph nodes, and each costs training a zero-filled
 //!   gradient buffer and an add over the whole map in candle's backward.
 
-use super::{on_cpu_f32, output_vec, slice};
+use super::cpu::{on_cpu_f32, output_vec, slice};
 use crate::error::Result;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;

@@ -7,8 +7,8 @@
 //!   against the fixtures' tolerance);
 //! - elsewhere with a gradient: the composed, differentiable ops (`normalize`).
 
+use super::cpu::{on_cpu_f32, output_vec, slice, tracked};
 use super::simd::{LANES, simd_fn, sum};
-use super::{on_cpu_f32, slice, tracked};
 use crate::error::Result;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -115,7 +115,7 @@ impl CustomOp3 for LayerNormOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, w, b) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
         let d = w.len();
-        let mut y = super::output_vec(x.len());
+        let mut y = output_vec(x.len());
         let per = rows_per_task(x.len() / d) * d;
         y.par_chunks_mut(per)
             .zip(x.par_chunks(per))
@@ -183,7 +183,7 @@ fn packed_backward(
     per: usize,
     kernel: impl Fn(&[f32], &[f32], &mut [f32], &mut [f32], &mut [f32]) + Sync,
 ) -> (CpuStorage, Shape) {
-    let mut dx = super::output_vec(x.len());
+    let mut dx = output_vec(x.len());
     // Per-chunk sums collected and added in chunk order: the result does not depend on
     // how rayon splits the work, so training repeats bit for bit.
     let partial = dx
@@ -375,14 +375,14 @@ impl CustomOp3 for GroupNormOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, w, b) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
         let per = sample_len(l1);
-        let mut y = super::output_vec(x.len());
+        let mut y = output_vec(x.len());
         y.par_chunks_mut(per)
             .zip(x.par_chunks(per))
             .for_each(|(y, x)| {
                 gn_sample(x, w, b, y, self.groups, self.eps);
                 if self.silu {
                     // While the sample's output is still in cache.
-                    super::activation::in_place(super::Activation::Silu)(y);
+                    super::activation::in_place(super::activation::Activation::Silu)(y);
                 }
             });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
@@ -467,7 +467,10 @@ pub fn group_norm_silu(
             },
         )?);
     }
-    super::activation_owned(group_norm(x, w, b, groups, eps)?, super::Activation::Silu)
+    super::activation::activation_owned(
+        group_norm(x, w, b, groups, eps)?,
+        super::activation::Activation::Silu,
+    )
 }
 
 fn fused_group_norm(x: &Tensor, w: &Tensor, b: &Tensor, groups: usize, eps: f32) -> Result<Tensor> {

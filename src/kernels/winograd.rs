@@ -13,9 +13,8 @@
 //! ```
 //! Every transform runs across channels (channels-last), so its loops vectorise.
 
-use super::SendPtr;
 use super::blas::sgemm_raw;
-use super::output_vec;
+use super::cpu::{SendPtr, output_vec, per_item};
 use super::simd::simd_fn;
 use rayon::prelude::*;
 
@@ -197,7 +196,7 @@ pub(super) fn conv3x3(
     let o = bias.len();
     let u = filter_transform(rows, o, c);
     let tiles = b * (h / 2) * (w / 2);
-    let per = super::per_item(tiles, (BUFFER / (16 * c.max(o))).clamp(16, 1024));
+    let per = per_item(tiles, (BUFFER / (16 * c.max(o))).clamp(16, 1024));
     let mut y = output_vec(b * h * w * o);
     let py = SendPtr(y.as_mut_ptr());
     (0..tiles.div_ceil(per)).into_par_iter().for_each_init(
