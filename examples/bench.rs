@@ -12,11 +12,16 @@ use dino_bridge::rng::Rng;
 use dino_bridge::{Bridge, BridgeConfig, BridgeOptions};
 use std::time::Instant;
 
-fn arg(name: &str, default: usize) -> usize {
+/// The word after `name` on the command line.
+fn text(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
         .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn arg(name: &str, default: usize) -> usize {
+    text(name)
         .map(|v| {
             v.parse()
                 .unwrap_or_else(|_| panic!("{name} takes a number"))
@@ -48,12 +53,6 @@ fn main() -> dino_bridge::Result<()> {
     let batch = arg("--batch", 16);
     let iters = arg("--iters", 5);
     let train_iters = arg("--train-iters", 2);
-    let text = |name: &str| {
-        let args: Vec<String> = std::env::args().collect();
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1).cloned())
-    };
     // --no-plain: skip the candle-only runs (for profiling the kernels path alone).
     let plain_runs = !std::env::args().any(|a| a == "--no-plain");
     let name = if std::env::args().any(|a| a == "--tiny") {
@@ -64,13 +63,7 @@ fn main() -> dino_bridge::Result<()> {
     let config = BridgeConfig::from_preset_or_file(&name)?;
     // The latent size: --size HxW, else the config's own.
     let (height, width) = match text("--size") {
-        Some(s) => {
-            let (h, w) = s.split_once('x').expect("--size takes HxW");
-            (
-                h.parse().expect("--size HxW"),
-                w.parse().expect("--size HxW"),
-            )
-        }
+        Some(s) => dino_bridge::config::parse_size(&s)?,
         None => (config.latent_size, config.latent_size),
     };
     let grid = config.token_grid(height as i64, width as i64)?;
@@ -99,7 +92,7 @@ fn main() -> dino_bridge::Result<()> {
         "config: {name} at {height}x{width} latents, {}x{} tokens ({:.1}M params, {gflop:.2} GFLOP/sample forward), batch {batch}, f32, CPU, {threads} threads",
         grid.0,
         grid.1,
-        config.param_count() as f64 / 1e6
+        dino_bridge::model::param_count(&config)? as f64 / 1e6
     );
 
     println!(

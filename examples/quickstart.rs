@@ -32,7 +32,7 @@ fn main() -> dino_bridge::Result<()> {
     let c = bridge.config().clone();
     println!(
         "bridge: {:.1}M parameters, {:.1} GFLOP/sample",
-        c.param_count() as f64 / 1e6,
+        bridge.param_count() as f64 / 1e6,
         c.forward_flops() as f64 / 1e9
     );
 

@@ -6,7 +6,7 @@ use crate::checkpoint::{self, Checkpoint, SaveParts, TrainState};
 use crate::config::BridgeConfig;
 use crate::error::{Error, ErrorKind, Result};
 use crate::loss::{GridMatch, LossWeights, alignment_loss, pool_tokens, spatial_norm};
-use crate::model::BridgeModel;
+use crate::model::{BridgeModel, ParamSpec, param_specs};
 use crate::optim::{AdamW, OptimConfig};
 use crate::rng::Rng;
 use candle_core::backprop::GradStore;
@@ -106,12 +106,21 @@ pub struct Bridge {
     optim_cfg: OptimConfig,
     device: Device,
     device_ordinal: i32,
+    /// The device's memory in bytes (what `check_fits` compares with), read once.
+    memory: u64,
     /// The body's dtype: F32, or BF16 on CUDA (f32 master weights, f32 loss).
     compute: DType,
     state: RwLock<State>,
 }
 
+/// The device for `ordinal`, checked against the compute dtype.
 fn make_device(ordinal: i32, compute: ComputeDtype) -> Result<Device> {
+    let device = new_device(ordinal)?;
+    compute_fits(compute, &device)?;
+    Ok(device)
+}
+
+fn new_device(ordinal: i32) -> Result<Device> {
     if ordinal < -1 {
         return Err(Error::invalid(format!(
             "device = {ordinal}: use -1 for CPU or a CUDA ordinal >= 0"
@@ -128,13 +137,18 @@ fn make_device(ordinal: i32, compute: ComputeDtype) -> Result<Device> {
             ),
         ));
     }
-    if compute == ComputeDtype::Bf16 {
+    Ok(Device::Cpu)
+}
+
+/// bf16 compute needs a CUDA device.
+fn compute_fits(compute: ComputeDtype, device: &Device) -> Result<()> {
+    if compute == ComputeDtype::Bf16 && !device.is_cuda() {
         return Err(Error::new(
             ErrorKind::Unsupported,
             "compute_dtype = bf16 needs a CUDA device; the CPU computes in f32",
         ));
     }
-    Ok(Device::Cpu)
+    Ok(())
 }
 
 /// The memory of `device` in bytes: the host's physical memory, or the GPU's.
@@ -162,7 +176,7 @@ fn device_memory(device: &Device) -> Result<u64> {
 pub fn init_weights(config: &BridgeConfig, seed: u64) -> Result<HashMap<String, Tensor>> {
     let mut rng = Rng::new(seed);
     let mut out = HashMap::new();
-    for (name, shape) in config.param_specs() {
+    for ParamSpec { name, shape } in param_specs(config)? {
         let n: usize = shape.iter().product();
         let values: Vec<f32> = if shape.len() == 4 {
             let bound = 1.0 / ((shape[1] * shape[2] * shape[3]) as f32).sqrt();
@@ -248,12 +262,7 @@ impl Bridge {
     /// bridge's and whose GPU work is ordered with it.
     pub fn derive(&self, ckpt: Checkpoint, opts: &BridgeOptions) -> Result<Self> {
         opts.validate()?;
-        if opts.compute_dtype == ComputeDtype::Bf16 && !self.device.is_cuda() {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                "compute_dtype = bf16 needs a CUDA device; the CPU computes in f32",
-            ));
-        }
+        compute_fits(opts.compute_dtype, &self.device)?;
         Self::on_device(ckpt, opts, self.device.clone(), self.device_ordinal)
     }
 
@@ -266,7 +275,7 @@ impl Bridge {
         let config = ckpt.config;
         let mut weights = ckpt.weights;
         let mut params = Vec::new();
-        for (name, _) in config.param_specs() {
+        for ParamSpec { name, .. } in param_specs(&config)? {
             let t = weights
                 .remove(&name)
                 .ok_or_else(|| Error::checkpoint(format!("missing tensor `{name}`")))?;
@@ -322,6 +331,7 @@ impl Bridge {
             loss: opts.loss,
             spatial_norm_gamma: opts.spatial_norm_gamma,
             optim_cfg: opts.optim.clone(),
+            memory: device_memory(&device)?,
             device,
             device_ordinal,
             compute,
@@ -340,6 +350,15 @@ impl Bridge {
     }
     pub fn loss_weights(&self) -> LossWeights {
         self.loss
+    }
+    /// Parameters (elements of all weight tensors).
+    pub fn param_count(&self) -> u64 {
+        self.state
+            .read()
+            .params
+            .iter()
+            .map(|(_, v)| v.elem_count() as u64)
+            .sum()
     }
     pub fn step(&self) -> i64 {
         self.state.read().train.step
@@ -425,7 +444,7 @@ impl Bridge {
     /// (which aborts the process) half-way through the call.
     pub fn check_fits(&self, batch: i64, grid: (usize, usize)) -> Result<()> {
         let need = self.config.min_working_bytes(batch.max(0) as u64, grid);
-        let have = device_memory(&self.device)?;
+        let have = self.memory;
         if need > have as f64 {
             let gib = |b: f64| b / (1u64 << 30) as f64;
             return Err(Error::shape(format!(
@@ -499,7 +518,7 @@ impl Bridge {
         let (batch, grid) = self.check_latents(latents)?;
         let matched = GridMatch::of((pred_grid.0 as i64, pred_grid.1 as i64), grid)?;
         self.check_tokens("pred", pred, batch, pred_grid)?;
-        let target = self.forward(latents)?;
+        let target = self.run(&self.state.read(), false, latents, None)?;
         let pred = Var::from_tensor(&pred.to_dtype(DType::F32)?)?;
         let (p, target) = match matched {
             GridMatch::Same => (pred.as_tensor().clone(), target),
@@ -595,7 +614,7 @@ impl Bridge {
         Ok((loss_value, grads))
     }
 
-    /// One AdamW step on `latents` `[B, C, L, L]` and `targets` `[B, T, D]`. A non-finite
+    /// One AdamW step on `latents` `[B, C, H, W]` and `targets` `[B, h*w, D]`. A non-finite
     /// loss or gradient norm skips the update and leaves every weight untouched.
     pub fn train_step(&self, latents: &Tensor, targets: &Tensor) -> Result<StepStats> {
         let (batch, grid) = self.check_latents(latents)?;

@@ -3,6 +3,7 @@
 
 use crate::config::BridgeConfig;
 use crate::error::{Error, ErrorKind, Result};
+use crate::model::{ParamSpec, param_specs};
 use candle_core::{DType, Device, Tensor};
 use safetensors::{Dtype as StDtype, SafeTensors, tensor::TensorView};
 use serde::{Deserialize, Serialize};
@@ -50,6 +51,24 @@ pub struct Checkpoint {
     /// Moving average of the weights, by parameter name.
     pub ema: Option<HashMap<String, Tensor>>,
     pub train_state: Option<TrainState>,
+}
+
+impl Checkpoint {
+    /// The weights in the model's parameter order (`model::param_specs`), as `save` takes
+    /// them.
+    pub fn ordered_weights(&self) -> Result<Vec<(String, Tensor)>> {
+        param_specs(&self.config)?
+            .into_iter()
+            .map(|s| {
+                let t = self
+                    .weights
+                    .get(&s.name)
+                    .cloned()
+                    .ok_or_else(|| Error::checkpoint(format!("missing tensor `{}`", s.name)))?;
+                Ok((s.name, t))
+            })
+            .collect()
+    }
 }
 
 /// What `save` writes: the model, and optionally the rest of a training run's state.
@@ -242,8 +261,8 @@ pub fn validate_weights(
     config: &BridgeConfig,
     weights: &HashMap<String, Tensor>,
 ) -> Result<()> {
-    let specs = config.param_specs();
-    for (name, shape) in &specs {
+    let specs = param_specs(config)?;
+    for ParamSpec { name, shape } in &specs {
         let t = weights.get(name).ok_or_else(|| {
             ckpt_err(
                 path,
@@ -262,7 +281,7 @@ pub fn validate_weights(
     }
     if weights.len() != specs.len() {
         let known: std::collections::HashSet<&str> =
-            specs.iter().map(|(n, _)| n.as_str()).collect();
+            specs.iter().map(|s| s.name.as_str()).collect();
         let mut extra: Vec<&String> = weights
             .keys()
             .filter(|k| !known.contains(k.as_str()))

@@ -1,5 +1,5 @@
-//! The model configuration (DESIGN.md, "Model"), its validation, the list of parameter
-//! tensors it implies, and its cost in FLOPs.
+//! The model configuration (DESIGN.md, "Model"), its validation and its cost in FLOPs.
+//! (The parameter tensors it implies are the model's: `model::param_specs`.)
 
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -54,6 +54,17 @@ const MAX_DIM: usize = 1 << 16;
 /// Upper bound on a latent side (a 64k px image has 8192): products of sides, channels
 /// and batch are then checked for overflow where buffers are sized.
 pub const MAX_SIDE: usize = 1 << 14;
+
+/// A latent size `HxW` (or one number for a square), as the command-line tools take it.
+pub fn parse_size(s: &str) -> Result<(usize, usize)> {
+    let parse = |v: &str| v.trim().parse::<usize>().ok().filter(|v| *v > 0);
+    let (h, w) = match s.split_once(['x', 'X']) {
+        Some((h, w)) => (parse(h), parse(w)),
+        None => (parse(s), parse(s)),
+    };
+    h.zip(w)
+        .ok_or_else(|| Error::invalid(format!("size {s}: expected HxW, e.g. 32x48")))
+}
 
 impl BridgeConfig {
     /// Named configurations: `default` (the published bridge: 8x8 tokens from 32x32
@@ -237,12 +248,6 @@ impl BridgeConfig {
                 "config: latent_shift and latent_scale must be finite",
             ));
         }
-        let params = self.param_count();
-        if params > 4_000_000_000 {
-            return Err(Error::invalid(format!(
-                "config: {params} parameters is more than this library supports"
-            )));
-        }
         Ok(())
     }
 
@@ -255,63 +260,6 @@ impl BridgeConfig {
 
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("config serialises")
-    }
-
-    /// Every parameter tensor, in a fixed order, with its shape (PyTorch `state_dict` names).
-    pub fn param_specs(&self) -> Vec<(String, Vec<usize>)> {
-        let mut specs: Vec<(String, Vec<usize>)> = Vec::new();
-        let mut add = |name: String, shape: &[usize]| specs.push((name, shape.to_vec()));
-        let (mid, out, w) = (
-            self.adapter_mid_channels,
-            self.adapter_out_channels,
-            self.width,
-        );
-        add("adapter.stem.weight".into(), &[mid, self.in_ch, 3, 3]);
-        add("adapter.stem.bias".into(), &[mid]);
-        for (s, (c_in, c_out)) in self.stage_channels().into_iter().enumerate() {
-            let p = format!("adapter.stages.{s}");
-            add(format!("{p}.down.weight"), &[c_out, c_in, 2, 2]);
-            add(format!("{p}.down.bias"), &[c_out]);
-            for (norm, conv) in [("norm1", "conv1"), ("norm2", "conv2")] {
-                add(format!("{p}.res.{norm}.weight"), &[c_out]);
-                add(format!("{p}.res.{norm}.bias"), &[c_out]);
-                add(format!("{p}.res.{conv}.weight"), &[c_out, c_out, 3, 3]);
-                add(format!("{p}.res.{conv}.bias"), &[c_out]);
-            }
-        }
-        add("adapter.norm_out.weight".into(), &[out]);
-        add("adapter.norm_out.bias".into(), &[out]);
-        add("adapter.proj.weight".into(), &[w, out]);
-        add("adapter.proj.bias".into(), &[w]);
-        add("backbone.pos_embed".into(), &[1, self.tokens(), w]);
-        let hid = self.mlp_hidden();
-        for i in 0..self.depth {
-            let p = format!("backbone.blocks.{i}");
-            add(format!("{p}.norm1.weight"), &[w]);
-            add(format!("{p}.norm1.bias"), &[w]);
-            add(format!("{p}.attn.qkv.weight"), &[3 * w, w]);
-            add(format!("{p}.attn.qkv.bias"), &[3 * w]);
-            add(format!("{p}.attn.proj.weight"), &[w, w]);
-            add(format!("{p}.attn.proj.bias"), &[w]);
-            add(format!("{p}.norm2.weight"), &[w]);
-            add(format!("{p}.norm2.bias"), &[w]);
-            add(format!("{p}.mlp.fc1.weight"), &[hid, w]);
-            add(format!("{p}.mlp.fc1.bias"), &[hid]);
-            add(format!("{p}.mlp.fc2.weight"), &[w, hid]);
-            add(format!("{p}.mlp.fc2.bias"), &[w]);
-        }
-        add("backbone.norm.weight".into(), &[w]);
-        add("backbone.norm.bias".into(), &[w]);
-        add("head.weight".into(), &[self.target_dim, w]);
-        add("head.bias".into(), &[self.target_dim]);
-        specs
-    }
-
-    pub fn param_count(&self) -> u64 {
-        self.param_specs()
-            .iter()
-            .map(|(_, s)| s.iter().map(|&d| d as u64).product::<u64>())
-            .sum()
     }
 
     /// A lower bound of the memory a forward of `batch` samples on the token grid `grid`
@@ -361,7 +309,7 @@ mod tests {
     fn defaults_match_the_design_costs() {
         let cfg = BridgeConfig::default();
         cfg.validate().unwrap();
-        let params = cfg.param_count() as f64 / 1e6;
+        let params = crate::model::param_count(&cfg).unwrap() as f64 / 1e6;
         assert!((60.0..68.0).contains(&params), "{params}M parameters");
         let gflop = cfg.forward_flops() as f64 / 1e9;
         assert!((8.5..9.3).contains(&gflop), "{gflop} GFLOP");

@@ -351,10 +351,10 @@ pub fn train(args: &TrainArgs) -> Result<Vec<EpochRecord>> {
     let (bridge, ema) = match resumed {
         Some(mut ckpt) => {
             let ema = ckpt.ema.take().map(|m| {
-                config
-                    .param_specs()
+                crate::model::param_specs(&config)
+                    .unwrap()
                     .iter()
-                    .map(|(n, _)| m[n].clone())
+                    .map(|s| m[&s.name].clone())
                     .collect::<Vec<Tensor>>()
             });
             let ts = ckpt.train_state.clone().unwrap_or_default();
@@ -394,7 +394,7 @@ pub fn train(args: &TrainArgs) -> Result<Vec<EpochRecord>> {
     println!(
         "{per_epoch} batches/epoch of {}; model {:.1}M parameters",
         args.batch,
-        config.param_count() as f64 / 1e6
+        crate::model::param_count(&config)? as f64 / 1e6
     );
 
     let eval = |b: &Bridge| data.evaluate(b, args.batch, args.pool, &args.loss);
@@ -518,10 +518,9 @@ pub fn train(args: &TrainArgs) -> Result<Vec<EpochRecord>> {
         let weights_file = |path: &Path| -> Result<()> {
             match ema_slice {
                 Some(e) => {
-                    let named: Vec<(String, Tensor)> = config
-                        .param_specs()
+                    let named: Vec<(String, Tensor)> = crate::model::param_specs(&config)?
                         .into_iter()
-                        .map(|(n, _)| n)
+                        .map(|s| s.name)
                         .zip(e.iter().cloned())
                         .collect();
                     checkpoint::save(path, &SaveParts::weights(&config, &named))
@@ -560,10 +559,9 @@ fn remove_stale_temporaries(dir: &Path) {
 /// device and stream.
 fn ema_bridge(bridge: &Bridge, ema: &[Tensor], opts: &BridgeOptions) -> Result<Bridge> {
     let config = bridge.config();
-    let weights: HashMap<String, Tensor> = config
-        .param_specs()
+    let weights: HashMap<String, Tensor> = crate::model::param_specs(config)?
         .into_iter()
-        .map(|(n, _)| n)
+        .map(|s| s.name)
         .zip(ema.iter().cloned())
         .collect();
     let ckpt = Checkpoint {

@@ -8,9 +8,14 @@ use common::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Builds the cdylib of the profile and features this test runs under; returns the folder
-/// holding it.
+/// Builds the cdylib of the profile and features this test runs under (once per test
+/// process); returns the folder holding it.
 pub fn build_cdylib() -> PathBuf {
+    static LIB_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    LIB_DIR.get_or_init(cargo_build_lib).clone()
+}
+
+fn cargo_build_lib() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf(); // target/<profile>
     let release = profile_dir.file_name().unwrap() == "release";
@@ -131,11 +136,7 @@ fn capi_args() -> Vec<std::ffi::OsString> {
     let ckpt =
         dino_bridge::checkpoint::load(&fixtures().join("model.safetensors"), None, None).unwrap();
     let mut cfg = ckpt.config.clone();
-    let weights: Vec<_> = cfg
-        .param_specs()
-        .into_iter()
-        .map(|(n, _)| (n.clone(), ckpt.weights[&n].clone()))
-        .collect();
+    let weights = ckpt.ordered_weights().unwrap();
     cfg.depth += 1;
     let misfit = dir.join("misfit.safetensors");
     dino_bridge::checkpoint::save(

@@ -48,11 +48,7 @@ fn tensors_that_do_not_fit_the_config_are_named() {
     let dir = tmp_dir("misfit");
     let ckpt = checkpoint::load(&fixtures().join("model.safetensors"), None, None).unwrap();
     let mut cfg = ckpt.config.clone();
-    let weights: Vec<_> = cfg
-        .param_specs()
-        .into_iter()
-        .map(|(n, _)| (n.clone(), ckpt.weights[&n].clone()))
-        .collect();
+    let weights = ckpt.ordered_weights().unwrap();
     cfg.depth = 3; // one more block than the tensors hold
     let p = dir.join("deeper.safetensors");
     checkpoint::save(&p, &checkpoint::SaveParts::weights(&cfg, &weights)).unwrap();

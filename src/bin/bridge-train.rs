@@ -3,6 +3,7 @@
 
 use clap::{Args, Parser, Subcommand};
 use dino_bridge::checkpoint::{self, SaveParts};
+use dino_bridge::config::parse_size;
 use dino_bridge::data::Dataset;
 use dino_bridge::loss::LossWeights;
 use dino_bridge::metrics::{DEFAULT_POOL, evaluate};
@@ -161,17 +162,6 @@ struct EvalCli {
     batch: usize,
 }
 
-/// `HxW` (or one number for a square) as a latent size.
-fn parse_size(s: &str) -> Result<(usize, usize)> {
-    let parse = |v: &str| v.trim().parse::<usize>().ok().filter(|v| *v > 0);
-    let (h, w) = match s.split_once(['x', 'X']) {
-        Some((h, w)) => (parse(h), parse(w)),
-        None => (parse(s), parse(s)),
-    };
-    h.zip(w)
-        .ok_or_else(|| Error::invalid(format!("size {s}: expected HxW, e.g. 32x48")))
-}
-
 fn parse_device(s: &str) -> Result<i32> {
     if s == "cpu" {
         return Ok(-1);
@@ -266,7 +256,7 @@ fn info(path: &Path, latent: Option<&str>) -> Result<()> {
     let (gh, gw) = c.token_grid(h as i64, w as i64)?;
     println!(
         "  {:.2}M parameters in {} tensors",
-        c.param_count() as f64 / 1e6,
+        dino_bridge::model::param_count(c)? as f64 / 1e6,
         ckpt.weights.len()
     );
     println!(
@@ -308,12 +298,7 @@ fn convert(from: &Path, to: &Path, key_map: Option<PathBuf>, config: Option<Stri
         .map(|c| BridgeConfig::from_preset_or_file(&c))
         .transpose()?;
     let ckpt = checkpoint::load(from, map.as_ref(), fallback.as_ref())?;
-    let weights: Vec<_> = ckpt
-        .config
-        .param_specs()
-        .into_iter()
-        .map(|(n, _)| (n.clone(), ckpt.weights[&n].clone()))
-        .collect();
+    let weights = ckpt.ordered_weights()?;
     checkpoint::save(to, &SaveParts::weights(&ckpt.config, &weights))?;
     println!("wrote {} ({} tensors)", to.display(), weights.len());
     Ok(())

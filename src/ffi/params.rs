@@ -134,7 +134,7 @@ pub fn info_of(bridge: &Bridge, struct_size: usize) -> BridgeInfo {
         dropout: c.dropout,
         latent_shift: c.latent_shift,
         latent_scale: c.latent_scale,
-        param_count: c.param_count() as i64,
+        param_count: bridge.param_count() as i64,
         device: bridge.device_ordinal(),
         tokens: c.tokens() as i32,
         step: bridge.step(),

@@ -1,7 +1,8 @@
 //! The latent adapter: a convolutional stem that turns `[B, C, L, L]` latents into
 //! `[B, grid*grid, width]` tokens (DESIGN.md, Model step 2).
 
-use super::layers::{Conv3x3, GroupNorm, Linear, Patchify, WeightSource};
+use super::layers::{Conv3x3, GroupNorm, Linear, Patchify};
+use super::weights::Weights;
 use crate::config::{BridgeConfig, GROUPS};
 use crate::error::Result;
 use candle_core::Tensor;
@@ -18,12 +19,12 @@ pub struct ResBlock {
 }
 
 impl ResBlock {
-    fn load(w: &dyn WeightSource, p: &str) -> Result<Self> {
+    fn load(w: Weights, c: usize) -> Result<Self> {
         Ok(ResBlock {
-            norm1: GroupNorm::load(w, &format!("{p}.norm1"), GROUPS, GN_EPS)?,
-            conv1: Conv3x3::load(w, &format!("{p}.conv1"))?,
-            norm2: GroupNorm::load(w, &format!("{p}.norm2"), GROUPS, GN_EPS)?,
-            conv2: Conv3x3::load(w, &format!("{p}.conv2"))?,
+            norm1: GroupNorm::load(w.pp("norm1"), c, GROUPS, GN_EPS)?,
+            conv1: Conv3x3::load(w.pp("conv1"), c, c)?,
+            norm2: GroupNorm::load(w.pp("norm2"), c, GROUPS, GN_EPS)?,
+            conv2: Conv3x3::load(w.pp("conv2"), c, c)?,
         })
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -50,28 +51,34 @@ pub struct Adapter {
 }
 
 impl Adapter {
-    pub fn load(w: &dyn WeightSource, cfg: &BridgeConfig) -> Result<Self> {
-        let stages = (0..cfg.adapter_depth)
-            .map(|s| {
-                let p = format!("adapter.stages.{s}");
+    /// `w` is the source under `adapter`. The fields load in DESIGN.md's order: stem,
+    /// stages, norm_out, proj.
+    pub fn load(w: Weights, cfg: &BridgeConfig) -> Result<Self> {
+        let (mid, out) = (cfg.adapter_mid_channels, cfg.adapter_out_channels);
+        let stem = Conv3x3::load(w.pp("stem"), cfg.in_ch, mid)?;
+        let stages = cfg
+            .stage_channels()
+            .into_iter()
+            .enumerate()
+            .map(|(s, (c_in, c_out))| {
+                let w = w.pp("stages").pp(s);
                 Ok(Stage {
-                    down: Patchify::load(w, &format!("{p}.down"))?,
-                    res: ResBlock::load(w, &format!("{p}.res"))?,
+                    down: Patchify::load(w.pp("down"), c_in, c_out)?,
+                    res: ResBlock::load(w.pp("res"), c_out)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Adapter {
-            stem: Conv3x3::load(w, "adapter.stem")?,
+            stem,
             stages,
-            norm_out: GroupNorm::load(w, "adapter.norm_out", GROUPS, GN_EPS)?,
-            proj: Linear::load(w, "adapter.proj")?,
+            norm_out: GroupNorm::load(w.pp("norm_out"), out, GROUPS, GN_EPS)?,
+            proj: Linear::load(w.pp("proj"), out, cfg.width)?,
             latent_shift: cfg.latent_shift as f64,
             latent_scale: cfg.latent_scale as f64,
         })
     }
 
-    /// `[B, C, L, L]` latents (NCHW, as trainers hold them) to `[B, grid*grid, width]`.
-    /// Latents `[B, C, H, W]` to tokens `[B, h*w, width]` on the token grid `(h, w)`
+    /// Latents `[B, C, H, W]` (NCHW, as trainers hold them) to tokens `[B, h*w, width]` on the token grid `(h, w)`
     /// (row-major), which it also returns.
     pub fn forward(&self, latents: &Tensor) -> Result<(Tensor, (usize, usize))> {
         let x = latents.affine(self.latent_scale, -self.latent_shift * self.latent_scale)?;

@@ -1,7 +1,8 @@
 //! The transformer body: pre-norm ViT blocks over the token grid (DESIGN.md, Model step 3).
 
-use super::layers::{LayerNorm, Linear, WeightSource};
+use super::layers::{LayerNorm, Linear};
 use super::position;
+use super::weights::Weights;
 use crate::config::BridgeConfig;
 use crate::error::Result;
 use crate::kernels::{self, Activation, activation_owned};
@@ -50,18 +51,19 @@ pub struct Block {
 }
 
 impl Block {
-    fn load(w: &dyn WeightSource, p: &str, cfg: &BridgeConfig) -> Result<Self> {
+    fn load(w: Weights, cfg: &BridgeConfig) -> Result<Self> {
+        let (width, hidden) = (cfg.width, cfg.mlp_hidden());
         Ok(Block {
-            norm1: LayerNorm::load(w, &format!("{p}.norm1"), LN_EPS)?,
+            norm1: LayerNorm::load(w.pp("norm1"), width, LN_EPS)?,
             attn: Attention {
-                qkv: Linear::load(w, &format!("{p}.attn.qkv"))?,
-                proj: Linear::load(w, &format!("{p}.attn.proj"))?,
+                qkv: Linear::load(w.pp("attn.qkv"), width, 3 * width)?,
+                proj: Linear::load(w.pp("attn.proj"), width, width)?,
                 heads: cfg.heads,
             },
-            norm2: LayerNorm::load(w, &format!("{p}.norm2"), LN_EPS)?,
+            norm2: LayerNorm::load(w.pp("norm2"), width, LN_EPS)?,
             mlp: Mlp {
-                fc1: Linear::load(w, &format!("{p}.mlp.fc1"))?,
-                fc2: Linear::load(w, &format!("{p}.mlp.fc2"))?,
+                fc1: Linear::load(w.pp("mlp.fc1"), width, hidden)?,
+                fc2: Linear::load(w.pp("mlp.fc2"), hidden, width)?,
             },
         })
     }
@@ -94,15 +96,18 @@ pub struct Backbone {
 }
 
 impl Backbone {
-    pub fn load(w: &dyn WeightSource, cfg: &BridgeConfig) -> Result<Self> {
+    /// `w` is the source under `backbone`; `pos_embed` loads first, then the blocks and
+    /// the final norm.
+    pub fn load(w: Weights, cfg: &BridgeConfig) -> Result<Self> {
+        let pos_embed = w.get("pos_embed", &[1, cfg.tokens(), cfg.width])?;
         let blocks = (0..cfg.depth)
-            .map(|i| Block::load(w, &format!("backbone.blocks.{i}"), cfg))
+            .map(|i| Block::load(w.pp("blocks").pp(i), cfg))
             .collect::<Result<Vec<_>>>()?;
         Ok(Backbone {
-            pos_embed: w.get("backbone.pos_embed")?,
+            pos_embed,
             grid: cfg.grid,
             blocks,
-            norm: LayerNorm::load(w, "backbone.norm", LN_EPS)?,
+            norm: LayerNorm::load(w.pp("norm"), cfg.width, LN_EPS)?,
             dropout: cfg.dropout,
         })
     }

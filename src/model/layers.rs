@@ -4,22 +4,10 @@
 //! adapter are channels-last (`[B, H, W, C]`), so that a convolution's patches are runs
 //! of channels and the token grid falls out as a reshape.
 
+use super::weights::Weights;
 use crate::error::Result;
 use crate::kernels;
 use candle_core::Tensor;
-
-/// Where a layer finds its weights: a map from `state_dict` names to tensors.
-pub trait WeightSource {
-    fn get(&self, name: &str) -> Result<Tensor>;
-}
-
-impl WeightSource for std::collections::HashMap<String, Tensor> {
-    fn get(&self, name: &str) -> Result<Tensor> {
-        self.get(name)
-            .cloned()
-            .ok_or_else(|| crate::error::Error::checkpoint(format!("missing tensor `{name}`")))
-    }
-}
 
 /// `y = x W^T + b` over the last dimension of any-rank `x`.
 #[derive(Clone)]
@@ -29,10 +17,10 @@ pub struct Linear {
 }
 
 impl Linear {
-    pub fn load(w: &dyn WeightSource, prefix: &str) -> Result<Self> {
+    pub fn load(w: Weights, in_dim: usize, out_dim: usize) -> Result<Self> {
         Ok(Linear {
-            weight: w.get(&format!("{prefix}.weight"))?,
-            bias: w.get(&format!("{prefix}.bias"))?,
+            weight: w.get("weight", &[out_dim, in_dim])?,
+            bias: w.get("bias", &[out_dim])?,
         })
     }
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -71,10 +59,10 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
-    pub fn load(w: &dyn WeightSource, prefix: &str, eps: f32) -> Result<Self> {
+    pub fn load(w: Weights, dim: usize, eps: f32) -> Result<Self> {
         Ok(LayerNorm {
-            weight: w.get(&format!("{prefix}.weight"))?,
-            bias: w.get(&format!("{prefix}.bias"))?,
+            weight: w.get("weight", &[dim])?,
+            bias: w.get("bias", &[dim])?,
             eps,
         })
     }
@@ -93,10 +81,10 @@ pub struct GroupNorm {
 }
 
 impl GroupNorm {
-    pub fn load(w: &dyn WeightSource, prefix: &str, groups: usize, eps: f32) -> Result<Self> {
+    pub fn load(w: Weights, channels: usize, groups: usize, eps: f32) -> Result<Self> {
         Ok(GroupNorm {
-            weight: w.get(&format!("{prefix}.weight"))?,
-            bias: w.get(&format!("{prefix}.bias"))?,
+            weight: w.get("weight", &[channels])?,
+            bias: w.get("bias", &[channels])?,
             groups,
             eps,
         })
@@ -115,10 +103,10 @@ pub struct Conv3x3 {
 }
 
 impl Conv3x3 {
-    pub fn load(w: &dyn WeightSource, prefix: &str) -> Result<Self> {
+    pub fn load(w: Weights, c_in: usize, c_out: usize) -> Result<Self> {
         Ok(Conv3x3 {
-            weight: w.get(&format!("{prefix}.weight"))?,
-            bias: w.get(&format!("{prefix}.bias"))?,
+            weight: w.get("weight", &[c_out, c_in, 3, 3])?,
+            bias: w.get("bias", &[c_out])?,
         })
     }
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -134,10 +122,10 @@ pub struct Patchify {
 }
 
 impl Patchify {
-    pub fn load(w: &dyn WeightSource, prefix: &str) -> Result<Self> {
+    pub fn load(w: Weights, c_in: usize, c_out: usize) -> Result<Self> {
         Ok(Patchify {
-            weight: w.get(&format!("{prefix}.weight"))?,
-            bias: w.get(&format!("{prefix}.bias"))?,
+            weight: w.get("weight", &[c_out, c_in, 2, 2])?,
+            bias: w.get("bias", &[c_out])?,
         })
     }
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

@@ -6,12 +6,13 @@ pub mod backbone;
 pub mod head;
 pub mod layers;
 pub mod position;
+pub mod weights;
 
 use crate::config::BridgeConfig;
 use crate::error::Result;
 use crate::rng::Rng;
 use candle_core::Tensor;
-pub use layers::WeightSource;
+pub use weights::{ParamSpec, WeightSource, Weights, param_count, param_specs};
 
 #[derive(Clone)]
 pub struct BridgeModel {
@@ -22,12 +23,14 @@ pub struct BridgeModel {
 
 impl BridgeModel {
     /// Builds the model over the given weights (shared, not copied: a model built over
-    /// variables trains them).
-    pub fn load(w: &dyn WeightSource, cfg: &BridgeConfig) -> Result<Self> {
+    /// variables trains them). Every tensor name and shape of the model is written in the
+    /// layers' `load`s, which this calls in DESIGN.md's order.
+    pub fn load(source: &dyn WeightSource, cfg: &BridgeConfig) -> Result<Self> {
+        let w = Weights::new(source);
         Ok(BridgeModel {
-            adapter: adapter::Adapter::load(w, cfg)?,
-            backbone: backbone::Backbone::load(w, cfg)?,
-            head: head::Head::load(w)?,
+            adapter: adapter::Adapter::load(w.pp("adapter"), cfg)?,
+            backbone: backbone::Backbone::load(w.pp("backbone"), cfg)?,
+            head: head::Head::load(w.pp("head"), cfg)?,
         })
     }
 
