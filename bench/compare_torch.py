@@ -26,14 +26,13 @@ import time
 
 import numpy as np
 
-# Preset configs (DESIGN.md, "Model"): the fields that differ from the default.
+# Preset configs (DESIGN.md, "Model"): the fields that differ from the library's default.
 PRESETS = {"default": {}, "repa": {"adapter_depth": 1, "grid": 16}}
-DEFAULT = {"in_ch": 4, "latent_size": 32, "grid": 8, "target_dim": 768, "adapter_mid_channels": 256,
-           "adapter_out_channels": 512, "adapter_depth": 2, "width": 768, "depth": 8, "heads": 12, "mlp_ratio": 4.0}
 
 
 def forward_gflop(cfg, h, w):
-    """Forward GFLOP per sample at an h x w latent, counted as config.rs forward_flops_at."""
+    """Forward GFLOP per sample at an h x w latent for a config as `Bridge.info()` gives it,
+    counted as config.rs forward_flops_at."""
     macs = h * w * cfg["adapter_mid_channels"] * cfg["in_ch"] * 9
     c_in = cfg["adapter_mid_channels"]
     for s in range(cfg["adapter_depth"]):
@@ -78,11 +77,7 @@ def main():
     from dino_bridge import Bridge
     from torch_bridge import TorchBridge
 
-    cfg = {**DEFAULT, **PRESETS[args.config]}
     lh, lw = (int(v) for v in args.size.lower().split("x"))
-    cell = 2 ** cfg["adapter_depth"]
-    gh, gw = lh // cell, lw // cell
-    gflop = forward_gflop(cfg, lh, lw)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.batch, 4, lh, lw)).astype(np.float32)
     if args.memory_of:
@@ -103,6 +98,9 @@ def main():
     ckpt = os.path.join(tmp, "bridge.safetensors")
     bridge = Bridge(seed=1, lr=1e-4, warmup_steps=0, dropout=0.0, **PRESETS[args.config])
     bridge.save(ckpt)
+    cfg = bridge.info()
+    gh, gw = bridge.token_grid(lh, lw)
+    gflop = forward_gflop(cfg, lh, lw)
     print(f"config {args.config}: {lh}x{lw} latents -> {gh}x{gw} tokens, {gflop:.2f} GFLOP/sample forward")
     tm, _ = TorchBridge.from_safetensors(ckpt)
     tm.eval()
@@ -130,7 +128,7 @@ def main():
     print(f"forward    batch {args.batch}, {args.threads} threads: bridge {b_sps:7.2f} samples/s ({b_sps * gflop:6.1f} GFLOP/s), "
           f"torch eager {t_sps:7.2f} ({t_sps * gflop:6.1f}); ratio {b_sps / t_sps:.2f}")
 
-    targets = rng.standard_normal((args.batch, gh * gw, 768)).astype(np.float32)
+    targets = rng.standard_normal((args.batch, gh * gw, cfg["target_dim"])).astype(np.float32)
     tt = torch.from_numpy(targets)
     tm.train()
     opt = torch.optim.AdamW(tm.parameters(), lr=1e-4, weight_decay=0.05)

@@ -131,7 +131,8 @@ impl GridMatch {
                  integer multiple or divisor of it by the same factor on both sides"
             ))
         };
-        if ph <= 0 || pw <= 0 || ph > 1 << 14 || pw > 1 << 14 {
+        let most = crate::config::MAX_SIDE as i64;
+        if ph <= 0 || pw <= 0 || ph > most || pw > most {
             return Err(bad());
         }
         if (ph, pw) == (h, w) {
@@ -144,9 +145,7 @@ impl GridMatch {
             Err(bad())
         }
     }
-}
 
-impl GridMatch {
     /// The caller grid of `tokens` tokens that meets the bridge's grid `(h, w)`: with one
     /// factor on both sides there is at most one (`tokens = h*w*k^2` or `h*w/k^2`).
     pub fn infer(tokens: usize, (h, w): (usize, usize)) -> Result<(usize, usize)> {

@@ -75,5 +75,4 @@ fn the_gpu_paths_match_the_fixtures_and_the_cpu_kernels() {
             .unwrap();
         assert!(n > 0.0, "{name}: zero gradient on the gpu paths");
     }
-    kernels::set_enabled(true);
 }

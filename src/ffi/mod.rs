@@ -52,7 +52,13 @@ fn compute<R>(
         Buffers::Host => Io::host(&bridge, batch, shape),
         Buffers::Bridge(stream) => Io::for_bridge(&bridge, batch, shape, stream)?,
     };
-    let r = body(&bridge, &io, dt)?;
+    run_io(io, |io| body(&bridge, io, dt))
+}
+
+/// `body` on the call's buffers, then the caller's stream joined (on error paths the
+/// `Io`'s drop joins it).
+fn run_io<R>(io: Io, body: impl FnOnce(&Io) -> Result<R>) -> Result<R> {
+    let r = body(&io)?;
     io.finish()?;
     Ok(r)
 }
@@ -545,17 +551,14 @@ fn latent_call_shape(bridge: &Bridge, x: &View) -> Result<(i64, CallShape)> {
 }
 
 /// A DLPack call's buffers where the bridge lives, `body`, and the caller's stream joined
-/// after it (on error paths too, by `Io`'s drop). Every tensor is checked before this.
+/// after it. Every tensor is checked before this.
 fn with_io<R>(
     bridge: &Bridge,
     (batch, shape): (i64, CallShape),
     stream: *mut c_void,
     body: impl FnOnce(&Io) -> Result<R>,
 ) -> Result<R> {
-    let io = Io::for_bridge(bridge, batch, shape, stream)?;
-    let r = body(&io)?;
-    io.finish()?;
-    Ok(r)
+    run_io(Io::for_bridge(bridge, batch, shape, stream)?, body)
 }
 
 /// Checks a loss tensor: one element, host or the bridge's device.

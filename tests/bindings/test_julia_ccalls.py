@@ -61,7 +61,7 @@ def c_functions() -> dict:
 
 
 SCALARS = {"Int32": "int32_t", "Int64": "int64_t", "UInt32": "uint32_t", "UInt64": "uint64_t", "Float32": "float",
-           "Cstring": "char*", "Cint": "int32_t"}
+           "Cstring": "char*", "Cint": "int32_t", "UInt8": "uint8_t", "UInt16": "uint16_t", "Ptr{Int64}": "int64_t*"}
 
 
 def julia_to_c(t: str) -> set:
@@ -70,8 +70,8 @@ def julia_to_c(t: str) -> set:
         return {SCALARS[t]}
     if t == "Ptr{Cvoid}":
         return {"void*", "BridgeHandle*", "BridgeLogCallback"}
-    if t == "DLTensor":
-        return {"DLTensor"}
+    if t in ("DLTensor", "DLDevice", "DLDataType"):
+        return {t}
     if t == "Ptr{UInt8}":
         return {"char*"}
     m = re.fullmatch(r"Ref\{(.+)\}", t)
@@ -101,15 +101,20 @@ def test_every_ccall_matches_a_header_function():
         assert c_ret in julia_to_c(ret), f"{name}: returns {c_ret} in C, Julia says {ret}"
 
 
+def assert_fields_match(struct: str, c_body: str, jl_body: str):
+    """The Julia mirror has the C struct's fields, in order, with passing types."""
+    c_fields = [(m.group(2), canon_c(m.group(1))) for m in re.finditer(r"^\s*([\w][\w *]*?)(\w+);", c_body, re.M)]
+    jl_fields = re.findall(r"^\s*(\w+)::([\w{}]+)", jl_body, re.M)
+    assert [n for n, _ in jl_fields] == [n for n, _ in c_fields], struct
+    for (name, jt), (_, ct) in zip(jl_fields, c_fields):
+        assert ct in julia_to_c(jt), f"{struct}.{name}: C {ct}, Julia {jt}"
+
+
 def test_mirrored_structs_match_the_header():
     for struct in ("BridgeParams", "BridgeInfo", "BridgeStepStats", "BridgeCapabilities"):
         body = re.search(r"typedef struct %s \{(.*?)\} %s;" % (struct, struct), HEADER, re.S).group(1)
-        c_fields = [(m.group(2), canon_c(m.group(1))) for m in re.finditer(r"^\s*([\w][\w *]*?)(\w+);$", body, re.M)]
         jl_body = re.search(r"mutable struct %s\n(.*?)\nend" % struct, JULIA, re.S).group(1)
-        jl_fields = re.findall(r"^\s*(\w+)::([\w{}]+)", jl_body, re.M)
-        assert [n for n, _ in jl_fields] == [n for n, _ in c_fields], struct
-        for (name, jt), (_, ct) in zip(jl_fields, c_fields):
-            assert ct in julia_to_c(jt), f"{struct}.{name}: C {ct}, Julia {jt}"
+        assert_fields_match(struct, body, jl_body)
 
 
 def test_the_abi_2_fields_and_arguments_are_mirrored():
@@ -142,14 +147,8 @@ def test_the_module_declares_and_checks_the_headers_abi_version():
 def test_the_dlpack_mirrors_match_the_headers_declarations():
     for struct in ("DLDevice", "DLDataType", "DLTensor"):
         body = re.search(r"typedef struct \{([^}]*)\} %s;" % struct, HEADER, re.S).group(1)
-        c_fields = [(m.group(2), canon_c(m.group(1))) for m in re.finditer(r"^\s*([\w][\w *]*?)(\w+);", body, re.M)]
         jl_body = re.search(r"^struct %s\n(.*?)\nend" % struct, JULIA, re.S | re.M).group(1)
-        jl_fields = re.findall(r"^\s*(\w+)::([\w{}]+)", jl_body, re.M)
-        assert [n for n, _ in jl_fields] == [n for n, _ in c_fields], struct
-        jl_c = {"Int32": "int32_t", "UInt8": "uint8_t", "UInt16": "uint16_t", "UInt64": "uint64_t",
-                "Ptr{Cvoid}": "void*", "Ptr{Int64}": "int64_t*", "DLDevice": "DLDevice", "DLDataType": "DLDataType"}
-        for (name, jt), (_, ct) in zip(jl_fields, c_fields):
-            assert jl_c[jt] == ct, f"{struct}.{name}: C {ct}, Julia {jt}"
+        assert_fields_match(struct, body, jl_body)
 
 
 def test_the_example_calls_only_what_the_module_defines():

@@ -259,9 +259,12 @@ static const DLTensor *transposed(Ctx *c, const DLTensor *t) {
     X(ep##_shape_null, INV, word ".shape is NULL", call(no_shape(c, v)))
 #define STRIDE_ROW(X, ep, word, call, v) \
     X(ep##_transposed, INV, word " has strides|compact row-major", call(transposed(c, v)))
+/* DESC_ROWS and STRIDE_ROW: the rows of a tensor of two dimensions or more. */
+#define DESC_STRIDE_ROWS(X, ep, word, call, v) \
+    DESC_ROWS(X, ep, word, call, v)            \
+    STRIDE_ROW(X, ep, word, call, v)
 #define DESC_ROWS_ALL(X, ep, word, call, v)                                                           \
-    DESC_ROWS(X, ep, word, call, v)                                                                   \
-    STRIDE_ROW(X, ep, word, call, v)                                                                  \
+    DESC_STRIDE_ROWS(X, ep, word, call, v)                                                            \
     X(ep##_vulkan, INV, word " is on DLPack device type 7", call(on_device(c, v, 7, 0)))             \
     X(ep##_managed, INV, word " is on DLPack device type 13", call(on_device(c, v, DL_CUDA_MANAGED, 0))) \
     X(ep##_device_junk, INV, "device type -559038737, id 77", call(on_device(c, v, (int32_t)0xdeadbeef, 77))) \
@@ -523,8 +526,7 @@ static int32_t get_caps_prefix(Ctx *c) {
     X(dfwd_null_handle, INV, "handle is NULL", bridge_forward_dlpack(NULL, &c->d_lat, &c->d_out, NULL))  \
     X(dfwd_dead, INV, "not a live bridge", bridge_forward_dlpack(c->dead, &c->d_lat, &c->d_out, NULL))   \
     DESC_ROWS_ALL(X, dfwd_lat, "latents", FWD_LAT, &c->d_lat)                                             \
-    DESC_ROWS(X, dfwd_out, "out", FWD_OUT, &c->d_out)                                                     \
-    STRIDE_ROW(X, dfwd_out, "out", FWD_OUT, &c->d_out)                                                    \
+    DESC_STRIDE_ROWS(X, dfwd_out, "out", FWD_OUT, &c->d_out) \
     X(dfwd_lat_ndim3, SH, "latents has shape [3, 4, 256]|[B, 4, H, W]", FWD_LAT(SHAPED(&c->d_lat, B, 4, S * S))) \
     X(dfwd_lat_ndim5, SH, "latents has shape [1, 3, 4, 16, 16]", FWD_LAT(SHAPED(&c->d_lat, 1, B, 4, S, S))) \
     X(dfwd_lat_ch3, SH, "latents has shape [3, 3, 16, 16]|[B, 4, H, W]", FWD_LAT(SHAPED(&c->d_lat, B, 3, S, S))) \
@@ -553,10 +555,8 @@ static int32_t get_caps_prefix(Ctx *c) {
     X(dloss_dead, INV, "not a live bridge",                                                               \
       bridge_loss_backward_dlpack(c->dead, &c->d_pred8, &c->d_lat, &c->d_grad8, &c->d_loss, NULL))        \
     DESC_ROWS_ALL(X, dloss_pred, "pred", LOSS_PRED, &c->d_pred8)                                          \
-    DESC_ROWS(X, dloss_lat, "latents", LOSS_LAT, &c->d_lat)                                               \
-    STRIDE_ROW(X, dloss_lat, "latents", LOSS_LAT, &c->d_lat)                                              \
-    DESC_ROWS(X, dloss_grad, "grad_pred", LOSS_GRAD, &c->d_grad8)                                         \
-    STRIDE_ROW(X, dloss_grad, "grad_pred", LOSS_GRAD, &c->d_grad8)                                        \
+    DESC_STRIDE_ROWS(X, dloss_lat, "latents", LOSS_LAT, &c->d_lat) \
+    DESC_STRIDE_ROWS(X, dloss_grad, "grad_pred", LOSS_GRAD, &c->d_grad8) \
     DESC_ROWS(X, dloss_loss, "loss", LOSS_LOSS, &c->d_loss)                                               \
     X(dloss_loss_ndim9, INV, "loss.ndim = 9", LOSS_LOSS(ndim_is(c, &c->d_loss, 9)))                       \
     X(dloss_loss_neg, INV, "loss.shape = [-1]", LOSS_LOSS(negative(c, &c->d_loss)))                       \
@@ -596,10 +596,8 @@ static int32_t get_caps_prefix(Ctx *c) {
     X(dlat_dead, INV, "not a live bridge",                                                                \
       bridge_latent_loss_backward_dlpack(c->dead, &c->d_lat, &c->d_tgt, &c->d_glat, &c->d_loss, NULL))    \
     DESC_ROWS_ALL(X, dlat_lat, "latents", LAT_LAT, &c->d_lat)                                             \
-    DESC_ROWS(X, dlat_tgt, "target", LAT_TGT, &c->d_tgt)                                                  \
-    STRIDE_ROW(X, dlat_tgt, "target", LAT_TGT, &c->d_tgt)                                                 \
-    DESC_ROWS(X, dlat_grad, "grad_latents", LAT_GRAD, &c->d_glat)                                         \
-    STRIDE_ROW(X, dlat_grad, "grad_latents", LAT_GRAD, &c->d_glat)                                        \
+    DESC_STRIDE_ROWS(X, dlat_tgt, "target", LAT_TGT, &c->d_tgt) \
+    DESC_STRIDE_ROWS(X, dlat_grad, "grad_latents", LAT_GRAD, &c->d_glat) \
     DESC_ROWS(X, dlat_loss, "loss", LAT_LOSS, &c->d_loss)                                                 \
     X(dlat_loss2, SH, "loss has shape [2]; expected one element", LAT_LOSS(SHAPED(&c->d_loss, 2)))       \
     X(dlat_lat_w6, SH, "latent width = 6|multiple of 4", LAT_LAT(SHAPED(&c->d_lat, B, 4, S, 6)))         \
@@ -620,8 +618,7 @@ static int32_t get_caps_prefix(Ctx *c) {
     X(dstep_null_handle, INV, "handle is NULL", bridge_train_step_dlpack(NULL, &c->d_lat, &c->d_tgt, &c->stats, NULL)) \
     X(dstep_dead, INV, "not a live bridge", bridge_train_step_dlpack(c->dead, &c->d_lat, &c->d_tgt, &c->stats, NULL)) \
     DESC_ROWS_ALL(X, dstep_lat, "latents", STEP_LAT, &c->d_lat)                                           \
-    DESC_ROWS(X, dstep_tgt, "targets", STEP_TGT, &c->d_tgt)                                               \
-    STRIDE_ROW(X, dstep_tgt, "targets", STEP_TGT, &c->d_tgt)                                              \
+    DESC_STRIDE_ROWS(X, dstep_tgt, "targets", STEP_TGT, &c->d_tgt) \
     X(dstep_stats_null, INV, "stats is NULL", bridge_train_step_dlpack(c->h, &c->d_lat, &c->d_tgt, NULL, NULL)) \
     X(dstep_stats_small, BRIDGE_ERR_ABI_MISMATCH, "BridgeStepStats",                                      \
       bridge_train_step_dlpack(c->h, &c->d_lat, &c->d_tgt, &c->stats_small, NULL))                        \

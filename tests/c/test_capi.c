@@ -5,26 +5,15 @@
  *
  * usage: test_capi FIXTURE_DIR TMP_DIR LOSS_GRID8 LOSS_LATENTS MISFIT_CHECKPOINT */
 #include "dino_bridge.h"
+#include "check.h"
 
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-static int failures = 0;
-
 /* The fixture's latent side: 16x16 latents give a 4x4 token grid (adapter_depth 2). */
 enum { S = 16 };
-
-#define CHECK(cond, ...)                                   \
-    do {                                                   \
-        if (!(cond)) {                                     \
-            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-            fprintf(stderr, __VA_ARGS__);                  \
-            fprintf(stderr, "\n");                         \
-            failures++;                                    \
-        }                                                  \
-    } while (0)
 
 /* A call that must fail with `want` and leave a message containing `word`. */
 #define EXPECT_ERR(want, word, call)                                                   \
@@ -33,12 +22,6 @@ enum { S = 16 };
         const char *msg_ = bridge_last_error();                                        \
         CHECK(got_ == (want), "%s: status %d, want %d (%s)", #call, got_, (want), msg_); \
         CHECK(msg_ && strstr(msg_, (word)), "%s: message '%s' lacks '%s'", #call, msg_, (word)); \
-    } while (0)
-
-#define EXPECT_OK(call)                                                              \
-    do {                                                                             \
-        int32_t got_ = (call);                                                       \
-        CHECK(got_ == BRIDGE_OK, "%s: status %d (%s)", #call, got_, bridge_last_error()); \
     } while (0)
 
 /* Reads a float32 .npy file; returns its element count or 0. */
@@ -540,9 +523,9 @@ int main(int argc, char **argv) {
     free(lat); free(out_want); free(pred8); free(grad8_want); free(target); free(glat_want);
     free(out); free(out2); free(outb); free(lat16); free(out16); free(grad8); free(glat);
     if (failures) {
-        fprintf(stderr, "%d checks failed\n", failures);
+        fprintf(stderr, "%d of %d checks failed\n", failures, checks);
         return 1;
     }
-    printf("C API: all checks passed\n");
+    printf("C API: all checks passed (%d)\n", checks);
     return 0;
 }

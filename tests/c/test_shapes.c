@@ -13,30 +13,12 @@
  *
  * usage: test_shapes SHAPES_FIXTURE_DIR   (expected losses are read from its expected.json) */
 #include "dino_bridge.h"
+#include "check.h"
 
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-static int failures = 0, checks = 0;
-
-#define CHECK(cond, ...)                                         \
-    do {                                                         \
-        checks++;                                                \
-        if (!(cond)) {                                           \
-            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-            fprintf(stderr, __VA_ARGS__);                        \
-            fprintf(stderr, "\n");                               \
-            failures++;                                          \
-        }                                                        \
-    } while (0)
-
-#define EXPECT_OK(call)                                                                   \
-    do {                                                                                  \
-        int32_t got_ = (call);                                                            \
-        CHECK(got_ == BRIDGE_OK, "%s: status %d (%s)", #call, got_, bridge_last_error()); \
-    } while (0)
 
 static const char *dir;
 

@@ -83,6 +83,10 @@ def sync(stream=None):
     (stream or torch.cuda).synchronize()
 
 
+def close_loss(a, b, tol):
+    return abs(a - b) < tol * abs(b) + 1e-6
+
+
 def compare(label, ckpt, batch, tol_f32, tol_bf16, steps):
     cpu = Bridge(ckpt, device=-1)
     gpu = Bridge(ckpt, device=DEVICE)
@@ -106,10 +110,10 @@ def compare(label, ckpt, batch, tol_f32, tol_bf16, steps):
     check(f"{label}: forward f32", rel(out, ref) < tol_f32, f"rel {rel(out, ref):.2e}")
     check(f"{label}: forward bf16 compute", rel(out16, ref) < tol_bf16, f"rel {rel(out16, ref):.2e}")
     loss_c, grad_c = cpu.loss_backward(pred, lat, grid=(2 * g, 2 * g))
-    check(f"{label}: loss_backward (caller grid {2 * g}x{2 * g})", abs(loss_g - loss_c) < tol_f32 * abs(loss_c) + 1e-6
+    check(f"{label}: loss_backward (caller grid {2 * g}x{2 * g})", close_loss(loss_g, loss_c, tol_f32)
           and rel(grad_g, grad_c) < tol_f32, f"loss {loss_g:.6f} vs {loss_c:.6f}, grad rel {rel(grad_g, grad_c):.2e}")
     lloss_c, lgrad_c = cpu.latent_loss_backward(lat, tgt)
-    check(f"{label}: latent_loss_backward", abs(lloss_g - lloss_c) < tol_f32 * abs(lloss_c) + 1e-6
+    check(f"{label}: latent_loss_backward", close_loss(lloss_g, lloss_c, tol_f32)
           and rel(lgrad_g, lgrad_c) < 10 * tol_f32, f"grad rel {rel(lgrad_g, lgrad_c):.2e}")
     losses_c = [cpu.train_step(lat, tgt)["loss"] for _ in range(steps)]
     with on(side):
@@ -120,10 +124,6 @@ def compare(label, ckpt, batch, tol_f32, tol_bf16, steps):
     check(f"{label}: {steps} train steps", worst < 1e-3 and after < 1e-2,
           f"losses {losses_c[0]:.4f}->{losses_c[-1]:.4f}, worst rel {worst:.2e}, forward after rel {after:.2e}")
     return gpu
-
-
-def close_loss(a, b, tol):
-    return abs(a - b) < tol * abs(b) + 1e-6
 
 
 def rectangular(ckpt, batch, size, tol_f32, tol_bf16):

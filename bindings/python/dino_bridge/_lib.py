@@ -29,7 +29,6 @@ STATUS_NAMES = {
 }
 DTYPE_F32, DTYPE_F16, DTYPE_BF16 = 0, 1, 2
 DTYPE_NAMES = {DTYPE_F32: "float32", DTYPE_F16: "float16", DTYPE_BF16: "bfloat16"}
-DEVICE_CPU = -1
 LOG_DEBUG, LOG_INFO, LOG_WARN, LOG_ERROR = 1, 2, 3, 4
 
 # DLPack (https://dmlc.github.io/dlpack/latest/c_api.html): the device types the library

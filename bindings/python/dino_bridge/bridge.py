@@ -303,14 +303,21 @@ class _Call:
                     return _Call._dlpack(obj, kwargs, writable)
         return _Call._dlpack(obj, kwargs, writable)
 
+    # Producer types found to predate DLPack 1.0's Python protocol (no `max_version`):
+    # asked the old way from then on, instead of a failing call per array per call.
+    _LEGACY_PRODUCERS: set = set()
+
     @staticmethod
     def _dlpack(obj, kwargs, writable):
+        if type(obj) in _Call._LEGACY_PRODUCERS:
+            return obj.__dlpack__(**kwargs)
         versioned = dict(kwargs, max_version=L.DLPACK_MAX_VERSION)
         if writable:
             versioned["copy"] = False
         try:
             return obj.__dlpack__(**versioned)
         except TypeError:  # a producer that predates DLPack 1.0's Python protocol
+            _Call._LEGACY_PRODUCERS.add(type(obj))
             return obj.__dlpack__(**kwargs)
 
     def empty(self, like: _Tensor, shape):
@@ -586,13 +593,13 @@ class Bridge:
         return shape[0]
 
     def _latents(self, buf: _Tensor, name: str = "latents", batch: int | None = None):
-        """(batch, height, width, token grid) of latents `[B, in_ch, H, W]`."""
+        """(batch, token grid) of latents `[B, in_ch, H, W]`."""
         shape, c = buf.shape, self._info["in_ch"]
         if len(shape) != 4 or shape[1] != c or shape[0] < 1 or (batch is not None and shape[0] != batch):
             b = batch if batch is not None else "B"
             raise ValueError(f"{name}: shape {list(shape)}, expected [{b}, {c}, H, W]")
         b, _, height, width = shape
-        return b, height, width, self.token_grid(height, width)
+        return b, self.token_grid(height, width)
 
     def _tokens(self, grid: Tuple[int, int]) -> tuple:
         return (grid[0] * grid[1], self._info["target_dim"])
@@ -634,7 +641,7 @@ class Bridge:
         written into `out`, of any float dtype, when given)."""
         with self._call() as call:
             lat = call.arg(latents, "latents")
-            b, height, width, grid = self._latents(lat)
+            b, grid = self._latents(lat)
             made = out is None
             if made:
                 out = call.empty(lat, (b,) + self._tokens(grid))
@@ -660,7 +667,7 @@ class Bridge:
         with self._call() as call:
             p = call.arg(pred, "pred")
             lat = call.arg(latents, "latents")
-            b, height, width, bridge_grid = self._latents(lat)
+            b, bridge_grid = self._latents(lat)
             ph, pw = self._caller_grid(p, grid, bridge_grid)
             tokens = self._tokens((ph, pw))
             if len(p.shape) == 4:
@@ -689,7 +696,7 @@ class Bridge:
         with self._call() as call:
             lat = call.arg(latents, "latents")
             tgt = call.arg(target, "target")
-            b, height, width, grid = self._latents(lat)
+            b, grid = self._latents(lat)
             self._expect(tgt, "target", self._tokens(grid), b)
             made = grad_out is None
             if made:
@@ -708,7 +715,7 @@ class Bridge:
         with self._call() as call:
             lat = call.arg(latents, "latents")
             tgt = call.arg(targets, "targets")
-            b, height, width, grid = self._latents(lat)
+            b, grid = self._latents(lat)
             self._expect(tgt, "targets", self._tokens(grid), b)
             stats = L.BridgeStepStats()
             stats.struct_size = ctypes.sizeof(L.BridgeStepStats)
@@ -723,10 +730,10 @@ class Bridge:
 
 
 def _grid_pair(grid) -> Tuple[int, int]:
+    """A caller grid: an integer (square) or a pair of integers (ph, pw). Nothing else is
+    taken (a string or floats would turn into a grid silently)."""
     if isinstance(grid, numbers.Integral):
         return (int(grid), int(grid))
-    try:
-        ph, pw = (int(g) for g in grid)
-    except (TypeError, ValueError):
-        raise ValueError(f"grid={grid!r}: expected (ph, pw), the caller's token grid") from None
-    return (ph, pw)
+    if isinstance(grid, (tuple, list)) and len(grid) == 2 and all(isinstance(g, numbers.Integral) for g in grid):
+        return (int(grid[0]), int(grid[1]))
+    raise ValueError(f"grid={grid!r}: expected (ph, pw), the caller's token grid")

@@ -23,14 +23,13 @@ library there (on a GPU with no host sync).
 """
 
 import itertools
-import numbers
 import threading
 import weakref
 from typing import List, Tuple
 
 import torch
 
-from .bridge import Bridge
+from .bridge import Bridge, _grid_pair
 
 # The ops take a bridge as an integer key (custom ops take tensors and plain values only);
 # the registry holds the Bridge weakly: an AlignLoss/LatentLoss keeps its own reference.
@@ -63,13 +62,7 @@ def _as_bridge(bridge_or_path, **kwargs) -> Bridge:
 
 def _grid_list(grid) -> List[int]:
     """`grid` as the op's `int[]`: [] (inferred), or [ph, pw]."""
-    if grid is None:
-        return []
-    if isinstance(grid, numbers.Integral):
-        return [int(grid), int(grid)]
-    if isinstance(grid, (tuple, list)) and len(grid) == 2 and all(isinstance(g, numbers.Integral) for g in grid):
-        return [int(grid[0]), int(grid[1])]
-    raise ValueError(f"grid={grid!r}: expected (ph, pw), the caller's token grid")
+    return [] if grid is None else list(_grid_pair(grid))
 
 
 # -- the ops -----------------------------------------------------------------------------------
