@@ -7,44 +7,91 @@ use serde::{Deserialize, Serialize};
 /// GroupNorm group count used throughout the adapter.
 pub const GROUPS: usize = 32;
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct BridgeConfig {
-    pub in_ch: usize,
-    pub latent_size: usize,
-    pub grid: usize,
-    pub target_dim: usize,
-    pub adapter_mid_channels: usize,
-    pub adapter_out_channels: usize,
-    pub adapter_depth: usize,
-    pub width: usize,
-    pub depth: usize,
-    pub heads: usize,
-    pub mlp_ratio: f32,
-    pub dropout: f32,
-    pub latent_shift: f32,
-    pub latent_scale: f32,
+/// The config's fields, written once: name, type, default (the published `DinoBridgeV3`)
+/// and meaning. `config_fields!(m! { .. })` hands the list, in brackets, to the macro `m`
+/// (after the tokens in braces and any that follow them, so that lists can be chained):
+/// `define_config` below makes `BridgeConfig` and its `Default` from it, `ffi/params.rs`
+/// the C structs' conversions. The C structs (`ffi/types.rs`) stay written out for
+/// cbindgen; the conversions build them as struct literals, so a field missing on either
+/// side does not compile.
+macro_rules! config_fields {
+    ($m:ident! { $($pass:tt)* } $($more:tt)*) => {
+        $m! { $($pass)* $($more)* [
+            /// Latent channels: 4 for SD, 16 for FLUX / SD3.
+            in_ch: usize = 4,
+            /// The latent side the bridge was built (and `pos_embed` trained) for.
+            latent_size: usize = 32,
+            /// The token grid of `latent_size`: `latent_size / 2^adapter_depth`.
+            grid: usize = 8,
+            /// The teacher's token width (768 for DINOv2-B).
+            target_dim: usize = 768,
+            adapter_mid_channels: usize = 256,
+            adapter_out_channels: usize = 512,
+            /// Adapter stages, each halving the latent sides.
+            adapter_depth: usize = 2,
+            /// The body's width, depth and heads.
+            width: usize = 768,
+            depth: usize = 8,
+            heads: usize = 12,
+            mlp_ratio: f32 = 4.0,
+            /// Residual dropout of the body, in training only.
+            dropout: f32 = 0.02,
+            /// Latents enter as `(latents - latent_shift) * latent_scale`.
+            latent_shift: f32 = 0.0,
+            latent_scale: f32 = 1.0,
+        ] }
+    };
+}
+pub(crate) use config_fields;
+
+/// `BridgeConfig` and its defaults, from the field list.
+macro_rules! define_config {
+    ([$($(#[$doc:meta])* $name:ident: $ty:ty = $default:expr,)*]) => {
+        /// The model configuration (DESIGN.md, "Model").
+        #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+        #[serde(default, deny_unknown_fields)]
+        pub struct BridgeConfig {
+            $($(#[$doc])* pub $name: $ty,)*
+        }
+
+        impl Default for BridgeConfig {
+            /// The published `DinoBridgeV3` configuration.
+            fn default() -> Self {
+                BridgeConfig { $($name: $default,)* }
+            }
+        }
+
+        impl BridgeConfig {
+            /// Every integer field in `1..=MAX_DIM`.
+            fn check_dims(&self) -> Result<()> {
+                $(Dim::check(self.$name, stringify!($name))?;)*
+                Ok(())
+            }
+        }
+    };
+}
+config_fields!(define_config! {});
+
+/// A config field's range check: integers (sizes and counts) are in `1..=MAX_DIM`; float
+/// fields have checks of their own in `validate`.
+trait Dim: Copy {
+    fn check(self, name: &str) -> Result<()>;
 }
 
-impl Default for BridgeConfig {
-    /// The published `DinoBridgeV3` configuration.
-    fn default() -> Self {
-        BridgeConfig {
-            in_ch: 4,
-            latent_size: 32,
-            grid: 8,
-            target_dim: 768,
-            adapter_mid_channels: 256,
-            adapter_out_channels: 512,
-            adapter_depth: 2,
-            width: 768,
-            depth: 8,
-            heads: 12,
-            mlp_ratio: 4.0,
-            dropout: 0.02,
-            latent_shift: 0.0,
-            latent_scale: 1.0,
+impl Dim for usize {
+    fn check(self, name: &str) -> Result<()> {
+        if self == 0 || self > MAX_DIM {
+            return Err(Error::invalid(format!(
+                "config.{name} = {self}: must be in 1..={MAX_DIM}"
+            )));
         }
+        Ok(())
+    }
+}
+
+impl Dim for f32 {
+    fn check(self, _: &str) -> Result<()> {
+        Ok(())
     }
 }
 
@@ -186,25 +233,7 @@ impl BridgeConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        let ints = [
-            ("in_ch", self.in_ch),
-            ("latent_size", self.latent_size),
-            ("grid", self.grid),
-            ("target_dim", self.target_dim),
-            ("adapter_mid_channels", self.adapter_mid_channels),
-            ("adapter_out_channels", self.adapter_out_channels),
-            ("adapter_depth", self.adapter_depth),
-            ("width", self.width),
-            ("depth", self.depth),
-            ("heads", self.heads),
-        ];
-        for (name, v) in ints {
-            if v == 0 || v > MAX_DIM {
-                return Err(Error::invalid(format!(
-                    "config.{name} = {v}: must be in 1..={MAX_DIM}"
-                )));
-            }
-        }
+        self.check_dims()?;
         if self.adapter_depth > 8
             || self.grid.checked_shl(self.adapter_depth as u32) != Some(self.latent_size)
         {

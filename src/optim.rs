@@ -6,34 +6,43 @@ use crate::error::{Error, Result};
 use crate::kernels::adamw;
 use candle_core::{Tensor, Var};
 
-#[derive(Clone, Debug, PartialEq)]
-pub struct OptimConfig {
-    pub lr: f32,
-    pub weight_decay: f32,
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
-    /// Global-norm clip; 0 disables clipping.
-    pub grad_clip: f32,
-    pub warmup_steps: i64,
-    /// Steps of the whole schedule; 0 keeps the rate constant after warmup.
-    pub total_steps: i64,
+/// The optimiser's settings, written once (see `config::config_fields`, which this
+/// follows): name, type, default.
+macro_rules! optim_fields {
+    ($m:ident! { $($pass:tt)* } $($more:tt)*) => {
+        $m! { $($pass)* $($more)* [
+            lr: f32 = 2e-4,
+            weight_decay: f32 = 0.05,
+            beta1: f32 = 0.9,
+            beta2: f32 = 0.999,
+            eps: f32 = 1e-8,
+            /// Global-norm clip; 0 disables clipping.
+            grad_clip: f32 = 1.0,
+            warmup_steps: i64 = 500,
+            /// Steps of the whole schedule; 0 keeps the rate constant after warmup.
+            total_steps: i64 = 0,
+        ] }
+    };
 }
+pub(crate) use optim_fields;
 
-impl Default for OptimConfig {
-    fn default() -> Self {
-        OptimConfig {
-            lr: 2e-4,
-            weight_decay: 0.05,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            grad_clip: 1.0,
-            warmup_steps: 500,
-            total_steps: 0,
+/// `OptimConfig` and its defaults, from the field list.
+macro_rules! define_optim_config {
+    ([$($(#[$doc:meta])* $name:ident: $ty:ty = $default:expr,)*]) => {
+        /// AdamW's settings, the warmup + cosine schedule and the gradient clip.
+        #[derive(Clone, Debug, PartialEq)]
+        pub struct OptimConfig {
+            $($(#[$doc])* pub $name: $ty,)*
         }
-    }
+
+        impl Default for OptimConfig {
+            fn default() -> Self {
+                OptimConfig { $($name: $default,)* }
+            }
+        }
+    };
 }
+optim_fields!(define_optim_config! {});
 
 impl OptimConfig {
     pub fn validate(&self) -> Result<()> {

@@ -4,10 +4,10 @@
 
 use super::types::*;
 use crate::bridge::{Bridge, BridgeOptions, ComputeDtype, StepStats};
-use crate::config::BridgeConfig;
+use crate::config::{BridgeConfig, config_fields};
 use crate::error::{Error, Result};
 use crate::loss::LossWeights;
-use crate::optim::OptimConfig;
+use crate::optim::{OptimConfig, optim_fields};
 use std::ffi::CStr;
 use std::os::raw::c_char;
 use std::path::PathBuf;
@@ -17,128 +17,127 @@ pub(super) const PARAMS_MIN_SIZE: usize = std::mem::offset_of!(BridgeParams, in_
 /// Smallest output struct: `struct_size` and one field.
 pub(super) const OUT_MIN_SIZE: usize = 8;
 
-/// The defaults: the published configuration, CPU, f32, fresh weights.
-pub fn defaults() -> BridgeParams {
-    let c = BridgeConfig::default();
-    let l = LossWeights::default();
-    let o = OptimConfig::default();
-    BridgeParams {
-        struct_size: std::mem::size_of::<BridgeParams>() as u32,
-        checkpoint_path: std::ptr::null(),
-        device: BRIDGE_DEVICE_CPU,
-        compute_dtype: BRIDGE_DTYPE_F32,
-        seed: 0,
-        in_ch: c.in_ch as i32,
-        latent_size: c.latent_size as i32,
-        grid: c.grid as i32,
-        target_dim: c.target_dim as i32,
-        adapter_mid_channels: c.adapter_mid_channels as i32,
-        adapter_out_channels: c.adapter_out_channels as i32,
-        adapter_depth: c.adapter_depth as i32,
-        width: c.width as i32,
-        depth: c.depth as i32,
-        heads: c.heads as i32,
-        mlp_ratio: c.mlp_ratio,
-        dropout: c.dropout,
-        latent_shift: c.latent_shift,
-        latent_scale: c.latent_scale,
-        w_cos: l.cos,
-        w_norm: l.norm,
-        w_raw: l.raw,
-        lr: o.lr,
-        weight_decay: o.weight_decay,
-        beta1: o.beta1,
-        beta2: o.beta2,
-        eps: o.eps,
-        grad_clip: o.grad_clip,
-        warmup_steps: o.warmup_steps,
-        total_steps: o.total_steps,
-        w_gram: l.gram,
-        spatial_norm_gamma: 0.0,
+/// A setting's C value and back: integers cross as `int32_t` / `int64_t` (a negative C
+/// value of a size is refused), floats as they are.
+trait CValue: Sized {
+    type C;
+    fn to_c(self) -> Self::C;
+    fn from_c(v: Self::C, name: &str) -> Result<Self>;
+}
+
+impl CValue for usize {
+    type C = i32;
+    /// Sizes are at most `config::MAX_DIM`: they fit.
+    fn to_c(self) -> i32 {
+        self as i32
+    }
+    fn from_c(v: i32, name: &str) -> Result<usize> {
+        usize::try_from(v).map_err(|_| Error::invalid(format!("params.{name} = {v}: must be >= 0")))
     }
 }
 
-fn dim(name: &str, v: i32) -> Result<usize> {
-    usize::try_from(v).map_err(|_| Error::invalid(format!("params.{name} = {v}: must be >= 0")))
+impl CValue for f32 {
+    type C = f32;
+    fn to_c(self) -> f32 {
+        self
+    }
+    fn from_c(v: f32, _: &str) -> Result<f32> {
+        Ok(v)
+    }
 }
 
-/// The settings a caller's params describe (the config is checked by the bridge).
-pub fn options_from(p: &BridgeParams) -> Result<BridgeOptions> {
-    let config = BridgeConfig {
-        in_ch: dim("in_ch", p.in_ch)?,
-        latent_size: dim("latent_size", p.latent_size)?,
-        grid: dim("grid", p.grid)?,
-        target_dim: dim("target_dim", p.target_dim)?,
-        adapter_mid_channels: dim("adapter_mid_channels", p.adapter_mid_channels)?,
-        adapter_out_channels: dim("adapter_out_channels", p.adapter_out_channels)?,
-        adapter_depth: dim("adapter_depth", p.adapter_depth)?,
-        width: dim("width", p.width)?,
-        depth: dim("depth", p.depth)?,
-        heads: dim("heads", p.heads)?,
-        mlp_ratio: p.mlp_ratio,
-        dropout: p.dropout,
-        latent_shift: p.latent_shift,
-        latent_scale: p.latent_scale,
-    };
-    let compute_dtype = match p.compute_dtype {
-        BRIDGE_DTYPE_F32 => ComputeDtype::F32,
-        BRIDGE_DTYPE_BF16 => ComputeDtype::Bf16,
-        other => {
-            return Err(Error::invalid(format!(
-                "params.compute_dtype = {other}: use 0 (f32) or 2 (bf16)"
-            )));
+impl CValue for i64 {
+    type C = i64;
+    fn to_c(self) -> i64 {
+        self
+    }
+    fn from_c(v: i64, _: &str) -> Result<i64> {
+        Ok(v)
+    }
+}
+
+/// The conversions between the C structs and the Rust settings, from the config's and the
+/// optimiser's field lists (`config::config_fields`, `optim::optim_fields`). Every struct
+/// is built as a literal, so a field that one side has and the other lacks does not
+/// compile.
+macro_rules! conversions {
+    (
+        [$($(#[$cdoc:meta])* $cf:ident: $cty:ty = $cdefault:expr,)*]
+        [$($(#[$odoc:meta])* $of:ident: $oty:ty = $odefault:expr,)*]
+    ) => {
+        /// The C params of `opts`, with no checkpoint.
+        fn params_of(opts: &BridgeOptions) -> BridgeParams {
+            let (c, l, o) = (&opts.config, &opts.loss, &opts.optim);
+            BridgeParams {
+                struct_size: std::mem::size_of::<BridgeParams>() as u32,
+                checkpoint_path: std::ptr::null(),
+                device: opts.device,
+                compute_dtype: match opts.compute_dtype {
+                    ComputeDtype::F32 => BRIDGE_DTYPE_F32,
+                    ComputeDtype::Bf16 => BRIDGE_DTYPE_BF16,
+                },
+                seed: opts.seed,
+                $($cf: c.$cf.to_c(),)*
+                w_cos: l.cos,
+                w_norm: l.norm,
+                w_raw: l.raw,
+                w_gram: l.gram,
+                spatial_norm_gamma: opts.spatial_norm_gamma,
+                $($of: o.$of.to_c(),)*
+            }
+        }
+
+        /// The settings a caller's params describe (the config is checked by the bridge).
+        pub fn options_from(p: &BridgeParams) -> Result<BridgeOptions> {
+            let compute_dtype = match p.compute_dtype {
+                BRIDGE_DTYPE_F32 => ComputeDtype::F32,
+                BRIDGE_DTYPE_BF16 => ComputeDtype::Bf16,
+                other => {
+                    return Err(Error::invalid(format!(
+                        "params.compute_dtype = {other}: use 0 (f32) or 2 (bf16)"
+                    )));
+                }
+            };
+            Ok(BridgeOptions {
+                config: BridgeConfig {
+                    $($cf: CValue::from_c(p.$cf, stringify!($cf))?,)*
+                },
+                loss: LossWeights {
+                    cos: p.w_cos,
+                    norm: p.w_norm,
+                    raw: p.w_raw,
+                    gram: p.w_gram,
+                },
+                spatial_norm_gamma: p.spatial_norm_gamma,
+                optim: OptimConfig {
+                    $($of: CValue::from_c(p.$of, stringify!($of))?,)*
+                },
+                seed: p.seed,
+                device: p.device,
+                compute_dtype,
+                frozen_prefixes: Vec::new(),
+            })
+        }
+
+        /// What `bridge_get_info` reports, with the caller's `struct_size`.
+        pub fn info_of(bridge: &Bridge, struct_size: usize) -> BridgeInfo {
+            let c = bridge.config();
+            BridgeInfo {
+                struct_size: struct_size as u32,
+                $($cf: c.$cf.to_c(),)*
+                param_count: bridge.param_count() as i64,
+                device: bridge.device_ordinal(),
+                tokens: c.tokens() as i32,
+                step: bridge.step(),
+            }
         }
     };
-    Ok(BridgeOptions {
-        config,
-        loss: LossWeights {
-            cos: p.w_cos,
-            norm: p.w_norm,
-            raw: p.w_raw,
-            gram: p.w_gram,
-        },
-        spatial_norm_gamma: p.spatial_norm_gamma,
-        optim: OptimConfig {
-            lr: p.lr,
-            weight_decay: p.weight_decay,
-            beta1: p.beta1,
-            beta2: p.beta2,
-            eps: p.eps,
-            grad_clip: p.grad_clip,
-            warmup_steps: p.warmup_steps,
-            total_steps: p.total_steps,
-        },
-        seed: p.seed,
-        device: p.device,
-        compute_dtype,
-        frozen_prefixes: Vec::new(),
-    })
 }
+config_fields!(optim_fields! { conversions! {} });
 
-/// What `bridge_get_info` reports, with the caller's `struct_size`.
-pub fn info_of(bridge: &Bridge, struct_size: usize) -> BridgeInfo {
-    let c = bridge.config();
-    BridgeInfo {
-        struct_size: struct_size as u32,
-        in_ch: c.in_ch as i32,
-        latent_size: c.latent_size as i32,
-        grid: c.grid as i32,
-        target_dim: c.target_dim as i32,
-        adapter_mid_channels: c.adapter_mid_channels as i32,
-        adapter_out_channels: c.adapter_out_channels as i32,
-        adapter_depth: c.adapter_depth as i32,
-        width: c.width as i32,
-        depth: c.depth as i32,
-        heads: c.heads as i32,
-        mlp_ratio: c.mlp_ratio,
-        dropout: c.dropout,
-        latent_shift: c.latent_shift,
-        latent_scale: c.latent_scale,
-        param_count: bridge.param_count() as i64,
-        device: bridge.device_ordinal(),
-        tokens: c.tokens() as i32,
-        step: bridge.step(),
-    }
+/// The defaults: the published configuration, CPU, f32, fresh weights.
+pub fn defaults() -> BridgeParams {
+    params_of(&BridgeOptions::default())
 }
 
 /// What `bridge_train_step` reports, with the caller's `struct_size`.

@@ -36,12 +36,10 @@ from typing import Callable, Optional, Tuple
 
 from . import _lib as L
 
-_CONFIG_FIELDS = (
-    "in_ch", "latent_size", "grid", "target_dim", "adapter_mid_channels", "adapter_out_channels",
-    "adapter_depth", "width", "depth", "heads", "mlp_ratio", "dropout", "latent_shift", "latent_scale",
-)
-_SETTINGS = ("w_cos", "w_norm", "w_raw", "w_gram", "spatial_norm_gamma", "lr", "weight_decay", "beta1", "beta2",
-             "eps", "grad_clip", "warmup_steps", "total_steps")
+# The keyword arguments of Bridge(): every BridgeParams field but those it takes by name
+# (the ctypes mirror is checked against the header in tests/test_bridge.py).
+_SETTINGS = tuple(name for name, _ in L.BridgeParams._fields_
+                  if name not in ("struct_size", "checkpoint_path", "device", "compute_dtype", "seed"))
 
 
 class BridgeError(RuntimeError):
@@ -507,8 +505,8 @@ class Bridge:
         p.struct_size = ctypes.sizeof(L.BridgeParams)
         _check(lib.bridge_params_default(ctypes.byref(p)))
         for key, value in settings.items():
-            if key not in _CONFIG_FIELDS and key not in _SETTINGS:
-                raise ValueError(f"unknown setting {key!r}; known: {', '.join(_CONFIG_FIELDS + _SETTINGS)}")
+            if key not in _SETTINGS:
+                raise ValueError(f"unknown setting {key!r}; known: {', '.join(_SETTINGS)}")
             setattr(p, key, value)
         if compute_dtype not in ("f32", "bf16"):
             raise ValueError(f"compute_dtype {compute_dtype!r}: use 'f32' or 'bf16'")
