@@ -239,8 +239,10 @@ typedef struct BridgeCapabilities {
 
 // (ABI 3) Receives the library's messages: `level` (`BRIDGE_LOG_*`), the message
 // (valid during the call only) and the `user_data` given to `bridge_set_log_callback`.
-// Called from whichever thread the library runs on; it must be thread-safe and must not
-// call back into the library.
+// Called from whichever thread the library runs on, never while that thread holds a
+// handle's lock (a slow callback stalls no other call); it must be thread-safe, may call
+// the library's other functions, but not `bridge_set_log_callback`, which waits for
+// callbacks in flight.
 typedef void (*BridgeLogCallback)(int32_t level, const char *message, void *user_data);
 
 #ifdef __cplusplus

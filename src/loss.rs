@@ -146,9 +146,10 @@ impl GridMatch {
         }
     }
 
-    /// The caller grid of `tokens` tokens that meets the bridge's grid `(h, w)`: with one
-    /// factor on both sides there is at most one (`tokens = h*w*k^2` or `h*w/k^2`).
-    pub fn infer(tokens: usize, (h, w): (usize, usize)) -> Result<(usize, usize)> {
+    /// The caller grid of `tokens` tokens that meets the bridge's grid `(h, w)`, and how:
+    /// with one factor on both sides there is at most one (`tokens = h*w*k^2` or
+    /// `h*w/k^2`).
+    pub fn infer(tokens: usize, (h, w): (usize, usize)) -> Result<((usize, usize), GridMatch)> {
         let square_root = |n: usize| {
             let r = (n as f64).sqrt().round() as usize;
             (r * r == n).then_some(r)
@@ -172,8 +173,8 @@ impl GridMatch {
             ))
         })?;
         // The same limits as a grid given outright.
-        GridMatch::of((grid.0 as i64, grid.1 as i64), (h, w))?;
-        Ok(grid)
+        let matched = GridMatch::of((grid.0 as i64, grid.1 as i64), (h, w))?;
+        Ok((grid, matched))
     }
 }
 
@@ -230,9 +231,18 @@ mod tests {
         );
         assert_eq!(GridMatch::of((6, 10), bridge).unwrap(), GridMatch::Same);
         assert!(GridMatch::of((12, 10), bridge).is_err());
-        assert_eq!(GridMatch::infer(240, bridge).unwrap(), (12, 20));
-        assert_eq!(GridMatch::infer(15, bridge).unwrap(), (3, 5));
-        assert_eq!(GridMatch::infer(60, bridge).unwrap(), (6, 10));
+        assert_eq!(
+            GridMatch::infer(240, bridge).unwrap(),
+            ((12, 20), GridMatch::PoolPred(2))
+        );
+        assert_eq!(
+            GridMatch::infer(15, bridge).unwrap(),
+            ((3, 5), GridMatch::PoolTarget(2))
+        );
+        assert_eq!(
+            GridMatch::infer(60, bridge).unwrap(),
+            ((6, 10), GridMatch::Same)
+        );
         // A grid beyond the side limit is refused as when given outright.
         assert!(GridMatch::infer(60 * 5000 * 5000, bridge).is_err());
         for bad in [0, 1, 120, 30, 7] {

@@ -367,3 +367,147 @@ fn latent_gradients_racing_train_steps_see_one_weight_version() {
         "every gradient matched version {matched:?}: the readers never overlapped training"
     );
 }
+
+/// What the log callback of `log_callbacks_run_with_no_handle_lock_held` saw.
+struct LogProbe {
+    handle: *mut dino_bridge::ffi::types::BridgeHandle,
+    /// The thread whose train step the probe watches (other tests' messages are ignored).
+    thread: std::thread::ThreadId,
+    in_callback: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    forward_done: Mutex<std::sync::mpsc::Receiver<i32>>,
+    /// (forward's status, seen while the callback ran; get_info's status and step)
+    seen: Mutex<Option<(i32, i32, i64)>>,
+}
+
+unsafe extern "C" fn probe_log(
+    _level: i32,
+    msg: *const std::os::raw::c_char,
+    user: *mut std::ffi::c_void,
+) {
+    use dino_bridge::ffi::*;
+    // SAFETY: the test passes a LogProbe that outlives the callback's installation.
+    let probe = unsafe { &*(user as *const LogProbe) };
+    // SAFETY: the library passes a live NUL-terminated string.
+    let text = unsafe { std::ffi::CStr::from_ptr(msg) }.to_string_lossy();
+    if std::thread::current().id() != probe.thread || !text.contains("update was skipped") {
+        return;
+    }
+    let Some(tx) = probe.in_callback.lock().unwrap().take() else {
+        return;
+    };
+    // Another thread's forward on the same handle must finish while this callback runs.
+    tx.send(()).unwrap();
+    let forward = probe
+        .forward_done
+        .lock()
+        .unwrap()
+        .recv_timeout(Duration::from_secs(300)) // a hang guard, not a verdict
+        .unwrap_or(-1);
+    // Calling back into the same handle (what the header used to forbid) must not deadlock;
+    // tried only once the forward showed that no lock is held.
+    let (mut status, mut step) = (-1, -1);
+    if forward == 0 {
+        let mut info = types::BridgeInfo {
+            struct_size: std::mem::size_of::<types::BridgeInfo>() as u32,
+            ..Default::default()
+        };
+        // SAFETY: a live handle and a struct of our size.
+        status = unsafe { bridge_get_info(probe.handle, &mut info) };
+        step = info.step;
+    }
+    *probe.seen.lock().unwrap() = Some((forward, status, step));
+}
+
+/// A train step skipped for a NaN logs a warning: the host's callback runs with no lock of
+/// the handle held, so a slow callback stalls no other call on it, and one that calls back
+/// into the handle does not deadlock. (Before: the warning was delivered under the train
+/// step's write lock; the forward waited for it, and `bridge_get_info` deadlocked.)
+#[test]
+fn log_callbacks_run_with_no_handle_lock_held() {
+    use dino_bridge::ffi::*;
+    use std::ffi::CString;
+    let path = CString::new(
+        common::fixtures()
+            .join("model.safetensors")
+            .to_str()
+            .unwrap(),
+    )
+    .unwrap();
+    let mut p: types::BridgeParams = unsafe { std::mem::zeroed() };
+    p.struct_size = std::mem::size_of::<types::BridgeParams>() as u32;
+    let mut h = std::ptr::null_mut();
+    // SAFETY: a zeroed struct of our size, a live path string and an out pointer.
+    unsafe {
+        assert_eq!(bridge_params_default(&mut p), 0);
+        p.checkpoint_path = path.as_ptr();
+        assert_eq!(bridge_create(&p, &mut h), 0);
+    }
+    let (b, c, s) = (2usize, 4usize, 16usize);
+    let (tokens, d) = (16usize, 48usize);
+    let mut latents = vec![0.5f32; b * c * s * s];
+    latents[3] = f32::NAN; // a NaN loss: the step is skipped, with a warning
+    let targets = vec![0.1f32; b * tokens * d];
+    let (in_tx, in_rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let probe = Box::new(LogProbe {
+        handle: h,
+        thread: std::thread::current().id(),
+        in_callback: Mutex::new(Some(in_tx)),
+        forward_done: Mutex::new(done_rx),
+        seen: Mutex::new(None),
+    });
+    let handle_token = h as usize;
+    let forward = std::thread::spawn(move || {
+        if in_rx.recv_timeout(Duration::from_secs(300)).is_err() {
+            return;
+        }
+        let x = vec![0.25f32; 2 * 4 * 16 * 16];
+        let mut out = vec![0f32; 2 * 16 * 48];
+        // SAFETY: host buffers of two samples; the handle is live until the test ends.
+        let st = unsafe {
+            bridge_forward(
+                handle_token as *mut types::BridgeHandle,
+                x.as_ptr().cast(),
+                out.as_mut_ptr().cast(),
+                2,
+                16,
+                16,
+                0,
+            )
+        };
+        let _ = done_tx.send(st);
+    });
+    let mut stats = types::BridgeStepStats {
+        struct_size: std::mem::size_of::<types::BridgeStepStats>() as u32,
+        ..Default::default()
+    };
+    // SAFETY: the probe outlives the callback (removed below); buffers of two samples.
+    let status = unsafe {
+        bridge_set_log_callback(Some(probe_log), &*probe as *const LogProbe as *mut _);
+        let st = bridge_train_step(
+            h,
+            latents.as_ptr().cast(),
+            targets.as_ptr().cast(),
+            b as i64,
+            s as i32,
+            s as i32,
+            0,
+            &mut stats,
+            std::ptr::null_mut(),
+        );
+        bridge_set_log_callback(None, std::ptr::null_mut());
+        st
+    };
+    forward.join().unwrap();
+    assert_eq!(status, 0);
+    assert_eq!(stats.skipped, 1, "the NaN step was not skipped");
+    let seen = probe.seen.lock().unwrap().take();
+    assert_eq!(
+        seen,
+        Some((0, 0, 0)),
+        "(forward status while the callback ran, bridge_get_info status, step): \
+         -1 = the forward never finished, a lock was held"
+    );
+    // SAFETY: the handle is live and no longer used.
+    unsafe { assert_eq!(bridge_destroy(h), 0) };
+}

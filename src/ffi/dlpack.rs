@@ -8,7 +8,7 @@
 //! `tests/c/test_dlpack_layout.c` checks the offsets against the `dlpack.h` the torch
 //! wheel ships.
 
-use super::io::BufDtype;
+use super::view::{BufDtype, View};
 use crate::bridge::Bridge;
 use crate::error::{Error, Result};
 use std::ffi::c_void;
@@ -56,22 +56,6 @@ pub const DL_CUDA_MANAGED: i32 = 13;
 const DL_FLOAT: u8 = 2;
 const DL_BFLOAT: u8 = 4;
 
-/// A checked caller tensor: where its first element is, its dtype and shape, and whether
-/// its memory is the host's.
-#[derive(Clone, Debug)]
-pub struct View {
-    pub ptr: *mut c_void,
-    pub dtype: BufDtype,
-    pub shape: Vec<usize>,
-    pub host: bool,
-}
-
-impl View {
-    pub fn numel(&self) -> usize {
-        self.shape.iter().product()
-    }
-}
-
 /// Reads and checks the descriptor `t` named `name`: not NULL, data not NULL, a shape of
 /// non-negative sizes, a float dtype (f32, f16, bf16; one lane), compact row-major
 /// strides (a stride of a size-1 dimension is free) and memory where `bridge` can use
@@ -80,7 +64,12 @@ impl View {
 /// # Safety
 /// `t` must be NULL or point to a `DLTensor` whose `shape` (and `strides`, when not NULL)
 /// hold `ndim` elements.
-pub unsafe fn view(t: *const DLTensor, name: &str, bridge: &Bridge, host_ok: bool) -> Result<View> {
+pub unsafe fn view(
+    t: *const DLTensor,
+    name: &'static str,
+    bridge: &Bridge,
+    host_ok: bool,
+) -> Result<View> {
     if t.is_null() {
         return Err(Error::invalid(format!("{name} is NULL")));
     }
@@ -161,22 +150,12 @@ pub unsafe fn view(t: *const DLTensor, name: &str, bridge: &Bridge, host_ok: boo
         )));
     }
     Ok(View {
+        name,
         ptr,
         dtype,
         shape,
         host,
     })
-}
-
-/// Checks that `v` has the shape `want`, naming both on a mismatch.
-pub fn expect_shape(v: &View, name: &str, want: &[usize]) -> Result<()> {
-    if v.shape != want {
-        return Err(Error::shape(format!(
-            "{name} has shape {:?}; expected {want:?}",
-            v.shape
-        )));
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -249,12 +228,19 @@ mod tests {
         assert!(err(&t2).contains("x.data is NULL"));
         let mut neg = [2i64, -1, 3, 4];
         assert!(err(&tensor(&mut data, &mut neg, None)).contains(">= 0"));
+        // A product that wraps in 64 bits (to 1, in release builds) has no element count.
+        let mut wraps = [7i64, 7905747460161236407];
+        let v = unsafe { view(&tensor(&mut data, &mut wraps, None), "x", &b, false) }.unwrap();
+        assert_eq!(v.numel(), None);
         assert!(unsafe { view(std::ptr::null(), "x", &b, false) }.is_err());
         // An empty tensor with torch's strides for it is a view like any other (its zero
         // size is refused by the call's shape checks, as a shape error).
         let mut empty = [3i64, 4, 0, 16];
         let mut torch_strides = [64i64, 16, 16, 1];
         let t = tensor(&mut data, &mut empty, Some(&mut torch_strides));
-        assert_eq!(unsafe { view(&t, "x", &b, false) }.unwrap().numel(), 0);
+        assert_eq!(
+            unsafe { view(&t, "x", &b, false) }.unwrap().numel(),
+            Some(0)
+        );
     }
 }

@@ -1,107 +1,40 @@
-//! The C API: the entry points, and nothing else (`include/dino_bridge.h` is generated
-//! from this file and `types.rs` by cbindgen).
+//! The C API: the entry points and their documentation, and nothing else
+//! (`include/dino_bridge.h` is generated from this file and `types.rs` by cbindgen).
 //!
 //! Every entry point returns a status (`BRIDGE_OK` or a `BRIDGE_ERR_*` code), never
 //! panics across the boundary (`guard::ffi_call`), checks every pointer and size before
-//! use, and leaves a message for `bridge_last_error` on failure. The caller's buffers are
-//! read and written through `io::Io`; params and info structs convert in `params.rs`.
+//! use, and leaves a message for `bridge_last_error` on failure. One call path below
+//! them: a compute call's arguments become the bridge, the call's shape checked once and
+//! the caller's tensors as views (`call.rs`; the pointer calls build from their scalar
+//! arguments the views the DLPack calls read from descriptors), and both families reach
+//! one function per operation (`ops.rs`), which reads and writes through `io.rs`.
 
+mod call;
 pub mod dlpack;
 pub mod guard;
-pub mod io;
+mod io;
+mod ops;
 pub mod params;
 pub mod types;
+pub mod view;
 
 use crate::bridge::Bridge;
-use crate::error::{Error, ErrorKind, Result};
-use crate::loss::GridMatch;
-use candle_core::Tensor;
-use dlpack::{DLTensor, View};
+use crate::error::Error;
+use call::{Buffers, PointerCall, align_shape, loss_tensor, tensor};
+use dlpack::DLTensor;
 use guard::{ffi_call, lookup, struct_size, write_versioned};
-use io::{BufDtype, CallShape, Io};
+use io::Io;
 use params::{OUT_MIN_SIZE, PARAMS_MIN_SIZE};
 use std::ffi::c_void;
 use std::os::raw::c_char;
 use types::*;
-
-/// Where a compute call's buffers live.
-enum Buffers {
-    /// Host memory, whatever the bridge's device (`bridge_forward`).
-    Host,
-    /// Where the bridge lives (device memory of its GPU ordered on this stream, or host
-    /// memory for a CPU bridge).
-    Bridge(*mut c_void),
-}
-
-/// What every compute entry point shares: the handle and dtype code resolved, the
-/// caller's buffers set up (`Io`), `body` run, and the caller's stream joined after it
-/// (dropping the `Io` joins it on error paths too). `R` is what the entry point writes
-/// to its host-side outputs (loss, stats) once everything else succeeded.
-fn compute<R>(
-    handle: *const BridgeHandle,
-    (batch, height, width): (i64, i32, i32),
-    dtype: i32,
-    buffers: Buffers,
-    body: impl FnOnce(&Bridge, &Io, BufDtype) -> Result<R>,
-) -> Result<R> {
-    let bridge = lookup(handle)?;
-    let dt = BufDtype::from_code(dtype)?;
-    let shape = CallShape::of(&bridge, height as i64, width as i64)?;
-    bridge.check_fits(batch, shape.grid)?;
-    let io = match buffers {
-        Buffers::Host => Io::host(&bridge, batch, shape),
-        Buffers::Bridge(stream) => Io::for_bridge(&bridge, batch, shape, stream)?,
-    };
-    run_io(io, |io| body(&bridge, io, dt))
-}
-
-/// `body` on the call's buffers, then the caller's stream joined (on error paths the
-/// `Io`'s drop joins it).
-fn run_io<R>(io: Io, body: impl FnOnce(&Io) -> Result<R>) -> Result<R> {
-    let r = body(&io)?;
-    io.finish()?;
-    Ok(r)
-}
-
-/// The forward of `bridge_forward` and `bridge_forward_cuda_ptr`.
-///
-/// # Safety
-/// As the entry points: buffers NULL or holding `batch` samples.
-unsafe fn forward_into(
-    bridge: &Bridge,
-    io: &Io,
-    dt: BufDtype,
-    latents: *const c_void,
-    out: *mut c_void,
-) -> Result<()> {
-    io.check_output(
-        out,
-        bridge.config().output_numel(io.shape().grid),
-        dt,
-        "out",
-    )?;
-    // SAFETY: the entry points' contracts. (Device input is not scanned for NaN/Inf.)
-    let x = unsafe { io.latents(latents, dt, true)? };
-    let y = bridge.forward(&x)?;
-    // SAFETY: `out` was checked to hold `batch` output samples (and is caller memory).
-    unsafe { io.write(out, &y, dt, "out") }
-}
-
-fn finite_loss(loss: f32) -> Result<f32> {
-    if loss.is_finite() {
-        Ok(loss)
-    } else {
-        Err(Error::new(
-            ErrorKind::NonFinite,
-            format!("the loss is {loss}; nothing was written"),
-        ))
-    }
-}
+#[cfg(not(feature = "cuda"))]
+use view::BufDtype;
 
 #[cfg(not(feature = "cuda"))]
 fn no_cuda() -> Error {
     Error::new(
-        ErrorKind::Unsupported,
+        crate::error::ErrorKind::Unsupported,
         "this library was built without CUDA support (rebuild with `--features cuda`)",
     )
 }
@@ -254,16 +187,12 @@ pub unsafe extern "C" fn bridge_forward(
     dtype: i32,
 ) -> i32 {
     ffi_call("bridge_forward", || {
-        compute(
-            handle,
-            (batch, height, width),
-            dtype,
-            Buffers::Host,
-            |bridge, io, dt| {
-                // SAFETY: host buffers of `batch` samples, per the contract above.
-                unsafe { forward_into(bridge, io, dt, latents, out) }
-            },
-        )
+        let call = PointerCall::new(handle, (batch, height, width), dtype, Buffers::Host)?;
+        let (bridge, shape) = (&call.bridge, &call.shape);
+        let x = call.view("latents", latents, &shape.latents());
+        let y = call.view("out", out, &shape.token_shape());
+        // SAFETY: host buffers of `batch` samples, per the contract above.
+        unsafe { ops::forward(bridge, shape, &x, &y, Io::host(bridge)) }
     })
 }
 
@@ -304,21 +233,19 @@ pub unsafe extern "C" fn bridge_forward_cuda_ptr(
             Err(no_cuda())
         }
         #[cfg(feature = "cuda")]
-        compute(
-            handle,
-            (batch, height, width),
-            dtype,
-            Buffers::Bridge(stream),
-            |bridge, io, dt| {
-                if !bridge.device().is_cuda() {
-                    return Err(Error::invalid(
-                        "this bridge runs on the CPU: use bridge_forward with host buffers",
-                    ));
-                }
-                // SAFETY: device pointers, checked with the driver before each copy.
-                unsafe { forward_into(bridge, io, dt, latents, out) }
-            },
-        )
+        {
+            let call = PointerCall::new(handle, (batch, height, width), dtype, Buffers::Bridge)?;
+            let (bridge, shape) = (&call.bridge, &call.shape);
+            if !bridge.device().is_cuda() {
+                return Err(Error::invalid(
+                    "this bridge runs on the CPU: use bridge_forward with host buffers",
+                ));
+            }
+            let x = call.view("latents", latents, &shape.latents());
+            let y = call.view("out", out, &shape.token_shape());
+            // SAFETY: device pointers, checked with the driver before each copy.
+            unsafe { ops::forward(bridge, shape, &x, &y, Io::for_bridge(bridge, stream)?) }
+        }
     })
 }
 
@@ -357,36 +284,16 @@ pub unsafe extern "C" fn bridge_loss_backward(
     stream: *mut c_void,
 ) -> i32 {
     ffi_call("bridge_loss_backward", || {
-        let value = compute(
-            handle,
-            (batch, height, width),
-            dtype,
-            Buffers::Bridge(stream),
-            |bridge, io, dt| {
-                let c = bridge.config();
-                GridMatch::of((pred_h as i64, pred_w as i64), io.shape().grid)?;
-                if loss.is_null() {
-                    return Err(Error::invalid("loss is NULL"));
-                }
-                let pred_grid = (pred_h as usize, pred_w as usize);
-                let pred_shape = [pred_grid.0 * pred_grid.1, c.target_dim];
-                io.check_output(grad_pred, pred_shape[0] * pred_shape[1], dt, "grad_pred")?;
-                // SAFETY: buffers of `batch` samples by the contract above; device pointers
-                // are checked with the driver.
-                let p = unsafe { io.read(pred, dt, &pred_shape, "pred", true)? };
-                let x = unsafe { io.latents(latents, dt, true)? };
-                // The loss value is read back to the host (one sync on a GPU): it is both the
-                // output and the NaN check.
-                let (value, grad) = bridge.loss_backward(&p, &x, pred_grid)?;
-                let value = finite_loss(value)?;
-                // SAFETY: `grad_pred` was checked to hold `batch` samples of `pred`'s shape.
-                unsafe { io.write(grad_pred, &grad, dt, "grad_pred")? };
-                Ok(value)
-            },
-        )?;
-        // SAFETY: checked non-NULL above; the caller provides a writable float.
-        unsafe { *loss = value };
-        Ok(())
+        let call = PointerCall::new(handle, (batch, height, width), dtype, Buffers::Bridge)?;
+        let bridge = &call.bridge;
+        let shape = bridge.align_shape(call.shape, (pred_h as i64, pred_w as i64))?;
+        let p = call.view("pred", pred, &shape.pred_shape());
+        let x = call.view("latents", latents, &call.shape.latents());
+        let g = call.view("grad_pred", grad_pred, &shape.pred_shape());
+        let l = call.loss_view(loss);
+        let io = Io::for_bridge(bridge, stream)?;
+        // SAFETY: buffers of `batch` samples where the bridge lives, per the contract.
+        unsafe { ops::align(bridge, &shape, [&p, &x], [&g, &l], io) }
     })
 }
 
@@ -416,38 +323,15 @@ pub unsafe extern "C" fn bridge_latent_loss_backward(
     stream: *mut c_void,
 ) -> i32 {
     ffi_call("bridge_latent_loss_backward", || {
-        let value = compute(
-            handle,
-            (batch, height, width),
-            dtype,
-            Buffers::Bridge(stream),
-            |bridge, io, dt| {
-                let c = bridge.config();
-                if loss.is_null() {
-                    return Err(Error::invalid("loss is NULL"));
-                }
-                io.check_output(grad_latents, io.latent_numel(), dt, "grad_latents")?;
-                // SAFETY: as in `bridge_loss_backward`.
-                let x = unsafe { io.latents(latents, dt, true)? };
-                let t = unsafe {
-                    io.read(
-                        target,
-                        dt,
-                        &[io.shape().tokens(), c.target_dim],
-                        "target",
-                        true,
-                    )?
-                };
-                let (value, grad) = bridge.latent_loss_backward(&x, &t)?;
-                let value = finite_loss(value)?;
-                // SAFETY: `grad_latents` was checked to hold `batch` latent samples.
-                unsafe { io.write(grad_latents, &grad, dt, "grad_latents")? };
-                Ok(value)
-            },
-        )?;
-        // SAFETY: checked non-NULL above; the caller provides a writable float.
-        unsafe { *loss = value };
-        Ok(())
+        let call = PointerCall::new(handle, (batch, height, width), dtype, Buffers::Bridge)?;
+        let (bridge, shape) = (&call.bridge, &call.shape);
+        let x = call.view("latents", latents, &shape.latents());
+        let t = call.view("target", target, &shape.token_shape());
+        let g = call.view("grad_latents", grad_latents, &shape.latents());
+        let l = call.loss_view(loss);
+        let io = Io::for_bridge(bridge, stream)?;
+        // SAFETY: as in `bridge_loss_backward`.
+        unsafe { ops::latent_loss(bridge, shape, [&x, &t], [&g, &l], io) }
     })
 }
 
@@ -481,31 +365,15 @@ pub unsafe extern "C" fn bridge_train_step(
     stream: *mut c_void,
 ) -> i32 {
     ffi_call("bridge_train_step", || {
-        let (s, size) = compute(
-            handle,
-            (batch, height, width),
-            dtype,
-            Buffers::Bridge(stream),
-            |bridge, io, dt| {
-                // SAFETY: NULL or the caller's struct (its first field is always present).
-                let size = unsafe { struct_size(stats, "stats", "BridgeStepStats", OUT_MIN_SIZE)? };
-                let c = bridge.config();
-                // Non-finite inputs are not an error here: they make a non-finite loss, which
-                // skips the update like any other.
-                // SAFETY: as in `bridge_loss_backward`.
-                let x = unsafe { io.latents(latents, dt, false)? };
-                let t = unsafe {
-                    io.read(
-                        targets,
-                        dt,
-                        &[io.shape().tokens(), c.target_dim],
-                        "targets",
-                        false,
-                    )?
-                };
-                Ok((bridge.train_step(&x, &t)?, size))
-            },
-        )?;
+        let call = PointerCall::new(handle, (batch, height, width), dtype, Buffers::Bridge)?;
+        let (bridge, shape) = (&call.bridge, &call.shape);
+        // SAFETY: NULL or the caller's struct (its first field is always present).
+        let size = unsafe { struct_size(stats, "stats", "BridgeStepStats", OUT_MIN_SIZE)? };
+        let x = call.view("latents", latents, &shape.latents());
+        let t = call.view("targets", targets, &shape.token_shape());
+        let io = Io::for_bridge(bridge, stream)?;
+        // SAFETY: as in `bridge_loss_backward`.
+        let s = unsafe { ops::train_step(bridge, shape, &x, &t, io)? };
         // SAFETY: `size` is the caller's struct_size, checked against ours.
         unsafe { write_versioned(stats, size, &params::stats_of(&s, size)) };
         Ok(())
@@ -533,78 +401,6 @@ pub unsafe extern "C" fn bridge_save(handle: *const BridgeHandle, path: *const c
 }
 
 // ---- ABI 3: DLPack tensors, capabilities, the log callback -------------------------
-
-/// The batch and latent size of a DLPack call, from `latents` `[B, in_ch, H, W]`.
-fn latent_call_shape(bridge: &Bridge, x: &View) -> Result<(i64, CallShape)> {
-    let c = bridge.config();
-    match x.shape[..] {
-        [b, ch, h, w] if b > 0 && ch == c.in_ch => {
-            let shape = CallShape::of(bridge, h as i64, w as i64)?;
-            bridge.check_fits(b as i64, shape.grid)?;
-            Ok((b as i64, shape))
-        }
-        _ => Err(Error::shape(format!(
-            "latents has shape {:?}; expected [B, {}, H, W] with B > 0",
-            x.shape, c.in_ch
-        ))),
-    }
-}
-
-/// A DLPack call's buffers where the bridge lives, `body`, and the caller's stream joined
-/// after it. Every tensor is checked before this.
-fn with_io<R>(
-    bridge: &Bridge,
-    (batch, shape): (i64, CallShape),
-    stream: *mut c_void,
-    body: impl FnOnce(&Io) -> Result<R>,
-) -> Result<R> {
-    run_io(Io::for_bridge(bridge, batch, shape, stream)?, body)
-}
-
-/// Checks a loss tensor: one element, host or the bridge's device.
-///
-/// # Safety
-/// As `dlpack::view`.
-unsafe fn loss_view(loss: *const DLTensor, bridge: &Bridge) -> Result<View> {
-    // SAFETY: forwarded contract.
-    let v = unsafe { dlpack::view(loss, "loss", bridge, true)? };
-    if v.numel() != 1 {
-        return Err(Error::shape(format!(
-            "loss has shape {:?}; expected one element",
-            v.shape
-        )));
-    }
-    Ok(v)
-}
-
-/// Writes `grad` and the loss: into a device loss tensor without waiting for it (a
-/// non-finite loss is written as it is: no host saw it), or read back into a host one,
-/// checked finite first (then nothing is written on a non-finite loss).
-///
-/// # Safety
-/// The views are checked caller tensors of the call's shapes.
-unsafe fn write_grad_and_loss(
-    io: &Io,
-    (grad_view, grad, grad_name): (&View, &Tensor, &str),
-    loss_view: &View,
-    loss: &Tensor,
-) -> Result<()> {
-    if loss_view.host {
-        // One sync on a GPU: the value is both the output and the NaN check.
-        let value = finite_loss(loss.to_scalar::<f32>()?)?;
-        // SAFETY: checked views of the right shapes (the contract).
-        unsafe {
-            io.write(grad_view.ptr, grad, grad_view.dtype, grad_name)?;
-            Io::write_host_value(loss_view.ptr, value, loss_view.dtype, "loss")
-        }
-    } else {
-        // SAFETY: as above; the loss tensor holds one element of device memory.
-        unsafe {
-            io.write(grad_view.ptr, grad, grad_view.dtype, grad_name)?;
-            io.write(loss_view.ptr, loss, loss_view.dtype, "loss")
-        }
-    }
-}
 
 /// (ABI 3) `bridge_forward` on DLPack tensors: `latents` `[B, in_ch, H, W]` in, `out`
 /// `[B, h*w, target_dim]` written, `(h, w) = (H, W) / 2^adapter_depth`. Shapes, dtypes
@@ -636,21 +432,15 @@ pub unsafe extern "C" fn bridge_forward_dlpack(
         // SAFETY: descriptors per the contract above.
         let (x, y) = unsafe {
             (
-                dlpack::view(latents, "latents", &bridge, false)?,
-                dlpack::view(out, "out", &bridge, false)?,
+                tensor(latents, "latents", &bridge)?,
+                tensor(out, "out", &bridge)?,
             )
         };
-        let (batch, shape) = latent_call_shape(&bridge, &x)?;
-        let d = bridge.config().target_dim;
-        dlpack::expect_shape(&y, "out", &[batch as usize, shape.tokens(), d])?;
-        with_io(&bridge, (batch, shape), stream, |io| {
-            io.check_output(y.ptr, shape.tokens() * d, y.dtype, "out")?;
-            // SAFETY: checked views of the call's shapes.
-            let lat = unsafe { io.latents(x.ptr, x.dtype, true)? };
-            let tokens = bridge.forward(&lat)?;
-            // SAFETY: as above.
-            unsafe { io.write(y.ptr, &tokens, y.dtype, "out") }
-        })
+        let shape = bridge.latent_shape(&x.shape)?;
+        y.expect_shape(&shape.token_shape())?;
+        let io = Io::for_bridge(&bridge, stream)?;
+        // SAFETY: checked views of the call's shapes.
+        unsafe { ops::forward(&bridge, &shape, &x, &y, io) }
     })
 }
 
@@ -681,39 +471,17 @@ pub unsafe extern "C" fn bridge_loss_backward_dlpack(
         // SAFETY: descriptors per the contract above.
         let (p, x, g, l) = unsafe {
             (
-                dlpack::view(pred, "pred", &bridge, false)?,
-                dlpack::view(latents, "latents", &bridge, false)?,
-                dlpack::view(grad_pred, "grad_pred", &bridge, false)?,
-                loss_view(loss, &bridge)?,
+                tensor(pred, "pred", &bridge)?,
+                tensor(latents, "latents", &bridge)?,
+                tensor(grad_pred, "grad_pred", &bridge)?,
+                loss_tensor(loss, &bridge)?,
             )
         };
-        let (batch, shape) = latent_call_shape(&bridge, &x)?;
-        let d = bridge.config().target_dim;
-        let pred_grid = match p.shape[..] {
-            [b, t, pd] if b == batch as usize && pd == d => GridMatch::infer(t, shape.grid)?,
-            [b, ph, pw, pd] if b == batch as usize && pd == d => {
-                GridMatch::of((ph as i64, pw as i64), shape.grid)?;
-                (ph, pw)
-            }
-            _ => {
-                return Err(Error::shape(format!(
-                    "pred has shape {:?}; expected [{batch}, T, {d}] or [{batch}, pred_h, pred_w, {d}]",
-                    p.shape
-                )));
-            }
-        };
-        dlpack::expect_shape(&g, "grad_pred", &p.shape)?;
-        let tokens = pred_grid.0 * pred_grid.1;
-        with_io(&bridge, (batch, shape), stream, |io| {
-            io.check_output(g.ptr, tokens * d, g.dtype, "grad_pred")?;
-            // SAFETY: checked views of the call's shapes.
-            let pt = unsafe { io.read(p.ptr, p.dtype, &[tokens, d], "pred", true)? };
-            let lat = unsafe { io.latents(x.ptr, x.dtype, true)? };
-            let (value, grad) = bridge.loss_backward_on_device(&pt, &lat, pred_grid)?;
-            let grad = grad.reshape(p.shape.as_slice())?;
-            // SAFETY: as above.
-            unsafe { write_grad_and_loss(io, (&g, &grad, "grad_pred"), &l, &value) }
-        })
+        let shape = align_shape(&bridge, bridge.latent_shape(&x.shape)?, &p)?;
+        g.expect_shape(&p.shape)?;
+        let io = Io::for_bridge(&bridge, stream)?;
+        // SAFETY: checked views of the call's shapes.
+        unsafe { ops::align(&bridge, &shape, [&p, &x], [&g, &l], io) }
     })
 }
 
@@ -740,25 +508,18 @@ pub unsafe extern "C" fn bridge_latent_loss_backward_dlpack(
         // SAFETY: descriptors per the contract above.
         let (x, t, g, l) = unsafe {
             (
-                dlpack::view(latents, "latents", &bridge, false)?,
-                dlpack::view(target, "target", &bridge, false)?,
-                dlpack::view(grad_latents, "grad_latents", &bridge, false)?,
-                loss_view(loss, &bridge)?,
+                tensor(latents, "latents", &bridge)?,
+                tensor(target, "target", &bridge)?,
+                tensor(grad_latents, "grad_latents", &bridge)?,
+                loss_tensor(loss, &bridge)?,
             )
         };
-        let (batch, shape) = latent_call_shape(&bridge, &x)?;
-        let d = bridge.config().target_dim;
-        dlpack::expect_shape(&t, "target", &[batch as usize, shape.tokens(), d])?;
-        dlpack::expect_shape(&g, "grad_latents", &x.shape)?;
-        with_io(&bridge, (batch, shape), stream, |io| {
-            io.check_output(g.ptr, io.latent_numel(), g.dtype, "grad_latents")?;
-            // SAFETY: checked views of the call's shapes.
-            let lat = unsafe { io.latents(x.ptr, x.dtype, true)? };
-            let tt = unsafe { io.read(t.ptr, t.dtype, &[shape.tokens(), d], "target", true)? };
-            let (value, grad) = bridge.latent_loss_backward_on_device(&lat, &tt)?;
-            // SAFETY: as above.
-            unsafe { write_grad_and_loss(io, (&g, &grad, "grad_latents"), &l, &value) }
-        })
+        let shape = bridge.latent_shape(&x.shape)?;
+        t.expect_shape(&shape.token_shape())?;
+        g.expect_shape(&x.shape)?;
+        let io = Io::for_bridge(&bridge, stream)?;
+        // SAFETY: checked views of the call's shapes.
+        unsafe { ops::latent_loss(&bridge, &shape, [&x, &t], [&g, &l], io) }
     })
 }
 
@@ -784,21 +545,16 @@ pub unsafe extern "C" fn bridge_train_step_dlpack(
         // SAFETY: descriptors per the contract above; `stats` NULL or the caller's struct.
         let (x, t, size) = unsafe {
             (
-                dlpack::view(latents, "latents", &bridge, false)?,
-                dlpack::view(targets, "targets", &bridge, false)?,
+                tensor(latents, "latents", &bridge)?,
+                tensor(targets, "targets", &bridge)?,
                 struct_size(stats, "stats", "BridgeStepStats", OUT_MIN_SIZE)?,
             )
         };
-        let (batch, shape) = latent_call_shape(&bridge, &x)?;
-        let d = bridge.config().target_dim;
-        dlpack::expect_shape(&t, "targets", &[batch as usize, shape.tokens(), d])?;
-        let s = with_io(&bridge, (batch, shape), stream, |io| {
-            // Non-finite inputs skip the update, as in `bridge_train_step`.
-            // SAFETY: checked views of the call's shapes.
-            let lat = unsafe { io.latents(x.ptr, x.dtype, false)? };
-            let tt = unsafe { io.read(t.ptr, t.dtype, &[shape.tokens(), d], "targets", false)? };
-            bridge.train_step(&lat, &tt)
-        })?;
+        let shape = bridge.latent_shape(&x.shape)?;
+        t.expect_shape(&shape.token_shape())?;
+        let io = Io::for_bridge(&bridge, stream)?;
+        // SAFETY: checked views of the call's shapes.
+        let s = unsafe { ops::train_step(&bridge, &shape, &x, &t, io)? };
         // SAFETY: `size` is the caller's struct_size, checked against ours.
         unsafe { write_versioned(stats, size, &params::stats_of(&s, size)) };
         Ok(())

@@ -146,8 +146,10 @@ pub const BRIDGE_LOG_ERROR: i32 = 4;
 
 /// (ABI 3) Receives the library's messages: `level` (`BRIDGE_LOG_*`), the message
 /// (valid during the call only) and the `user_data` given to `bridge_set_log_callback`.
-/// Called from whichever thread the library runs on; it must be thread-safe and must not
-/// call back into the library.
+/// Called from whichever thread the library runs on, never while that thread holds a
+/// handle's lock (a slow callback stalls no other call); it must be thread-safe, may call
+/// the library's other functions, but not `bridge_set_log_callback`, which waits for
+/// callbacks in flight.
 pub type BridgeLogCallback =
     Option<unsafe extern "C" fn(level: i32, message: *const c_char, user_data: *mut c_void)>;
 

@@ -563,6 +563,9 @@ static int32_t get_caps_prefix(Ctx *c) {
     X(dloss_loss2, SH, "loss has shape [2]; expected one element", LOSS_LOSS(SHAPED(&c->d_loss, 2)))     \
     X(dloss_loss0, SH, "loss has shape [0]; expected one element", LOSS_LOSS(SHAPED(&c->d_loss, 0)))     \
     X(dloss_loss_1x2, SH, "loss has shape [1, 2]", LOSS_LOSS(SHAPED(&c->d_loss, 1, 2)))                   \
+    /* sizes whose product wraps to 1 in 64 bits: not one element (was taken as one) */                   \
+    X(dloss_loss_wraps, SH, "loss has shape [7, 7905747460161236407]; expected one element",             \
+      LOSS_LOSS(SHAPED(&c->d_loss, 7, 7905747460161236407LL)))                                            \
     /* pred token counts and grids that meet no caller grid of the 4x4 token grid */                      \
     X(dloss_pred_t36, INV, "pred has 36 tokens|4x4", LOSS_PRED(SHAPED(&c->d_pred8, B, 36, 48)))           \
     X(dloss_pred_t32, INV, "pred has 32 tokens|4x4", LOSS_PRED(SHAPED(&c->d_pred8, B, 32, 48)))           \
@@ -600,6 +603,8 @@ static int32_t get_caps_prefix(Ctx *c) {
     DESC_STRIDE_ROWS(X, dlat_grad, "grad_latents", LAT_GRAD, &c->d_glat) \
     DESC_ROWS(X, dlat_loss, "loss", LAT_LOSS, &c->d_loss)                                                 \
     X(dlat_loss2, SH, "loss has shape [2]; expected one element", LAT_LOSS(SHAPED(&c->d_loss, 2)))       \
+    X(dlat_loss_wraps, SH, "loss has shape [7, 7905747460161236407]; expected one element",              \
+      LAT_LOSS(SHAPED(&c->d_loss, 7, 7905747460161236407LL)))                                             \
     X(dlat_lat_w6, SH, "latent width = 6|multiple of 4", LAT_LAT(SHAPED(&c->d_lat, B, 4, S, 6)))         \
     X(dlat_lat_ch3, SH, "latents has shape [3, 3, 16, 16]", LAT_LAT(SHAPED(&c->d_lat, B, 3, S, S)))       \
     X(dlat_lat_ndim3, SH, "latents has shape [3, 4, 256]", LAT_LAT(SHAPED(&c->d_lat, B, 4, S * S)))       \

@@ -301,21 +301,14 @@ class _Call:
                     return _Call._dlpack(obj, kwargs, writable)
         return _Call._dlpack(obj, kwargs, writable)
 
-    # Producer types found to predate DLPack 1.0's Python protocol (no `max_version`):
-    # asked the old way from then on, instead of a failing call per array per call.
-    _LEGACY_PRODUCERS: set = set()
-
     @staticmethod
     def _dlpack(obj, kwargs, writable):
-        if type(obj) in _Call._LEGACY_PRODUCERS:
-            return obj.__dlpack__(**kwargs)
         versioned = dict(kwargs, max_version=L.DLPACK_MAX_VERSION)
         if writable:
             versioned["copy"] = False
         try:
             return obj.__dlpack__(**versioned)
         except TypeError:  # a producer that predates DLPack 1.0's Python protocol
-            _Call._LEGACY_PRODUCERS.add(type(obj))
             return obj.__dlpack__(**kwargs)
 
     def empty(self, like: _Tensor, shape):

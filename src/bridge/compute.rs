@@ -1,0 +1,313 @@
+//! What a bridge computes: predicted tokens, REPA alignment (loss and d loss / d pred), the
+//! latent loss (its gradient through the frozen bridge to the latents), parameter
+//! gradients, and a train step. Each comes twice: a Rust API method that checks its
+//! tensors' shapes, and an `_at` method that takes the call's checked shape and checks
+//! nothing again (the C boundary's path).
+
+use super::shape::{AlignShape, CallShape, expect_dims};
+use super::{Bridge, State, StepStats, eval_model};
+use crate::error::{Error, ErrorKind, Result};
+use crate::log::{Level, emit};
+use crate::loss::{GridMatch, alignment_loss, pool_tokens, spatial_norm};
+use crate::model::BridgeModel;
+use crate::optim::AdamW;
+use crate::rng::Rng;
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
+use std::collections::HashMap;
+
+/// The seed of a GPU's dropout masks for the update with 0-based index `step`.
+fn dropout_seed(seed: u64, step: i64) -> u64 {
+    Rng::new(seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)).next_u64()
+}
+
+/// The gradient of `t` in `grads`. A tensor on the loss's path always gets one, so a
+/// missing gradient means an op without a backward cut the graph: an error, never zeros.
+fn grad_of(grads: &GradStore, t: &Tensor, what: &str) -> Result<Tensor> {
+    grads.get(t).cloned().ok_or_else(|| {
+        Error::new(
+            ErrorKind::Internal,
+            format!("no gradient reached {what}: an op on its path has no backward"),
+        )
+    })
+}
+
+impl Bridge {
+    /// Predicted tokens `[B, h*w, D]` for latents `[B, C, H, W]` (evaluation mode), on the
+    /// token grid `(h, w) = (H, W) / 2^adapter_depth`.
+    pub fn forward(&self, latents: &Tensor) -> Result<Tensor> {
+        let shape = self.latent_shape(latents.dims())?;
+        self.forward_at(&shape, latents)
+    }
+
+    /// `forward` on latents of the checked shape `shape`.
+    pub fn forward_at(&self, shape: &CallShape, latents: &Tensor) -> Result<Tensor> {
+        debug_assert_eq!(latents.dims(), shape.latents());
+        self.run(&self.read(), false, latents, None)
+    }
+
+    /// The model on `latents` in the compute dtype, f32 out: the eval model, or in
+    /// training the model over the variables (in bf16, over differentiable casts of them,
+    /// so that the gradient reaches the f32 masters).
+    fn run(
+        &self,
+        st: &State,
+        train: bool,
+        latents: &Tensor,
+        rng: Option<&mut Rng>,
+    ) -> Result<Tensor> {
+        let x = latents.to_dtype(self.compute)?;
+        let y = match (train, self.compute) {
+            (false, _) => st.eval_model.forward(&x, None)?,
+            (true, DType::F32) => st.train_model.forward(&x, rng)?,
+            (true, dtype) => {
+                let cast: HashMap<String, Tensor> = st
+                    .params
+                    .iter()
+                    .map(|(n, v)| Ok((n.clone(), v.as_tensor().to_dtype(dtype)?)))
+                    .collect::<Result<_>>()?;
+                BridgeModel::load(&cast, &self.config)?.forward(&x, rng)?
+            }
+        };
+        Ok(y.to_dtype(DType::F32)?)
+    }
+
+    /// REPA alignment: the loss between the caller's `pred` `[B, ph*pw, D]` on its grid
+    /// `(ph, pw)` and the frozen bridge's prediction for `latents`, and d loss / d pred.
+    /// The finer of the two grids is average-pooled onto the coarser (DESIGN.md), then
+    /// the target is spatially normalised when `spatial_norm_gamma > 0`.
+    pub fn loss_backward(
+        &self,
+        pred: &Tensor,
+        latents: &Tensor,
+        pred_grid: (usize, usize),
+    ) -> Result<(f32, Tensor)> {
+        let call = self.latent_shape(latents.dims())?;
+        let shape = self.align_shape(call, (pred_grid.0 as i64, pred_grid.1 as i64))?;
+        expect_dims("pred", pred, &shape.pred_shape())?;
+        let (loss, grad) = self.align_at(&shape, pred, latents)?;
+        Ok((loss.to_scalar::<f32>()?, grad))
+    }
+
+    /// `loss_backward` on tensors of the checked shape `shape`, with the loss left where it
+    /// was computed (a 0-d f32 tensor on the bridge's device): on a GPU, nothing waits.
+    pub fn align_at(
+        &self,
+        shape: &AlignShape,
+        pred: &Tensor,
+        latents: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        debug_assert_eq!(pred.dims(), shape.pred_shape());
+        // The target needs the weights only until it is computed: the gradient is pred's.
+        let target = self.forward_at(&shape.call, latents)?;
+        let pred = Var::from_tensor(&pred.to_dtype(DType::F32)?)?;
+        let (p, target) = match shape.matched {
+            GridMatch::Same => (pred.as_tensor().clone(), target),
+            GridMatch::PoolPred(k) => (pool_tokens(pred.as_tensor(), shape.pred_grid, k)?, target),
+            GridMatch::PoolTarget(k) => (
+                pred.as_tensor().clone(),
+                pool_tokens(&target, shape.call.grid(), k)?,
+            ),
+        };
+        let target = if self.spatial_norm_gamma > 0.0 {
+            spatial_norm(&target, self.spatial_norm_gamma)?
+        } else {
+            target
+        };
+        let loss = alignment_loss(&p, &target, &self.loss)?;
+        let grads = loss.backward()?;
+        let grad = grad_of(&grads, pred.as_tensor(), "pred")?;
+        Ok((loss.detach(), grad))
+    }
+
+    /// The loss between bridge(latents) and `target` (`[B, h*w, D]`), and its gradient with
+    /// respect to the latents through the frozen bridge.
+    pub fn latent_loss_backward(&self, latents: &Tensor, target: &Tensor) -> Result<(f32, Tensor)> {
+        let shape = self.latent_shape(latents.dims())?;
+        expect_dims("target", target, &shape.token_shape())?;
+        let (loss, grad) = self.latent_loss_at(&shape, latents, target)?;
+        Ok((loss.to_scalar::<f32>()?, grad))
+    }
+
+    /// `latent_loss_backward` on tensors of the checked shape `shape`, with the loss left
+    /// on the bridge's device (0-d f32). The read lock is held through the backward: the
+    /// eval model's weights are views of the variables' storage, so an update landing
+    /// mid-backward would mix two weight versions in one gradient.
+    pub fn latent_loss_at(
+        &self,
+        shape: &CallShape,
+        latents: &Tensor,
+        target: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        debug_assert_eq!(target.dims(), shape.token_shape());
+        let latents = Var::from_tensor(&latents.to_dtype(DType::F32)?)?;
+        let st = self.read();
+        let pred = self.run(&st, false, latents.as_tensor(), None)?;
+        let loss = alignment_loss(&pred, &target.to_dtype(DType::F32)?, &self.loss)?;
+        let grads = loss.backward()?;
+        let grad = grad_of(&grads, latents.as_tensor(), "the latents")?;
+        drop(st);
+        Ok((loss.detach(), grad))
+    }
+
+    /// The training loss on a batch and the gradient of every parameter, by name, without
+    /// updating anything (dropout on, with the masks the next train step would draw). It
+    /// takes the write lock like a train step: on a GPU the masks come from the device's
+    /// RNG, which it seeds.
+    pub fn param_grads(
+        &self,
+        latents: &Tensor,
+        targets: &Tensor,
+    ) -> Result<(f32, Vec<(String, Tensor)>)> {
+        let shape = self.latent_shape(latents.dims())?;
+        expect_dims("targets", targets, &shape.token_shape())?;
+        let st = self.write();
+        let mut rng = st.rng.clone();
+        let (loss, grads) = self.loss_and_grads(&st, latents, targets, &mut rng)?;
+        let named = st
+            .params
+            .iter()
+            .map(|(n, _)| n.clone())
+            .zip(grads)
+            .collect();
+        Ok((loss, named))
+    }
+
+    fn loss_and_grads(
+        &self,
+        st: &State,
+        latents: &Tensor,
+        targets: &Tensor,
+        rng: &mut Rng,
+    ) -> Result<(f32, Vec<Tensor>)> {
+        if self.device.is_cuda() {
+            // Dropout masks on a GPU come from the device's RNG, seeded from (seed, step)
+            // so that a resumed run draws the same ones.
+            self.device
+                .set_seed(dropout_seed(st.train.seed, st.train.step))?;
+        }
+        let pred = self.run(st, true, latents, Some(rng))?;
+        let loss = alignment_loss(&pred, &targets.to_dtype(DType::F32)?, &self.loss)?;
+        let loss_value = loss.to_scalar::<f32>()?;
+        if !loss_value.is_finite() {
+            return Ok((loss_value, Vec::new()));
+        }
+        let grads = loss.backward()?;
+        let grads = st
+            .params
+            .iter()
+            .map(|(name, v)| grad_of(&grads, v.as_tensor(), name))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((loss_value, grads))
+    }
+
+    /// One AdamW step on `latents` `[B, C, H, W]` and `targets` `[B, h*w, D]`. A non-finite
+    /// loss or gradient norm skips the update and leaves every weight untouched.
+    pub fn train_step(&self, latents: &Tensor, targets: &Tensor) -> Result<StepStats> {
+        let shape = self.latent_shape(latents.dims())?;
+        expect_dims("targets", targets, &shape.token_shape())?;
+        self.train_step_at(&shape, latents, targets)
+    }
+
+    /// `train_step` on tensors of the checked shape `shape`.
+    pub fn train_step_at(
+        &self,
+        shape: &CallShape,
+        latents: &Tensor,
+        targets: &Tensor,
+    ) -> Result<StepStats> {
+        debug_assert_eq!(targets.dims(), shape.token_shape());
+        let mut st = self.write();
+        let lr = self.optim_cfg.lr_at(st.train.step);
+        let mut rng = st.rng.clone();
+        let (loss, grads) = self.loss_and_grads(&st, latents, targets, &mut rng)?;
+        let skipped = |grad_norm: f32| StepStats {
+            loss,
+            grad_norm,
+            lr,
+            step: st.train.step,
+            skipped: true,
+        };
+        // (The warnings reach the host's callback once the lock is released.)
+        if !loss.is_finite() {
+            emit(
+                Level::Warn,
+                format!(
+                    "train step {}: the loss is {loss}; the update was skipped",
+                    st.train.step + 1
+                ),
+            );
+            return Ok(skipped(f32::NAN));
+        }
+        let trained: Vec<Tensor> = grads
+            .iter()
+            .zip(&st.trainable)
+            .filter(|(_, t)| **t)
+            .map(|(g, _)| g.clone())
+            .collect();
+        let grad_norm = AdamW::global_norm(&trained)?;
+        if !grad_norm.is_finite() {
+            emit(
+                Level::Warn,
+                format!(
+                    "train step {}: the gradient norm is {grad_norm}; the update was skipped",
+                    st.train.step + 1
+                ),
+            );
+            return Ok(skipped(grad_norm));
+        }
+        let clip = self.optim_cfg.grad_clip;
+        let scale = if clip > 0.0 && grad_norm > clip {
+            clip / (grad_norm + 1e-6)
+        } else {
+            1.0
+        };
+        let t = st.train.step + 1;
+        let State {
+            optim,
+            params,
+            trainable,
+            ..
+        } = &mut *st;
+        optim.step(&self.optim_cfg, params, trainable, &grads, lr, scale, t)?;
+        if self.compute != DType::F32 {
+            st.eval_model = eval_model(&st.params, &self.config, self.compute)?;
+        }
+        st.train.step = t;
+        st.rng = rng;
+        Ok(StepStats {
+            loss,
+            grad_norm,
+            lr,
+            step: t,
+            skipped: false,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn a_missing_gradient_is_an_internal_error_not_zeros() {
+        let x = Var::new(&[1f32, 2.0, 3.0], &Device::Cpu).unwrap();
+        let used = (x.as_tensor() * 2.0).unwrap().sum_all().unwrap();
+        let grads = used.backward().unwrap();
+        let g = grad_of(&grads, x.as_tensor(), "x").unwrap();
+        assert_eq!(g.to_vec1::<f32>().unwrap(), [2.0, 2.0, 2.0]);
+        // A graph cut (as an op without a backward makes it): no gradient reaches x.
+        let y = Var::new(0f32, &Device::Cpu).unwrap();
+        let cut = x.as_tensor().detach().sum_all().unwrap();
+        let loss = (cut + y.as_tensor()).unwrap();
+        let grads = loss.backward().unwrap();
+        let err = grad_of(&grads, x.as_tensor(), "the latents").unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Internal);
+        assert!(
+            err.message.contains("no gradient reached the latents"),
+            "{}",
+            err.message
+        );
+    }
+}
