@@ -416,22 +416,19 @@ impl Bridge {
         f(&mut self.write().train);
     }
 
-    /// `ema = decay * ema + (1 - decay) * weights`, in parameter order; an empty `ema`
-    /// starts as a copy of the weights.
-    pub fn update_ema(&self, ema: &mut Vec<Tensor>, decay: f32) -> Result<()> {
+    /// `f` on the current weights by name, in parameter order, under the read lock: a
+    /// train step waits until it returns (the tensors are the variables' own, detached).
+    pub fn with_weights<R>(
+        &self,
+        f: impl FnOnce(&[(&str, Tensor)]) -> candle_core::Result<R>,
+    ) -> Result<R> {
         let st = self.read();
-        if ema.is_empty() {
-            *ema = st
-                .params
-                .iter()
-                .map(|(_, v)| v.as_tensor().copy())
-                .collect::<candle_core::Result<_>>()?;
-            return Ok(());
-        }
-        for (e, (_, v)) in ema.iter_mut().zip(&st.params) {
-            *e = ((&*e * decay as f64)? + (v.as_tensor().detach() * (1.0 - decay as f64))?)?;
-        }
-        Ok(())
+        let weights: Vec<(&str, Tensor)> = st
+            .params
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_tensor().detach()))
+            .collect();
+        Ok(f(&weights)?)
     }
 
     /// The current weights by name (copies of the values, on the bridge's device).
