@@ -4,9 +4,7 @@
 //! compute is in `compute.rs`, the checked shape of a call in `shape.rs`.
 
 mod compute;
-mod shape;
-
-pub use shape::{AlignShape, CallShape};
+pub mod shape;
 
 use crate::checkpoint::{self, Checkpoint, SaveParts, TrainState};
 use crate::config::BridgeConfig;

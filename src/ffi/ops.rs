@@ -5,7 +5,8 @@
 
 use super::io::Io;
 use super::view::View;
-use crate::bridge::{AlignShape, Bridge, CallShape, StepStats};
+use crate::bridge::shape::{AlignShape, CallShape};
+use crate::bridge::{Bridge, StepStats};
 use crate::error::{Error, ErrorKind, Result};
 use candle_core::Tensor;
 

@@ -18,6 +18,7 @@
  *
  * usage: test_bad_inputs FIXTURE_DIR TMP_DIR */
 #include "dino_bridge.h"
+#include "testing.h"
 
 #include <math.h>
 #include <stddef.h>
@@ -141,16 +142,7 @@ static int32_t abi1_create(Ctx *c) {
 
 /* A host descriptor of `ndim` dimensions `shape` of f32 at `data`. */
 static DLTensor host_f32(void *data, int32_t ndim, int64_t *shape) {
-    DLTensor t;
-    memset(&t, 0, sizeof t);
-    t.data = data;
-    t.device.device_type = DL_CPU;
-    t.ndim = ndim;
-    t.dtype.code = 2; /* kDLFloat */
-    t.dtype.bits = 32;
-    t.dtype.lanes = 1;
-    t.shape = shape;
-    return t;
+    return host_tensor(data, ndim, shape, BRIDGE_DTYPE_F32);
 }
 
 /* A copy of `t` in the next slot, with its own shape (and strides) for a row to change. */
@@ -819,7 +811,7 @@ int main(int argc, char **argv) {
     float *baseline = malloc(TOK * sizeof(float)), *now = malloc(TOK * sizeof(float));
     if (bridge_forward(c->h, c->lat, baseline, B, S, S, BRIDGE_DTYPE_F32) != BRIDGE_OK) return 1;
     c->baseline = baseline;
-    int failures = 0, n = (int)(sizeof cases / sizeof cases[0]);
+    int n = (int)(sizeof cases / sizeof cases[0]);
     for (int i = 0; i < n; i++) {
         const Case *k = &cases[i];
         c->made = NULL;
@@ -848,6 +840,7 @@ int main(int argc, char **argv) {
         int usable = bridge_forward(c->h, c->lat, now, B, S, S, BRIDGE_DTYPE_F32) == BRIDGE_OK &&
                      memcmp(now, baseline, TOK * sizeof(float)) == 0 &&
                      bridge_get_info(c->h, &info) == BRIDGE_OK && info.step == 0;
+        checks++;
         if (!ok || !usable) {
             failures++;
             fprintf(stderr, "FAIL %-26s status %d (want %d), message '%s' (want '%s')%s\n", k->name, got,

@@ -5,7 +5,7 @@
  *
  * usage: test_capi FIXTURE_DIR TMP_DIR LOSS_GRID8 LOSS_LATENTS MISFIT_CHECKPOINT */
 #include "dino_bridge.h"
-#include "check.h"
+#include "testing.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -24,23 +24,12 @@ enum { S = 16 };
         CHECK(msg_ && strstr(msg_, (word)), "%s: message '%s' lacks '%s'", #call, msg_, (word)); \
     } while (0)
 
-/* Reads a float32 .npy file; returns its element count or 0. */
+/* Reads a float32 .npy file of the fixture folder; returns its element count (0 when it
+ * could not be read, which `npy_read` counts as a failure). */
 static size_t read_npy(const char *dir, const char *name, float **out) {
-    char path[4096];
-    snprintf(path, sizeof path, "%s/%s", dir, name);
-    FILE *f = fopen(path, "rb");
-    if (!f) return 0;
-    unsigned char head[10];
-    if (fread(head, 1, 10, f) != 10 || memcmp(head, "\x93NUMPY", 6) != 0) { fclose(f); return 0; }
-    size_t header_len = (size_t)head[8] | ((size_t)head[9] << 8);
-    fseek(f, 0, SEEK_END);
-    long size = ftell(f);
-    size_t n = ((size_t)size - 10 - header_len) / 4;
-    fseek(f, (long)(10 + header_len), SEEK_SET);
-    *out = malloc(n * sizeof(float));
-    size_t got = fread(*out, sizeof(float), n, f);
-    fclose(f);
-    return got == n ? n : 0;
+    Npy a = npy_read(dir, name);
+    *out = a.data;
+    return a.n;
 }
 
 /* max |a - b| <= tol * max |b| */
@@ -90,23 +79,6 @@ static float from_f16(uint16_t h) {
     int e = (h >> 10) & 31, m = h & 1023;
     float a = e == 0 ? ldexpf((float)m, -24) : e == 31 ? (m ? NAN : INFINITY) : ldexpf((float)(m + 1024), e - 25);
     return (h & 0x8000) ? -a : a;
-}
-
-/* A host DLTensor of `ndim` dimensions `shape` of BRIDGE_DTYPE_* `dtype` at `data`. */
-static DLTensor host_tensor(void *data, int32_t ndim, int64_t *shape, int dtype) {
-    DLTensor t;
-    memset(&t, 0, sizeof t);
-    t.data = data;
-    t.device.device_type = DL_CPU;
-    t.device.device_id = 0;
-    t.ndim = ndim;
-    t.dtype.code = dtype == BRIDGE_DTYPE_BF16 ? 4 : 2; /* kDLBfloat : kDLFloat */
-    t.dtype.bits = dtype == BRIDGE_DTYPE_F32 ? 32 : 16;
-    t.dtype.lanes = 1;
-    t.shape = shape;
-    t.strides = NULL;
-    t.byte_offset = 0;
-    return t;
 }
 
 /* Element i of a buffer of BRIDGE_DTYPE_* `dtype`, as f32. */

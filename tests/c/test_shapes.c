@@ -13,7 +13,7 @@
  *
  * usage: test_shapes SHAPES_FIXTURE_DIR   (expected losses are read from its expected.json) */
 #include "dino_bridge.h"
-#include "check.h"
+#include "testing.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -22,59 +22,8 @@
 
 static const char *dir;
 
-/* ---- a minimal .npy reader: format 1.x/2.x, '<f4', C order ---- */
-
-typedef struct {
-    int ndim;
-    size_t shape[8];
-    size_t n;
-    float *data;
-} Npy;
-
-/* Reads DIR/name; on any problem prints why and returns an empty array (n = 0). */
-static Npy npy(const char *name) {
-    Npy a = {0, {0}, 0, NULL};
-    char path[4096], *header = NULL;
-    snprintf(path, sizeof path, "%s/%s", dir, name);
-    FILE *f = fopen(path, "rb");
-    unsigned char pre[12];
-    size_t hlen = 0;
-    if (!f || fread(pre, 1, 10, f) != 10 || memcmp(pre, "\x93NUMPY", 6) != 0) goto bad;
-    if (pre[6] == 1) {
-        hlen = (size_t)pre[8] | (size_t)pre[9] << 8;
-    } else {
-        if (fread(pre + 10, 1, 2, f) != 2) goto bad;
-        hlen = (size_t)pre[8] | (size_t)pre[9] << 8 | (size_t)pre[10] << 16 | (size_t)pre[11] << 24;
-    }
-    header = calloc(hlen + 1, 1);
-    if (fread(header, 1, hlen, f) != hlen) goto bad;
-    if (!strstr(header, "'descr': '<f4'") || !strstr(header, "'fortran_order': False")) goto bad;
-    const char *s = strstr(header, "'shape': (");
-    if (!s) goto bad;
-    s += strlen("'shape': (");
-    a.n = 1;
-    while (*s != ')') {
-        char *end;
-        unsigned long long d = strtoull(s, &end, 10);
-        if (end == s || a.ndim == 8) goto bad;
-        a.shape[a.ndim++] = (size_t)d;
-        a.n *= (size_t)d;
-        s = end;
-        while (*s == ',' || *s == ' ') s++;
-    }
-    a.data = malloc((a.n ? a.n : 1) * sizeof(float));
-    if (fread(a.data, sizeof(float), a.n, f) != a.n) goto bad;
-    fclose(f);
-    free(header);
-    return a;
-bad:
-    fprintf(stderr, "cannot read %s as a little-endian float32 C-order .npy\n", path);
-    if (f) fclose(f);
-    free(header);
-    free(a.data);
-    failures++;
-    return (Npy){0, {0}, 0, NULL};
-}
+/* DIR/name (see `npy_read`). */
+static Npy npy(const char *name) { return npy_read(dir, name); }
 
 /* ---- the few keys of expected.json ---- */
 

@@ -3,7 +3,7 @@
 //! caller grids finer and coarser than the bridge's, the Gram term and iREPA's spatial
 //! normalisation, and the training gradients through the resized position embedding.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;

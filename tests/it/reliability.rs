@@ -2,7 +2,7 @@
 //! error (never a panic or a huge allocation), and forward/loss calls racing train steps
 //! and saves on one handle must always see one consistent set of weights.
 
-mod common;
+use crate::common;
 
 use candle_core::{Device, Tensor};
 use dino_bridge::rng::Rng;

@@ -1,7 +1,7 @@
 //! `bridge-train` as a user runs it: eval on the fixtures, resume after `kill -9`, kills
 //! during checkpoint writes, bad data folders, and the adapter-only (frozen body) mode.
 
-mod common;
+use crate::common;
 
 use common::*;
 use dino_bridge::checkpoint;
@@ -233,16 +233,22 @@ fn a_run_killed_mid_epoch_resumes_to_the_same_weights() {
     assert!(straight.join("epoch_002.safetensors").is_file());
 }
 
+/// SIGKILLs inside the trainer's writes of `latest`, at each point of a write (chosen by
+/// event, not time: see `c_api::kill_at`), each run resuming where the last was killed:
+/// `latest` always loads whole, with its optimiser and train state, and never goes back.
 #[test]
 fn kills_during_checkpoint_writes_never_leave_a_broken_latest() {
+    use super::c_api::{SavePoint, kill_at, temporaries_of};
     let dir = tmp_dir("kill-save");
     let data = dir.join("data");
     synth(&data, 300, "small");
     let out_dir = dir.join("run");
-    let mut seen = 0;
+    let latest = out_dir.join("latest.safetensors");
     let mut last_step = 0;
-    let mut rng = dino_bridge::rng::Rng::new(12);
-    for i in 0..50u64 {
+    // The first kill comes after a rename, so that there is a `latest` to resume from.
+    let points = SavePoint::ALL.iter().cycle().skip(2).take(9);
+    for (i, point) in points.enumerate() {
+        let nth = 1 + i / 3;
         let mut cmd = bin();
         cmd.args([
             "train",
@@ -261,32 +267,28 @@ fn kills_during_checkpoint_writes_never_leave_a_broken_latest() {
         .arg("--out")
         .arg(&out_dir)
         .stdout(std::process::Stdio::null());
-        if out_dir.join("latest.safetensors").exists() {
+        if latest.exists() {
             cmd.arg("--resume");
         }
-        let mut child = cmd.spawn().unwrap();
-        std::thread::sleep(Duration::from_millis(500 + (rng.uniform() * 900.0) as u64));
-        child.kill().unwrap();
-        child.wait().unwrap();
-        let latest = out_dir.join("latest.safetensors");
-        if latest.exists() {
-            seen += 1;
-            let ckpt = checkpoint::load(&latest, None, None)
-                .unwrap_or_else(|e| panic!("kill {i}: latest does not load: {e}"));
-            assert!(ckpt.optim.is_some() && ckpt.train_state.is_some());
-            // Resumed runs only move forward: a partial newer file never replaced latest.
-            let step = ckpt.train_state.unwrap().step;
-            assert!(
-                step >= last_step,
-                "kill {i}: latest went back from step {last_step} to {step}"
-            );
-            last_step = step;
-        }
+        kill_at(super::pause::Paused::spawn(cmd), &latest, nth, *point);
+        let ckpt = checkpoint::load(&latest, None, None).unwrap_or_else(|e| {
+            panic!("kill {i} ({point:?} of save {nth}): latest does not load: {e}")
+        });
+        assert!(ckpt.optim.is_some() && ckpt.train_state.is_some());
+        // Resumed runs only move forward: a partial newer file never replaced latest.
+        let step = ckpt.train_state.unwrap().step;
+        assert!(
+            step >= last_step,
+            "kill {i}: latest went back from step {last_step} to {step}"
+        );
+        // Stale temporaries of earlier kills are removed when a run starts.
+        assert_eq!(
+            temporaries_of(&latest).len(),
+            !point.replaced() as usize,
+            "kill {i} ({point:?} of save {nth}): temporary files of latest"
+        );
+        last_step = step;
     }
-    assert!(
-        seen >= 30,
-        "only {seen} of 50 kills came after a first checkpoint"
-    );
     assert!(last_step > 0);
 }
 

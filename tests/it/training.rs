@@ -1,7 +1,7 @@
 //! Training through the Rust API: gradients reach every parameter, the bridge can overfit
 //! a batch, a resumed run continues exactly, and bad steps change nothing.
 
-mod common;
+use crate::common;
 
 use candle_core::{Device, Tensor};
 use common::*;

@@ -1,6 +1,6 @@
 //! Metrics against the fixtures' `expected.json`, and the data folder reader.
 
-mod common;
+use crate::common;
 
 use candle_core::Device;
 use common::*;

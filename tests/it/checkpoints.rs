@@ -1,7 +1,7 @@
 //! Bad checkpoints are refused with the right kind of error and a message naming the
 //! problem.
 
-mod common;
+use crate::common;
 
 use common::*;
 use dino_bridge::checkpoint;

@@ -1,6 +1,6 @@
 //! The bridge against the PyTorch fixtures: outputs, loss values and gradients.
 
-mod common;
+use crate::common;
 
 use candle_core::Var;
 use common::*;

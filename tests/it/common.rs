@@ -1,6 +1,5 @@
 //! Shared test helpers: where the fixtures are, reading them, comparing within the
 //! tolerances of `shared/fixtures/README.md`.
-#![allow(dead_code)]
 
 use candle_core::{Device, Tensor};
 use dino_bridge::npy;
