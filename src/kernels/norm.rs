@@ -3,7 +3,7 @@
 //! - f32 on the CPU: fused CPU ops with their backward (candle's fused versions have none,
 //!   and composing them from mean/sub/div ops costs five passes over memory);
 //! - elsewhere (CUDA, bf16) where no gradient is tracked: candle-nn's fused layer norm
-//!   (one kernel; statistics in f32, variance in one pass: `tests/gpu_path.rs` checks it
+//!   (one kernel; statistics in f32, variance in one pass: `tests/it/gpu_path.rs` checks it
 //!   against the fixtures' tolerance);
 //! - elsewhere with a gradient: the composed, differentiable ops (`normalize`).
 

@@ -1,5 +1,6 @@
 /* Trains and saves to one path in a loop, printing each completed save, until killed.
- * tests/c_api.rs kills it with SIGKILL at random moments and checks the file.
+ * tests/it/c_api.rs kills it inside its saves (at the fsync and rename it chose, through
+ * tests/c/pause_at.c) and checks the file.
  *
  * usage: save_loop FIXTURE_DIR PATH */
 #include "dino_bridge.h"

@@ -4,7 +4,7 @@
  * bit-identical output and the same step count (nothing half-applied). A few rows are
  * calls that must be accepted (ACCEPTED: an ABI 1 BridgeParams; DLPack descriptors with
  * free strides, compact strides, a byte offset, pinned-host memory, a 0-d loss). Built
- * and run by tests/c_api.rs, also under valgrind.
+ * and run by tests/it/c_api.rs, also under valgrind.
  *
  * The DLPack entry points (ABI 3) get the same rows on their descriptors: each row passes
  * valid descriptors of the buffers above (c->d_*) except one, spoiled in one field by the
@@ -641,7 +641,7 @@ static int32_t get_caps_prefix(Ctx *c) {
 #define SKIPPED (-1)
 /* A call that must succeed (the row's function checks what it did). */
 #define ACCEPTED (-2)
-/* tests/c_api.rs defines DINO_BRIDGE_CUDA_BUILD when the library has the cuda feature.
+/* tests/it/c_api.rs defines DINO_BRIDGE_CUDA_BUILD when the library has the cuda feature.
  * Without it, bridge_forward_cuda_ptr checks the handle and dtype, then says so. */
 #ifdef DINO_BRIDGE_CUDA_BUILD
 #define CUDA_DEVICE 999

@@ -1,7 +1,7 @@
 /* The C API from C: a full round trip on the PyTorch fixtures; the DLPack entry points of
  * ABI 3 against their pointer-based counterparts (each tensor its own dtype), the
  * capability query and the log callback; then every bad input the API promises to
- * survive. Built by tests/c_api.rs with gcc -Wall -Wextra -Werror.
+ * survive. Built by tests/it/c_api.rs with gcc -Wall -Wextra -Werror.
  *
  * usage: test_capi FIXTURE_DIR TMP_DIR LOSS_GRID8 LOSS_LATENTS MISFIT_CHECKPOINT */
 #include "dino_bridge.h"

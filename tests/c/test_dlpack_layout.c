@@ -7,10 +7,10 @@
  * includes this file with DLPACK_LAYOUT_OURS defined, which leaves dlpack.h out, so there
  * the header's own declarations serve. Both fill the same table (LAYOUT below): sizeof and
  * alignment of DLDevice, DLDataType and DLTensor, and the offset and size of every field.
- * They must agree; each value is printed ("real ..." and "ours ...") so that tests/c_api.rs
+ * They must agree; each value is printed ("real ..." and "ours ...") so that tests/it/c_api.rs
  * can also compare the header's with the Rust mirrors in src/ffi/dlpack.rs.
  *
- * Built by tests/c_api.rs with gcc -std=c11 -Wall -Wextra -Werror -Iinclude
+ * Built by tests/it/c_api.rs with gcc -std=c11 -Wall -Wextra -Werror -Iinclude
  * -I<torch include dir> test_dlpack_layout.c dlpack_layout_ours.c (also under valgrind).
  *
  * usage: test_dlpack_layout */
