@@ -62,7 +62,7 @@ typedef struct {
 
 
 // ABI version: bumped when a struct or function signature changes incompatibly.
-#define BRIDGE_ABI_VERSION 3
+#define BRIDGE_ABI_VERSION 4
 
 // Success.
 #define BRIDGE_OK 0
@@ -153,7 +153,8 @@ typedef struct BridgeParams {
   float dropout;
   float latent_shift;
   float latent_scale;
-  // Loss weights: cosine, normalised MSE, raw MSE.
+  // The training loss's weights (`bridge_train_step`): cosine, normalised MSE, raw MSE.
+  // Alignment has its own (`align_w_*`, ABI 4).
   float w_cos;
   float w_norm;
   float w_raw;
@@ -173,6 +174,14 @@ typedef struct BridgeParams {
   // (ABI 2) iREPA's spatial normalisation of the alignment target in
   // `bridge_loss_backward` (0 = off).
   float spatial_norm_gamma;
+  // (ABI 4) The loss weights of alignment (`bridge_loss_backward*`) and of the latent
+  // loss (`bridge_latent_loss_backward*`), the calls a diffusion trainer makes: REPA's
+  // cosine loss `mean(1 - cos)` by default (1, 0, 0, 0; REPA logs `-cos`, one less).
+  // `w_cos`, `w_norm`, `w_raw` and `w_gram` above weigh the bridge's own training.
+  float align_w_cos;
+  float align_w_norm;
+  float align_w_raw;
+  float align_w_gram;
 } BridgeParams;
 
 // What a handle holds (`bridge_get_info`). Set `struct_size` before the call.
@@ -344,8 +353,10 @@ int32_t bridge_forward_cuda_ptr(const struct BridgeHandle *handle, const void *l
 // projection `[batch, pred_h*pred_w, target_dim]` on its grid `(pred_h, pred_w)`, which
 // must equal `(h, w)` or be `k` times it (then `pred` is average-pooled `k x k`) or `1/k`
 // of it (then the target is pooled), with the same `k` on both sides. With
-// `spatial_norm_gamma > 0` the (pooled) target is spatially normalised. Writes the loss
-// to `*loss` and d loss / d pred (same shape as `pred`) to `grad_pred`.
+// `spatial_norm_gamma > 0` the (pooled) target is spatially normalised. The loss weighs
+// its terms with `BridgeParams.align_w_*` (ABI 4; REPA's `mean(1 - cos)` by default),
+// not with the training loss's `w_*`. Writes the loss to `*loss` and d loss / d pred
+// (same shape as `pred`) to `grad_pred`.
 // On a CPU bridge the buffers are host memory and `stream` is ignored; on a CUDA bridge
 // they are device memory of its GPU, ordered on `stream` as in
 // `bridge_forward_cuda_ptr`, and the loss value is read back to the host (one sync).
@@ -363,8 +374,9 @@ int32_t bridge_loss_backward(const struct BridgeHandle *handle, const void *pred
 // Loss between bridge(`latents`) (`[batch, in_ch, height, width]`) and `target`
 // `[batch, h*w, target_dim]` on the token grid `(h, w)` of that latent size, and its
 // gradient with respect to the latents through the frozen bridge, written to
-// `grad_latents` (shape of `latents`). Buffers, streams and ownership as in
-// `bridge_loss_backward`; no spatial normalisation.
+// `grad_latents` (shape of `latents`). The loss weighs its terms with `align_w_*`, as
+// alignment does. Buffers, streams and ownership as in `bridge_loss_backward`; no
+// spatial normalisation.
 //
 // Returns `BRIDGE_OK`, `INVALID_ARGUMENT` (NULL, dead handle, batch, dtype), `SHAPE`
 // (the latent size, as in `bridge_forward`), `NON_FINITE` (NaN/Inf input or loss; nothing written), `INTERNAL`. Thread-safe: runs
@@ -428,10 +440,12 @@ int32_t bridge_forward_dlpack(const struct BridgeHandle *handle, const DLTensor 
 // (ABI 3) `bridge_loss_backward` on DLPack tensors. `pred` is `[B, T, target_dim]`, its
 // grid inferred (`T` tokens on the bridge's grid times or divided by one factor: at most
 // one fits), or `[B, pred_h, pred_w, target_dim]`; `grad_pred` has `pred`'s shape;
-// `loss` is one element, on the host (read back: one sync, and a non-finite loss is
-// `NON_FINITE` with nothing written) or on the bridge's GPU (nothing syncs; a non-finite
-// loss is written as NaN or Inf, with no status, since no host saw it). Tensors,
-// checks and streams as in `bridge_forward_dlpack`.
+// `loss` is one element (the mean over the batch) or, from ABI 4, `[B]` (each sample's
+// loss; `grad_pred` is the gradient of their mean either way), on the host (read back:
+// one sync, and a non-finite loss is `NON_FINITE` with nothing written) or on the
+// bridge's GPU (nothing syncs; a non-finite loss is written as NaN or Inf, with no
+// status, since no host saw it). Tensors, checks and streams as in
+// `bridge_forward_dlpack`.
 //
 // Returns as `bridge_loss_backward`, plus the descriptor errors of
 // `bridge_forward_dlpack`. Thread-safe.
@@ -442,7 +456,7 @@ int32_t bridge_loss_backward_dlpack(const struct BridgeHandle *handle, const DLT
 
 // (ABI 3) `bridge_latent_loss_backward` on DLPack tensors: `latents` `[B, in_ch, H, W]`,
 // `target` `[B, h*w, target_dim]`, `grad_latents` of `latents`' shape, `loss` one element
-// on the host or the bridge's GPU (as in `bridge_loss_backward_dlpack`).
+// or `[B]` on the host or the bridge's GPU (as in `bridge_loss_backward_dlpack`).
 //
 // Returns as `bridge_latent_loss_backward`, plus the descriptor errors of
 // `bridge_forward_dlpack`. Thread-safe.

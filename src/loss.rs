@@ -28,7 +28,8 @@ impl Default for LossWeights {
 }
 
 impl LossWeights {
-    /// REPA's own loss: negative cosine only.
+    /// REPA's own loss, `mean(1 - cos)`: the cosine alone (REPA logs `-cos`, one less).
+    /// What alignment and the latent loss use unless told otherwise.
     pub const REPA: LossWeights = LossWeights {
         cos: 1.0,
         norm: 0.0,
@@ -36,7 +37,9 @@ impl LossWeights {
         gram: 0.0,
     };
 
-    pub fn validate(&self) -> Result<()> {
+    /// Every weight finite and >= 0; `prefix` names the set in messages (`""` for the
+    /// training loss's `w_*`, `"align_"` for alignment's `align_w_*`).
+    pub fn validate(&self, prefix: &str) -> Result<()> {
         for (name, v) in [
             ("w_cos", self.cos),
             ("w_norm", self.norm),
@@ -45,7 +48,7 @@ impl LossWeights {
         ] {
             if !v.is_finite() || v < 0.0 {
                 return Err(Error::invalid(format!(
-                    "{name} = {v}: must be finite and >= 0"
+                    "{prefix}{name} = {v}: must be finite and >= 0"
                 )));
             }
         }
@@ -75,34 +78,48 @@ fn self_similarity(x: &Tensor) -> Result<Tensor> {
     Ok(n.matmul(&n.t()?.contiguous()?)?)
 }
 
-/// The loss of DESIGN.md for `[B, T, D]` tensors, a scalar: the sum of
-/// `w_cos * mean(1 - cos)`, `w_norm * mean((n(p) - n(t))^2)`, `w_raw * mean((p - t)^2)`
-/// and `w_gram * mean((c(p) - c(t))^2)`. `target` is treated as a constant.
+/// The loss of DESIGN.md for `[B, T, D]` tensors, a scalar: the mean over samples of
+/// `alignment_loss_per_sample`.
 pub fn alignment_loss(pred: &Tensor, target: &Tensor, w: &LossWeights) -> Result<Tensor> {
-    if pred.dims() != target.dims() {
+    Ok(alignment_loss_per_sample(pred, target, w)?.mean_all()?)
+}
+
+/// The loss of DESIGN.md per sample, `[B]` for `[B, T, D]` tensors: the sum of
+/// `w_cos * mean(1 - cos)`, `w_norm * mean((n(p) - n(t))^2)`, `w_raw * mean((p - t)^2)`
+/// and `w_gram * mean((c(p) - c(t))^2)`, each mean over one sample's tokens (and
+/// channels, or token pairs). Every sample has the same count, so their mean is the mean
+/// over the batch. `target` is treated as a constant.
+pub fn alignment_loss_per_sample(
+    pred: &Tensor,
+    target: &Tensor,
+    w: &LossWeights,
+) -> Result<Tensor> {
+    if pred.dims() != target.dims() || pred.rank() != 3 {
         return Err(Error::shape(format!(
-            "loss: pred {:?} and target {:?} differ in shape",
+            "loss: pred {:?} and target {:?} must have one shape [B, T, D]",
             pred.dims(),
             target.dims()
         )));
     }
+    // The mean of a term over everything but the batch (dims 1 and 2).
+    let per_sample = |x: Tensor| -> Result<Tensor> { Ok(x.mean((1, 2))?) };
     let target = target.detach();
-    let mut loss = Tensor::zeros((), pred.dtype(), pred.device())?;
+    let mut loss = Tensor::zeros(pred.dim(0)?, pred.dtype(), pred.device())?;
     if w.cos != 0.0 {
         let one_minus_cos = token_cosine(pred, &target)?.affine(-1.0, 1.0)?;
-        loss = (loss + (one_minus_cos.mean_all()? * w.cos as f64)?)?;
+        loss = (loss + (one_minus_cos.mean(1)? * w.cos as f64)?)?;
     }
     if w.norm != 0.0 {
         let np = pred.broadcast_div(&clamped_norm(pred, 1e-12)?)?;
         let nt = target.broadcast_div(&clamped_norm(&target, 1e-12)?)?;
-        loss = (loss + ((np - nt)?.sqr()?.mean_all()? * w.norm as f64)?)?;
+        loss = (loss + (per_sample((np - nt)?.sqr()?)? * w.norm as f64)?)?;
     }
     if w.raw != 0.0 {
-        loss = (loss + ((pred - &target)?.sqr()?.mean_all()? * w.raw as f64)?)?;
+        loss = (loss + (per_sample((pred - &target)?.sqr()?)? * w.raw as f64)?)?;
     }
     if w.gram != 0.0 {
         let gap = (self_similarity(pred)? - self_similarity(&target)?)?;
-        loss = (loss + (gap.sqr()?.mean_all()? * w.gram as f64)?)?;
+        loss = (loss + (per_sample(gap.sqr()?)? * w.gram as f64)?)?;
     }
     Ok(loss)
 }

@@ -1,4 +1,4 @@
-// dino_bridge.hpp: header-only C++17 wrapper over the dino-bridge C API (ABI version 3).
+// dino_bridge.hpp: header-only C++17 wrapper over the dino-bridge C API (ABI version 4).
 //
 //   dino_bridge::Bridge bridge = dino_bridge::Bridge::open("bridge.safetensors");
 //   std::vector<float> tokens(bridge.token_elems(batch));
@@ -41,7 +41,7 @@
 
 #include "dino_bridge.h"
 
-static_assert(BRIDGE_ABI_VERSION == 3, "dino_bridge.hpp is written for ABI version 3 of dino_bridge.h");
+static_assert(BRIDGE_ABI_VERSION == 4, "dino_bridge.hpp is written for ABI version 4 of dino_bridge.h");
 
 namespace dino_bridge {
 
@@ -183,7 +183,9 @@ inline void set_log_callback(BridgeLogCallback callback, void* user_data = nullp
 
 /// Creation settings: the library's defaults, then change what you need. Every field of
 /// the C struct is in `raw` (`raw.w_gram`, `raw.spatial_norm_gamma`, `raw.lr`, ...); the
-/// setters below name the loss settings.
+/// setters below name the loss settings. Two losses: alignment's (`loss_backward`,
+/// `latent_loss_backward`: REPA's cosine loss by default) and the bridge's own training
+/// loss (`train_step`).
 struct Params {
     BridgeParams raw{};
     Params() {
@@ -194,9 +196,18 @@ struct Params {
     /// Load this checkpoint (.safetensors or .pt); empty = fresh weights from `raw`.
     std::string checkpoint;
 
-    /// Loss weights: cosine, normalised MSE, raw MSE and the spatial-structure (Gram)
-    /// term. REPA's own loss is (1, 0, 0); the defaults are (1, 0.25, 0.05, 0).
-    Params& loss_weights(float w_cos, float w_norm, float w_raw, float w_gram = 0.0f) {
+    /// (ABI 4) Alignment's and the latent loss's weights: cosine, normalised MSE, raw MSE
+    /// and the spatial-structure (Gram) term. The default is REPA's loss, (1, 0, 0, 0).
+    Params& align_loss(float w_cos, float w_norm, float w_raw, float w_gram = 0.0f) {
+        raw.align_w_cos = w_cos;
+        raw.align_w_norm = w_norm;
+        raw.align_w_raw = w_raw;
+        raw.align_w_gram = w_gram;
+        return *this;
+    }
+    /// The bridge's own training loss (`train_step`): the same terms, by default
+    /// (1, 0.25, 0.05, 0).
+    Params& train_loss(float w_cos, float w_norm, float w_raw, float w_gram = 0.0f) {
         raw.w_cos = w_cos;
         raw.w_norm = w_norm;
         raw.w_raw = w_raw;

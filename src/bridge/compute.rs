@@ -8,7 +8,9 @@ use super::shape::{AlignShape, CallShape, expect_dims};
 use super::{Bridge, State, StepStats, eval_model};
 use crate::error::{Error, ErrorKind, Result};
 use crate::log::{Level, emit};
-use crate::loss::{GridMatch, alignment_loss, pool_tokens, spatial_norm};
+use crate::loss::{
+    GridMatch, alignment_loss, alignment_loss_per_sample, pool_tokens, spatial_norm,
+};
 use crate::model::BridgeModel;
 use crate::optim::AdamW;
 use crate::rng::Rng;
@@ -85,12 +87,13 @@ impl Bridge {
         let call = self.latent_shape(latents.dims())?;
         let shape = self.align_shape(call, (pred_grid.0 as i64, pred_grid.1 as i64))?;
         expect_dims("pred", pred, &shape.pred_shape())?;
-        let (loss, grad) = self.align_at(&shape, pred, latents)?;
-        Ok((loss.to_scalar::<f32>()?, grad))
+        let (per_sample, grad) = self.align_at(&shape, pred, latents)?;
+        Ok((per_sample.mean_all()?.to_scalar::<f32>()?, grad))
     }
 
-    /// `loss_backward` on tensors of the checked shape `shape`, with the loss left where it
-    /// was computed (a 0-d f32 tensor on the bridge's device): on a GPU, nothing waits.
+    /// `loss_backward` on tensors of the checked shape `shape`: the loss of each sample
+    /// (`[B]` f32, left where it was computed: on a GPU, nothing waits) and the gradient of
+    /// their mean. Alignment's own weights (`align_weights`, REPA's by default).
     pub fn align_at(
         &self,
         shape: &AlignShape,
@@ -114,25 +117,26 @@ impl Bridge {
         } else {
             target
         };
-        let loss = alignment_loss(&p, &target, &self.loss)?;
-        let grads = loss.backward()?;
+        let per_sample = alignment_loss_per_sample(&p, &target, &self.align)?;
+        let grads = per_sample.mean_all()?.backward()?;
         let grad = grad_of(&grads, pred.as_tensor(), "pred")?;
-        Ok((loss.detach(), grad))
+        Ok((per_sample.detach(), grad))
     }
 
-    /// The loss between bridge(latents) and `target` (`[B, h*w, D]`), and its gradient with
-    /// respect to the latents through the frozen bridge.
+    /// The loss between bridge(latents) and `target` (`[B, h*w, D]`), with alignment's
+    /// weights, and its gradient with respect to the latents through the frozen bridge.
     pub fn latent_loss_backward(&self, latents: &Tensor, target: &Tensor) -> Result<(f32, Tensor)> {
         let shape = self.latent_shape(latents.dims())?;
         expect_dims("target", target, &shape.token_shape())?;
-        let (loss, grad) = self.latent_loss_at(&shape, latents, target)?;
-        Ok((loss.to_scalar::<f32>()?, grad))
+        let (per_sample, grad) = self.latent_loss_at(&shape, latents, target)?;
+        Ok((per_sample.mean_all()?.to_scalar::<f32>()?, grad))
     }
 
-    /// `latent_loss_backward` on tensors of the checked shape `shape`, with the loss left
-    /// on the bridge's device (0-d f32). The read lock is held through the backward: the
-    /// eval model's weights are views of the variables' storage, so an update landing
-    /// mid-backward would mix two weight versions in one gradient.
+    /// `latent_loss_backward` on tensors of the checked shape `shape`: each sample's loss
+    /// (`[B]`, on the bridge's device) and the gradient of their mean, with alignment's
+    /// weights. The read lock is held through the backward: the eval model's weights are
+    /// views of the variables' storage, so an update landing mid-backward would mix two
+    /// weight versions in one gradient.
     pub fn latent_loss_at(
         &self,
         shape: &CallShape,
@@ -143,11 +147,12 @@ impl Bridge {
         let latents = Var::from_tensor(&latents.to_dtype(DType::F32)?)?;
         let st = self.read();
         let pred = self.run(&st, false, latents.as_tensor(), None)?;
-        let loss = alignment_loss(&pred, &target.to_dtype(DType::F32)?, &self.loss)?;
-        let grads = loss.backward()?;
+        let target = target.to_dtype(DType::F32)?;
+        let per_sample = alignment_loss_per_sample(&pred, &target, &self.align)?;
+        let grads = per_sample.mean_all()?.backward()?;
         let grad = grad_of(&grads, latents.as_tensor(), "the latents")?;
         drop(st);
-        Ok((loss.detach(), grad))
+        Ok((per_sample.detach(), grad))
     }
 
     /// The training loss on a batch and the gradient of every parameter, by name, without

@@ -31,7 +31,11 @@ pub enum ComputeDtype {
 pub struct BridgeOptions {
     /// Model config for fresh weights (a checkpoint brings its own).
     pub config: BridgeConfig,
+    /// The bridge's own training loss (train steps, validation).
     pub loss: LossWeights,
+    /// Alignment's and the latent loss's weights (the calls a diffusion trainer makes):
+    /// REPA's cosine loss by default.
+    pub align_loss: LossWeights,
     /// iREPA's spatial normalisation of the alignment target (0 = off); applies to
     /// `loss_backward` only.
     pub spatial_norm_gamma: f32,
@@ -50,6 +54,7 @@ impl Default for BridgeOptions {
         BridgeOptions {
             config: BridgeConfig::default(),
             loss: LossWeights::default(),
+            align_loss: LossWeights::REPA,
             spatial_norm_gamma: 0.0,
             optim: OptimConfig::default(),
             seed: 0,
@@ -63,7 +68,8 @@ impl Default for BridgeOptions {
 impl BridgeOptions {
     /// The settings besides the config (which the bridge's weights bring).
     pub fn validate(&self) -> Result<()> {
-        self.loss.validate()?;
+        self.loss.validate("")?;
+        self.align_loss.validate("align_")?;
         self.optim.validate()?;
         let g = self.spatial_norm_gamma;
         if !g.is_finite() || g < 0.0 {
@@ -106,6 +112,7 @@ struct State {
 pub struct Bridge {
     config: BridgeConfig,
     loss: LossWeights,
+    align: LossWeights,
     spatial_norm_gamma: f32,
     optim_cfg: OptimConfig,
     device: Device,
@@ -351,6 +358,7 @@ impl Bridge {
         Ok(Bridge {
             config,
             loss: opts.loss,
+            align: opts.align_loss,
             spatial_norm_gamma: opts.spatial_norm_gamma,
             optim_cfg: opts.optim.clone(),
             memory: device_memory(&device)?,
@@ -386,8 +394,13 @@ impl Bridge {
     pub fn device_ordinal(&self) -> i32 {
         self.device_ordinal
     }
+    /// The training loss's weights.
     pub fn loss_weights(&self) -> LossWeights {
         self.loss
+    }
+    /// Alignment's and the latent loss's weights.
+    pub fn align_weights(&self) -> LossWeights {
+        self.align
     }
     /// Parameters (elements of all weight tensors).
     pub fn param_count(&self) -> u64 {

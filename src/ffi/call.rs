@@ -73,21 +73,28 @@ pub unsafe fn tensor(t: *const DLTensor, name: &'static str, bridge: &Bridge) ->
     unsafe { dlpack::view(t, name, bridge, false) }
 }
 
-/// A DLPack call's loss tensor: one element, on the host or the bridge's device.
+/// A DLPack call's loss tensor, on the host or the bridge's device (its shape is checked
+/// by `check_loss` once the batch is known).
 ///
 /// # Safety
 /// As `dlpack::view`.
 pub unsafe fn loss_tensor(t: *const DLTensor, bridge: &Bridge) -> Result<View> {
     // SAFETY: forwarded contract.
-    let v = unsafe { dlpack::view(t, "loss", bridge, true)? };
+    unsafe { dlpack::view(t, "loss", bridge, true) }
+}
+
+/// A loss tensor holds one element (the mean) or `[B]` (each sample's loss, ABI 4).
+pub fn check_loss(loss: &View, call: &CallShape) -> Result<()> {
+    let batch = call.batch();
     // A checked count: a shape whose product wraps to 1 is no one-element tensor.
-    if v.numel() != Some(1) {
-        return Err(Error::shape(format!(
-            "loss has shape {:?}; expected one element",
-            v.shape
-        )));
+    if loss.numel() == Some(1) || loss.shape == [batch] {
+        return Ok(());
     }
-    Ok(v)
+    Err(Error::shape(format!(
+        "loss has shape {:?}; expected one element (the mean), or [{batch}] (each sample's \
+         loss; {batch} is the latents' batch)",
+        loss.shape
+    )))
 }
 
 /// The alignment shape of a DLPack call: `pred` is `[B, T, D]` (its grid inferred from

@@ -20,7 +20,7 @@ pub mod view;
 
 use crate::bridge::Bridge;
 use crate::error::Error;
-use call::{Buffers, PointerCall, align_shape, loss_tensor, tensor};
+use call::{Buffers, PointerCall, align_shape, check_loss, loss_tensor, tensor};
 use dlpack::DLTensor;
 use guard::{ffi_call, lookup, struct_size, write_versioned};
 use io::Io;
@@ -254,8 +254,10 @@ pub unsafe extern "C" fn bridge_forward_cuda_ptr(
 /// projection `[batch, pred_h*pred_w, target_dim]` on its grid `(pred_h, pred_w)`, which
 /// must equal `(h, w)` or be `k` times it (then `pred` is average-pooled `k x k`) or `1/k`
 /// of it (then the target is pooled), with the same `k` on both sides. With
-/// `spatial_norm_gamma > 0` the (pooled) target is spatially normalised. Writes the loss
-/// to `*loss` and d loss / d pred (same shape as `pred`) to `grad_pred`.
+/// `spatial_norm_gamma > 0` the (pooled) target is spatially normalised. The loss weighs
+/// its terms with `BridgeParams.align_w_*` (ABI 4; REPA's `mean(1 - cos)` by default),
+/// not with the training loss's `w_*`. Writes the loss to `*loss` and d loss / d pred
+/// (same shape as `pred`) to `grad_pred`.
 /// On a CPU bridge the buffers are host memory and `stream` is ignored; on a CUDA bridge
 /// they are device memory of its GPU, ordered on `stream` as in
 /// `bridge_forward_cuda_ptr`, and the loss value is read back to the host (one sync).
@@ -300,8 +302,9 @@ pub unsafe extern "C" fn bridge_loss_backward(
 /// Loss between bridge(`latents`) (`[batch, in_ch, height, width]`) and `target`
 /// `[batch, h*w, target_dim]` on the token grid `(h, w)` of that latent size, and its
 /// gradient with respect to the latents through the frozen bridge, written to
-/// `grad_latents` (shape of `latents`). Buffers, streams and ownership as in
-/// `bridge_loss_backward`; no spatial normalisation.
+/// `grad_latents` (shape of `latents`). The loss weighs its terms with `align_w_*`, as
+/// alignment does. Buffers, streams and ownership as in `bridge_loss_backward`; no
+/// spatial normalisation.
 ///
 /// Returns `BRIDGE_OK`, `INVALID_ARGUMENT` (NULL, dead handle, batch, dtype), `SHAPE`
 /// (the latent size, as in `bridge_forward`), `NON_FINITE` (NaN/Inf input or loss; nothing written), `INTERNAL`. Thread-safe: runs
@@ -447,10 +450,12 @@ pub unsafe extern "C" fn bridge_forward_dlpack(
 /// (ABI 3) `bridge_loss_backward` on DLPack tensors. `pred` is `[B, T, target_dim]`, its
 /// grid inferred (`T` tokens on the bridge's grid times or divided by one factor: at most
 /// one fits), or `[B, pred_h, pred_w, target_dim]`; `grad_pred` has `pred`'s shape;
-/// `loss` is one element, on the host (read back: one sync, and a non-finite loss is
-/// `NON_FINITE` with nothing written) or on the bridge's GPU (nothing syncs; a non-finite
-/// loss is written as NaN or Inf, with no status, since no host saw it). Tensors,
-/// checks and streams as in `bridge_forward_dlpack`.
+/// `loss` is one element (the mean over the batch) or, from ABI 4, `[B]` (each sample's
+/// loss; `grad_pred` is the gradient of their mean either way), on the host (read back:
+/// one sync, and a non-finite loss is `NON_FINITE` with nothing written) or on the
+/// bridge's GPU (nothing syncs; a non-finite loss is written as NaN or Inf, with no
+/// status, since no host saw it). Tensors, checks and streams as in
+/// `bridge_forward_dlpack`.
 ///
 /// Returns as `bridge_loss_backward`, plus the descriptor errors of
 /// `bridge_forward_dlpack`. Thread-safe.
@@ -479,6 +484,7 @@ pub unsafe extern "C" fn bridge_loss_backward_dlpack(
         };
         let shape = align_shape(&bridge, bridge.latent_shape(&x.shape)?, &p)?;
         g.expect_shape(&p.shape)?;
+        check_loss(&l, &shape.call)?;
         let io = Io::for_bridge(&bridge, stream)?;
         // SAFETY: checked views of the call's shapes.
         unsafe { ops::align(&bridge, &shape, [&p, &x], [&g, &l], io) }
@@ -487,7 +493,7 @@ pub unsafe extern "C" fn bridge_loss_backward_dlpack(
 
 /// (ABI 3) `bridge_latent_loss_backward` on DLPack tensors: `latents` `[B, in_ch, H, W]`,
 /// `target` `[B, h*w, target_dim]`, `grad_latents` of `latents`' shape, `loss` one element
-/// on the host or the bridge's GPU (as in `bridge_loss_backward_dlpack`).
+/// or `[B]` on the host or the bridge's GPU (as in `bridge_loss_backward_dlpack`).
 ///
 /// Returns as `bridge_latent_loss_backward`, plus the descriptor errors of
 /// `bridge_forward_dlpack`. Thread-safe.
@@ -517,6 +523,7 @@ pub unsafe extern "C" fn bridge_latent_loss_backward_dlpack(
         let shape = bridge.latent_shape(&x.shape)?;
         t.expect_shape(&shape.token_shape())?;
         g.expect_shape(&x.shape)?;
+        check_loss(&l, &shape)?;
         let io = Io::for_bridge(&bridge, stream)?;
         // SAFETY: checked views of the call's shapes.
         unsafe { ops::latent_loss(&bridge, &shape, [&x, &t], [&g, &l], io) }

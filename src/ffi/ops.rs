@@ -32,7 +32,8 @@ pub unsafe fn forward(
 
 /// REPA alignment: the loss between `pred` (the caller's grid, `[B, T, D]` or
 /// `[B, ph, pw, D]`) and the frozen bridge's prediction for `latents`, with d loss / d
-/// pred into `grad_pred` (pred's shape) and the loss into `loss`.
+/// pred into `grad_pred` (pred's shape) and the loss into `loss` (the mean, or each
+/// sample's).
 ///
 /// # Safety
 /// As `forward`.
@@ -48,9 +49,9 @@ pub unsafe fn align(
     // SAFETY: the views' contract.
     let (p, x) = unsafe { (io.read(pred, true)?, io.read(latents, true)?) };
     let p = p.reshape(shape.pred_shape().as_slice())?;
-    let (value, grad) = bridge.align_at(shape, &p, &x)?;
+    let (per_sample, grad) = bridge.align_at(shape, &p, &x)?;
     // SAFETY: as above.
-    unsafe { write_grad_and_loss(&io, (grad_pred, &grad), loss, &value)? };
+    unsafe { write_grad_and_loss(&io, (grad_pred, &grad), loss, &per_sample)? };
     io.finish()
 }
 
@@ -70,9 +71,9 @@ pub unsafe fn latent_loss(
     io.check_output(loss)?;
     // SAFETY: the views' contract.
     let (x, t) = unsafe { (io.read(latents, true)?, io.read(target, true)?) };
-    let (value, grad) = bridge.latent_loss_at(shape, &x, &t)?;
+    let (per_sample, grad) = bridge.latent_loss_at(shape, &x, &t)?;
     // SAFETY: as above.
-    unsafe { write_grad_and_loss(&io, (grad_latents, &grad), loss, &value)? };
+    unsafe { write_grad_and_loss(&io, (grad_latents, &grad), loss, &per_sample)? };
     io.finish()
 }
 
@@ -95,40 +96,43 @@ pub unsafe fn train_step(
     Ok(stats)
 }
 
-/// Writes a gradient and its loss: into a device loss tensor without waiting for it (a
-/// non-finite loss is written as it is: no host saw it), or read back into a host one,
-/// checked finite first (then nothing is written on a non-finite loss).
+/// Writes a gradient and the loss: the mean of `per_sample` (`[B]`) into a one-element
+/// `loss_view`, or each sample's into a `[B]` one. Into a device loss tensor without
+/// waiting for it (a non-finite loss is written as it is: no host saw it), or read back
+/// into a host one, checked finite first (then nothing is written on a non-finite loss).
 ///
 /// # Safety
-/// The views hold what they describe; `loss` holds one element.
+/// The views hold what they describe; `loss_view` holds one element or `B`.
 unsafe fn write_grad_and_loss(
     io: &Io,
     (grad_view, grad): (&View, &Tensor),
     loss_view: &View,
-    loss: &Tensor,
+    per_sample: &Tensor,
 ) -> Result<()> {
+    let loss = if loss_view.numel() == Some(1) {
+        per_sample.mean_all()?
+    } else {
+        per_sample.clone()
+    };
     if loss_view.host {
-        // One sync on a GPU: the value is both the output and the NaN check.
-        let value = loss.to_scalar::<f32>()?;
-        if !value.is_finite() {
+        // One sync on a GPU: the values are both the output and the NaN check.
+        let values = loss.flatten_all()?.to_vec1::<f32>()?;
+        if let Some(bad) = values.iter().find(|v| !v.is_finite()) {
             return Err(Error::new(
                 ErrorKind::NonFinite,
-                format!("the loss is {value}; nothing was written"),
+                format!("the loss is {bad}; nothing was written"),
             ));
         }
         // SAFETY: the contract above.
         unsafe {
             io.write(grad_view, grad)?;
-            io.write(
-                loss_view,
-                &Tensor::new(&[value], &candle_core::Device::Cpu)?,
-            )
+            io.write(loss_view, &Tensor::new(values, &candle_core::Device::Cpu)?)
         }
     } else {
         // SAFETY: the contract above.
         unsafe {
             io.write(grad_view, grad)?;
-            io.write(loss_view, loss)
+            io.write(loss_view, &loss)
         }
     }
 }

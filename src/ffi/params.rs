@@ -67,7 +67,7 @@ macro_rules! conversions {
     ) => {
         /// The C params of `opts`, with no checkpoint.
         fn params_of(opts: &BridgeOptions) -> BridgeParams {
-            let (c, l, o) = (&opts.config, &opts.loss, &opts.optim);
+            let (c, l, a, o) = (&opts.config, &opts.loss, &opts.align_loss, &opts.optim);
             BridgeParams {
                 struct_size: std::mem::size_of::<BridgeParams>() as u32,
                 checkpoint_path: std::ptr::null(),
@@ -83,6 +83,10 @@ macro_rules! conversions {
                 w_raw: l.raw,
                 w_gram: l.gram,
                 spatial_norm_gamma: opts.spatial_norm_gamma,
+                align_w_cos: a.cos,
+                align_w_norm: a.norm,
+                align_w_raw: a.raw,
+                align_w_gram: a.gram,
                 $($of: o.$of.to_c(),)*
             }
         }
@@ -107,6 +111,12 @@ macro_rules! conversions {
                     norm: p.w_norm,
                     raw: p.w_raw,
                     gram: p.w_gram,
+                },
+                align_loss: LossWeights {
+                    cos: p.align_w_cos,
+                    norm: p.align_w_norm,
+                    raw: p.align_w_raw,
+                    gram: p.align_w_gram,
                 },
                 spatial_norm_gamma: p.spatial_norm_gamma,
                 optim: OptimConfig {

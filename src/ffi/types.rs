@@ -5,7 +5,7 @@ use std::ffi::c_void;
 use std::os::raw::c_char;
 
 /// ABI version: bumped when a struct or function signature changes incompatibly.
-pub const BRIDGE_ABI_VERSION: u32 = 3;
+pub const BRIDGE_ABI_VERSION: u32 = 4;
 
 /// Success.
 pub const BRIDGE_OK: i32 = 0;
@@ -71,7 +71,8 @@ pub struct BridgeParams {
     pub dropout: f32,
     pub latent_shift: f32,
     pub latent_scale: f32,
-    /// Loss weights: cosine, normalised MSE, raw MSE.
+    /// The training loss's weights (`bridge_train_step`): cosine, normalised MSE, raw MSE.
+    /// Alignment has its own (`align_w_*`, ABI 4).
     pub w_cos: f32,
     pub w_norm: f32,
     pub w_raw: f32,
@@ -91,6 +92,14 @@ pub struct BridgeParams {
     /// (ABI 2) iREPA's spatial normalisation of the alignment target in
     /// `bridge_loss_backward` (0 = off).
     pub spatial_norm_gamma: f32,
+    /// (ABI 4) The loss weights of alignment (`bridge_loss_backward*`) and of the latent
+    /// loss (`bridge_latent_loss_backward*`), the calls a diffusion trainer makes: REPA's
+    /// cosine loss `mean(1 - cos)` by default (1, 0, 0, 0; REPA logs `-cos`, one less).
+    /// `w_cos`, `w_norm`, `w_raw` and `w_gram` above weigh the bridge's own training.
+    pub align_w_cos: f32,
+    pub align_w_norm: f32,
+    pub align_w_raw: f32,
+    pub align_w_gram: f32,
 }
 
 /// What a handle holds (`bridge_get_info`). Set `struct_size` before the call.

@@ -120,7 +120,9 @@ def test_mirrored_structs_match_the_header():
 def test_the_abi_2_fields_and_arguments_are_mirrored():
     params = re.search(r"mutable struct BridgeParams\n(.*?)\nend", JULIA, re.S).group(1)
     fields = re.findall(r"^\s*(\w+)::([\w{}]+)", params, re.M)
-    assert fields[-2:] == [("w_gram", "Float32"), ("spatial_norm_gamma", "Float32")]
+    assert fields[-6:-4] == [("w_gram", "Float32"), ("spatial_norm_gamma", "Float32")]
+    # ABI 4: alignment's own weights after them.
+    assert fields[-4:] == [(f"align_w_{t}", "Float32") for t in ("cos", "norm", "raw", "gram")]
     calls = {name: [a.strip() for a in args.split(",") if a.strip()] for name, _, args in julia_ccalls()}
     funcs = c_functions()
     # height and width after batch in every compute call; pred_h, pred_w after them.
@@ -134,7 +136,7 @@ def test_the_abi_2_fields_and_arguments_are_mirrored():
 
 def test_the_module_declares_and_checks_the_headers_abi_version():
     header = int(re.search(r"#define BRIDGE_ABI_VERSION (\d+)", HEADER).group(1))
-    assert header == 3
+    assert header == 4
     declared = re.search(r"^const ABI_VERSION = UInt32\((\d+)\)$", JULIA, re.M)
     assert declared and int(declared.group(1)) == header
     check = re.search(r"^function check_abi\(\)\n(.*?)^end$", JULIA, re.S | re.M).group(1)

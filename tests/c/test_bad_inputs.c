@@ -35,7 +35,8 @@ typedef struct {
     BridgeStepStats stats, stats_small, stats_big;
     BridgeInfo info, info_small, info_big;
     BridgeParams params, p_small, p_big, p_dir, p_missing, p_utf8, p_notdir, p_empty, p_heads,
-        p_cuda, p_device, p_dtype, p_gamma_neg, p_gamma_nan, p_gamma_inf, p_gram_neg, p_gram_nan;
+        p_cuda, p_device, p_dtype, p_gamma_neg, p_gamma_nan, p_gamma_inf, p_gram_neg, p_gram_nan,
+        p_align_neg, p_align_nan;
     BridgeHandle *made;
     char dir[4096], missing[4096], notdir[4096], why[512];
     /* ABI 3: valid descriptors of lat, out, pred8, grad8, tgt, glat and loss, their shapes,
@@ -334,6 +335,32 @@ static int32_t dl_loss_0d_coarse(Ctx *c) {
         st = c->why[0] ? -100 : fail(c, "0-d loss: not the pointer call's loss");
     return st;
 }
+/* (ABI 4) a [B] loss tensor: each sample's loss, whose mean is the one-element call's
+ * loss; the same gradient (of the mean). Both loss calls. */
+static int32_t dl_loss_per_sample(Ctx *c) {
+    enum { N = 3 * 64 * 48 };
+    static float ga[N], gb[N];
+    float la = 0, per[B] = {0};
+    DLTensor pred = host_f32(c->pred8, 3, (int64_t[]){B, 64, 48}), g1 = host_f32(ga, 3, (int64_t[]){B, 64, 48}),
+             g2 = host_f32(gb, 3, (int64_t[]){B, 64, 48});
+    DLTensor one = host_f32(&la, 1, (int64_t[]){1}), each = host_f32(per, 1, (int64_t[]){B});
+    int32_t st = bridge_loss_backward_dlpack(c->h, &pred, &c->d_lat, &g1, &one, NULL);
+    if (st == BRIDGE_OK) st = bridge_loss_backward_dlpack(c->h, &pred, &c->d_lat, &g2, &each, NULL);
+    if (st != BRIDGE_OK) return st;
+    float mean = (per[0] + per[1] + per[2]) / 3;
+    if (fabsf(mean - la) > 1e-6f * fabsf(la) || per[0] == per[1] || !same(c, gb, ga, sizeof ga, "grad_pred"))
+        return c->why[0] ? -100 : fail(c, "per-sample alignment losses: not the mean's parts");
+    enum { L = 3 * 4 * 16 * 16 };
+    static float gl1[L], gl2[L];
+    DLTensor d1 = host_f32(gl1, 4, c->sh_lat), d2 = host_f32(gl2, 4, c->sh_lat);
+    st = bridge_latent_loss_backward_dlpack(c->h, &c->d_lat, &c->d_tgt, &d1, &one, NULL);
+    if (st == BRIDGE_OK) st = bridge_latent_loss_backward_dlpack(c->h, &c->d_lat, &c->d_tgt, &d2, &each, NULL);
+    if (st != BRIDGE_OK) return st;
+    mean = (per[0] + per[1] + per[2]) / 3;
+    if (fabsf(mean - la) > 1e-6f * fabsf(la) || !same(c, gl2, gl1, sizeof gl1, "grad_latents"))
+        return c->why[0] ? -100 : fail(c, "per-sample latent losses: not the mean's parts");
+    return BRIDGE_OK;
+}
 /* a train step with compact strides and a byte offset, on a bridge of its own, against
  * the pointer call on another made alike */
 static int32_t dl_step_accepted(Ctx *c) {
@@ -422,6 +449,8 @@ static int32_t get_caps_prefix(Ctx *c) {
     X(create_gamma_inf, INV, "spatial_norm_gamma = inf", bridge_create(&c->p_gamma_inf, &c->made))       \
     X(create_gram_neg, INV, "w_gram = -1", bridge_create(&c->p_gram_neg, &c->made))                      \
     X(create_gram_nan, INV, "w_gram = NaN", bridge_create(&c->p_gram_nan, &c->made))                     \
+    X(create_align_neg, INV, "align_w_raw = -1", bridge_create(&c->p_align_neg, &c->made))               \
+    X(create_align_nan, INV, "align_w_cos = NaN", bridge_create(&c->p_align_nan, &c->made))              \
     X(destroy_dead, INV, "not a live bridge", bridge_destroy(c->dead))                                   \
     X(info_null_handle, INV, "handle is NULL", bridge_get_info(NULL, &c->info))                          \
     X(info_dead, INV, "not a live bridge", bridge_get_info(c->dead, &c->info))                           \
@@ -585,6 +614,9 @@ static int32_t get_caps_prefix(Ctx *c) {
     X(dloss_loss_inf, BRIDGE_ERR_NON_FINITE, "the loss is|nothing was written",                           \
       LOSS_PRED(data_at(c, &c->d_pred8, c->pred8_big)))                                                   \
     X(dloss_0d_coarse, ACCEPTED, "", dl_loss_0d_coarse(c))                                                \
+    X(dloss_per_sample, ACCEPTED, "", dl_loss_per_sample(c))                                              \
+    X(dloss_loss_b1, SH, "loss has shape [3, 1]; expected one element (the mean), or [3]",                \
+      LOSS_LOSS(SHAPED(&c->d_loss, B, 1)))                                                                \
     /* bridge_latent_loss_backward_dlpack */                                                              \
     X(dlat_null_handle, INV, "handle is NULL",                                                            \
       bridge_latent_loss_backward_dlpack(NULL, &c->d_lat, &c->d_tgt, &c->d_glat, &c->d_loss, NULL))       \
@@ -737,7 +769,7 @@ int main(int argc, char **argv) {
     c->params.warmup_steps = 0;
     c->p_small = c->p_big = c->p_dir = c->p_missing = c->p_utf8 = c->p_notdir = c->p_empty =
         c->p_heads = c->p_cuda = c->p_device = c->p_dtype = c->p_gamma_neg = c->p_gamma_nan =
-            c->p_gamma_inf = c->p_gram_neg = c->p_gram_nan = c->params;
+            c->p_gamma_inf = c->p_gram_neg = c->p_gram_nan = c->p_align_neg = c->p_align_nan = c->params;
     c->p_small.struct_size = 4;
     c->p_big.struct_size = sizeof c->params + 8;
     c->p_dir.checkpoint_path = tmp;
@@ -756,6 +788,8 @@ int main(int argc, char **argv) {
     c->p_gamma_inf.spatial_norm_gamma = INFINITY;
     c->p_gram_neg.w_gram = -1.0f;
     c->p_gram_nan.w_gram = NAN;
+    c->p_align_neg.align_w_raw = -1.0f;
+    c->p_align_nan.align_w_cos = NAN;
     BridgeParams pg = c->params;
     pg.spatial_norm_gamma = 0.6f;
     if (bridge_create(&c->params, &c->h) != BRIDGE_OK || bridge_create(&c->params, &c->dead) != BRIDGE_OK ||

@@ -255,7 +255,7 @@ static void dlpack_calls(BridgeHandle *h, const BridgeParams *params, const floa
     memset(&caps, 0xab, sizeof caps);
     caps.struct_size = sizeof caps;
     EXPECT_OK(bridge_get_capabilities(&caps));
-    CHECK(caps.struct_size == sizeof caps && caps.abi_version == 3 && caps.dlpack_major == 1 &&
+    CHECK(caps.struct_size == sizeof caps && caps.abi_version == 4 && caps.dlpack_major == 1 &&
               caps.dlpack_minor == 0 && caps.max_latent_side == 16384,
           "capabilities: abi %u dlpack %d.%d max side %d", caps.abi_version, caps.dlpack_major, caps.dlpack_minor,
           caps.max_latent_side);
@@ -282,7 +282,7 @@ int main(int argc, char **argv) {
     double want_loss_grid8 = atof(argv[3]), want_loss_latents = atof(argv[4]);
     char path[4096];
 
-    CHECK(bridge_abi_version() == BRIDGE_ABI_VERSION && BRIDGE_ABI_VERSION == 3, "ABI version %u",
+    CHECK(bridge_abi_version() == BRIDGE_ABI_VERSION && BRIDGE_ABI_VERSION == 4, "ABI version %u",
           bridge_abi_version());
 
     BridgeParams params;
@@ -291,6 +291,12 @@ int main(int argc, char **argv) {
     CHECK(params.width == 768 && params.depth == 8 && params.grid == 8 && params.adapter_depth == 2, "defaults");
     CHECK(params.w_gram == 0.0f && params.spatial_norm_gamma == 0.0f, "ABI 2 defaults: w_gram %g gamma %g",
           params.w_gram, params.spatial_norm_gamma);
+    CHECK(params.align_w_cos == 1.0f && params.align_w_norm == 0.0f && params.align_w_raw == 0.0f &&
+              params.align_w_gram == 0.0f && params.w_norm == 0.25f,
+          "ABI 4 defaults: alignment is REPA's loss (1, 0, 0, 0), training keeps (1, 0.25, 0.05, 0)");
+    /* The fixtures' alignment losses were made with the composite weights. */
+    params.align_w_norm = 0.25f;
+    params.align_w_raw = 0.05f;
     snprintf(path, sizeof path, "%s/model.safetensors", fx);
     params.checkpoint_path = path;
     params.warmup_steps = 0;

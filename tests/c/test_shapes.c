@@ -84,13 +84,15 @@ static BridgeHandle *open_bridge(Weights weights, float gamma) {
     p.struct_size = sizeof p;
     EXPECT_OK(bridge_params_default(&p));
     p.checkpoint_path = path;
-    if (weights == REPA) {
-        p.w_cos = 1.0f;
-        p.w_norm = 0.0f;
-        p.w_raw = 0.0f;
-    } else if (weights == GRAM) {
-        p.w_gram = (float)expect_num("w_gram");
+    /* Alignment (and the latent loss) with the fixture case's weights: REPA's loss, which
+     * is alignment's default, or the composite loss (training's default), plus w_gram for
+     * both alignment and training (a train step reports the same loss). */
+    if (weights != REPA) {
+        p.align_w_cos = p.w_cos;
+        p.align_w_norm = p.w_norm;
+        p.align_w_raw = p.w_raw;
     }
+    if (weights == GRAM) p.w_gram = p.align_w_gram = (float)expect_num("w_gram");
     p.spatial_norm_gamma = gamma;
     BridgeHandle *h = NULL;
     EXPECT_OK(bridge_create(&p, &h));

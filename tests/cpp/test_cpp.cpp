@@ -95,7 +95,8 @@ int main(int argc, char** argv) {
               e.what());
     }
 
-    Bridge bridge = Bridge::open(fx + "/model.safetensors");
+    // Aligning with the composite loss the fixtures' losses were made with.
+    Bridge bridge = Bridge::open(fx + "/model.safetensors", Params().align_loss(1, 0.25f, 0.05f));
     CHECK(bridge.info().tokens == 16, "tokens");
     CHECK(bridge.latent_size() == 16 && bridge.grid() == (Grid{4, 4}), "stored size");
     CHECK(bridge.token_grid(16, 32) == (Grid{4, 8}) && bridge.latent_elems(3, 16, 32) == 3u * 4 * 16 * 32 &&
@@ -121,7 +122,7 @@ int main(int argc, char** argv) {
         using dino_bridge::DType;
         using dino_bridge::Tensor;
         const auto caps = dino_bridge::capabilities();
-        CHECK(caps.abi_version == 3 && caps.dlpack_major == 1 && caps.dlpack_minor == 0 &&
+        CHECK(caps.abi_version == 4 && caps.dlpack_major == 1 && caps.dlpack_minor == 0 &&
                   caps.buffer_dtypes == 7u && caps.max_latent_side == 16384,
               "capabilities: abi " << caps.abi_version << " dlpack " << caps.dlpack_major << "."
                                    << caps.dlpack_minor);
@@ -226,7 +227,7 @@ int main(int argc, char** argv) {
     CHECK(status_of([&] { Bridge::open(fx + "/model.safetensors", Params().spatial_norm(-1.0f)); }) ==
               BRIDGE_ERR_INVALID_ARGUMENT,
           "spatial_norm(-1)");
-    CHECK(status_of([&] { Bridge::open(fx + "/model.safetensors", Params().loss_weights(1, 0, 0, -1)); }) ==
+    CHECK(status_of([&] { Bridge::open(fx + "/model.safetensors", Params().train_loss(1, 0, 0, -1)); }) ==
               BRIDGE_ERR_INVALID_ARGUMENT,
           "w_gram -1");
 
@@ -243,13 +244,15 @@ int main(int argc, char** argv) {
 
         auto fine = npy(shapes + "/pred_fine.npy");
         std::vector<float> g(fine.size());
-        Bridge repa = Bridge::open(shapes + "/model.safetensors", Params().loss_weights(1, 0, 0));
+        Bridge repa = Bridge::open(shapes + "/model.safetensors");  // alignment's default: REPA's loss
         float l = repa.loss_backward(fine, lat_rect, g, 2, 12, 20, 12, 20);
         CHECK(std::fabs(l - want_fine_repa) <= 1e-5, "loss_fine_repa " << l);
         CHECK(close_to(g, npy(shapes + "/grad_pred_fine_repa.npy")), "grad_pred_fine_repa");
 
         Params opts;  // the raw fields, as set by the setters above
-        opts.raw.w_gram = 0.5f;
+        opts.raw.align_w_norm = 0.25f;
+        opts.raw.align_w_raw = 0.05f;
+        opts.raw.align_w_gram = 0.5f;
         opts.raw.spatial_norm_gamma = 0.6f;
         opts.checkpoint = shapes + "/model.safetensors";
         Bridge normed(opts);

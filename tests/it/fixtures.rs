@@ -7,8 +7,14 @@ use common::*;
 use dino_bridge::loss::{LossWeights, alignment_loss};
 use dino_bridge::{Bridge, BridgeOptions};
 
+/// The fixture bridge, aligning with the composite loss its expected values were made with
+/// (alignment's own default is REPA's cosine loss).
 fn open(file: &str) -> Bridge {
-    Bridge::open(&fixtures().join(file), &BridgeOptions::default()).unwrap()
+    let opts = BridgeOptions {
+        align_loss: LossWeights::default(),
+        ..Default::default()
+    };
+    Bridge::open(&fixtures().join(file), &opts).unwrap()
 }
 
 #[test]

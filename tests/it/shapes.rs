@@ -16,9 +16,12 @@ const GRAM: LossWeights = LossWeights {
     gram: 0.5,
 };
 
+/// The shapes bridge with `loss` as both its training and its alignment weights (the
+/// fixtures use one set of weights per case).
 fn bridge(loss: LossWeights, spatial_norm_gamma: f32) -> Bridge {
     let opts = BridgeOptions {
         loss,
+        align_loss: loss,
         spatial_norm_gamma,
         ..Default::default()
     };

@@ -60,7 +60,7 @@ end
 __init__() = (LIB_PATH[] = ""; nothing)
 
 # The header's BRIDGE_ABI_VERSION these declarations were written for.
-const ABI_VERSION = UInt32(3)
+const ABI_VERSION = UInt32(4)
 
 const BRIDGE_OK = Int32(0)
 const STATUS_NAMES = Dict{Int32,String}(1 => "INVALID_ARGUMENT", 2 => "SHAPE", 3 => "IO", 4 => "CHECKPOINT",
@@ -102,6 +102,11 @@ mutable struct BridgeParams
     # ABI 2
     w_gram::Float32
     spatial_norm_gamma::Float32
+    # ABI 4: alignment's and the latent loss's weights (REPA's loss by default)
+    align_w_cos::Float32
+    align_w_norm::Float32
+    align_w_raw::Float32
+    align_w_gram::Float32
 end
 
 mutable struct BridgeInfo
@@ -216,7 +221,9 @@ end
 Load a checkpoint (`.safetensors` or `.pt`), or make fresh weights when `checkpoint` is
 `nothing`; keyword arguments set `BridgeParams` fields: config fields for fresh weights
 (e.g. `adapter_depth=1, grid=16` for the `repa` grid), and settings for any bridge (`lr=1e-3`,
-`device=0`, `w_gram=0.5`, `spatial_norm_gamma=0.6`).
+`device=0`, `spatial_norm_gamma=0.6`). Two losses: alignment's and the latent loss's
+(`align_w_cos`, `align_w_norm`, `align_w_raw`, `align_w_gram`: REPA's cosine loss by
+default, ABI 4) and the bridge's own training loss (`w_cos`, `w_norm`, `w_raw`, `w_gram`).
 """
 function Bridge(checkpoint::Union{Nothing,AbstractString}=nothing; settings...)
     check_abi()

@@ -1,10 +1,12 @@
-"""ctypes declarations of the C API in include/dino_bridge.h (ABI version 3), and finding
+"""ctypes declarations of the C API in include/dino_bridge.h (ABI version 4), and finding
 the library. `lib()` refuses a library whose `bridge_abi_version()` differs from
 `ABI_VERSION`: the structs and signatures below are only right for that version.
 
 ABI 3 adds the DLPack entry points (`bridge_*_dlpack`, taking `DLTensor` descriptors in the
 DLPack 1.x layout, mirrored below with the managed wrappers a `__dlpack__` capsule holds),
-`bridge_get_capabilities` and `bridge_set_log_callback`."""
+`bridge_get_capabilities` and `bridge_set_log_callback`. ABI 4 gives alignment and the
+latent loss weights of their own (`align_w_*` in `BridgeParams`, REPA's loss by default)
+and lets the DLPack loss calls write each sample's loss."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 OK = 0
 STATUS_NAMES = {
@@ -76,6 +78,11 @@ class BridgeParams(ctypes.Structure):
         # ABI 2
         ("w_gram", ctypes.c_float),
         ("spatial_norm_gamma", ctypes.c_float),
+        # ABI 4: alignment's and the latent loss's weights
+        ("align_w_cos", ctypes.c_float),
+        ("align_w_norm", ctypes.c_float),
+        ("align_w_raw", ctypes.c_float),
+        ("align_w_gram", ctypes.c_float),
     ]
 
 

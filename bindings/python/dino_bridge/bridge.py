@@ -511,6 +511,7 @@ class Bridge:
         _check(lib.bridge_create(ctypes.byref(p), ctypes.byref(handle)))
         self._h = handle
         self._info = self._read_info()
+        self._settings = {name: getattr(p, name) for name in _SETTINGS}
 
     # -- lifetime --------------------------------------------------------------------
     def close(self) -> None:
@@ -547,6 +548,12 @@ class Bridge:
         """Config, param_count, device (-1 = CPU), tokens and the optimiser step."""
         return self._read_info()
 
+    def settings(self) -> dict:
+        """The settings this bridge was made with (the `BridgeParams` fields besides the
+        checkpoint, device, dtype and seed; a checkpoint's config fields are in `info()`):
+        the training loss's `w_*`, alignment's `align_w_*`, the optimiser's."""
+        return dict(self._settings)
+
     @property
     def device(self) -> str:
         d = self._info["device"]
@@ -576,12 +583,19 @@ class Bridge:
         self._handle()
         return _Call(self)
 
-    def _expect(self, buf: _Tensor, name: str, tail: tuple, batch: int | None = None) -> int:
+    def _expect(self, buf: _Tensor, name: str, tail: tuple, batch: int | None = None, why: str = "") -> int:
+        """Checks `buf` is `[batch, *tail]`; the message says where each size comes from
+        (`why`, e.g. "batch 4 from the latents, 16x16 tokens, target_dim 768")."""
         shape = buf.shape
         if len(shape) != len(tail) + 1 or shape[1:] != tail or shape[0] < 1 or (batch is not None and shape[0] != batch):
             want = f"[{batch if batch is not None else 'B'}, {', '.join(map(str, tail))}]"
-            raise ValueError(f"{name}: shape {list(shape)}, expected {want}")
+            raise ValueError(f"{name}: shape {list(shape)}, expected {want}" + (f" ({why})" if why else ""))
         return shape[0]
+
+    def _tokens_why(self, b: int, grid: Tuple[int, int], whose: str) -> str:
+        """Where the sizes of a `[B, T, D]` token tensor come from, for messages."""
+        return (f"batch {b} from the latents, {grid[0] * grid[1]} tokens of {whose} {grid[0]}x{grid[1]}, "
+                f"target_dim {self._info['target_dim']}")
 
     def _latents(self, buf: _Tensor, name: str = "latents", batch: int | None = None):
         """(batch, token grid) of latents `[B, in_ch, H, W]`."""
@@ -617,12 +631,13 @@ class Bridge:
             )
         return (ph, pw)
 
-    def _loss(self, call: _Call, loss_out):
+    def _loss(self, call: _Call, loss_out, batch: int):
         if loss_out is None:
             return _Tensor.host_scalar("loss")
         t = call.arg(loss_out, "loss_out", writable=True, host_ok=True)
-        if math.prod(t.shape) != 1:
-            raise ValueError(f"loss_out: shape {list(t.shape)}, expected one element")
+        if math.prod(t.shape) != 1 and t.shape != (batch,):
+            raise ValueError(f"loss_out: shape {list(t.shape)}, expected one element (the mean) or [{batch}] (each "
+                             f"sample's loss; batch {batch} from the latents)")
         return t
 
     # -- compute ---------------------------------------------------------------------
@@ -637,7 +652,7 @@ class Bridge:
             if made:
                 out = call.empty(lat, (b,) + self._tokens(grid))
             o = call.arg(out, "out", writable=True)
-            self._expect(o, "out", self._tokens(grid), b)
+            self._expect(o, "out", self._tokens(grid), b, self._tokens_why(b, grid, "the latents' token grid"))
             _check(L.lib().bridge_forward_dlpack(self._handle(), lat.ref, o.ref, call.stream_arg()))
         return call.result(out, lat) if made else out
 
@@ -650,11 +665,16 @@ class Bridge:
         token count (the one grid that fits; e.g. 240 tokens on a 6x10 bridge grid are
         12x20). `pred` and `latents` may differ in dtype: each is read in its own.
 
-        Returns `(loss, d loss / d pred)`, the gradient in pred's kind, dtype and device (or
-        written into `grad_out`). The loss is a float (read back: one sync on a GPU), or,
-        with `loss_out` (a one-element array on the host or the bridge's device), written
-        there and `loss_out` returned: on the device nothing syncs, and a non-finite loss
-        is written as NaN or Inf instead of raising."""
+        The loss weighs its terms with alignment's weights (`align_w_*`: REPA's cosine loss
+        `mean(1 - cos)` by default; REPA logs `-cos`, one less), not the training loss's.
+
+        Returns `(loss, d loss / d pred)`, the gradient (of the mean over the batch) in
+        pred's kind, dtype and device (or written into `grad_out`). The loss is a float
+        (read back: one sync on a GPU), or, with `loss_out` (on the host or the bridge's
+        device: one element for the mean, or `[B]` for each sample's loss), written there
+        and `loss_out` returned: on the device nothing syncs, and a non-finite loss is
+        written as NaN or Inf instead of raising. On the host, NaN or Inf in the inputs or
+        the loss raise `BridgeError` (`NON_FINITE`) with nothing written."""
         with self._call() as call:
             p = call.arg(pred, "pred")
             lat = call.arg(latents, "latents")
@@ -663,16 +683,17 @@ class Bridge:
             tokens = self._tokens((ph, pw))
             if len(p.shape) == 4:
                 if p.shape != (b, ph, pw, tokens[1]):
-                    raise ValueError(f"pred: shape {list(p.shape)}, expected [{b}, {ph}, {pw}, {tokens[1]}]")
+                    raise ValueError(f"pred: shape {list(p.shape)}, expected [{b}, {ph}, {pw}, {tokens[1]}] (batch {b} "
+                                     f"from the latents, the caller grid {ph}x{pw}, target_dim {tokens[1]})")
             else:
-                self._expect(p, "pred", tokens, b)
+                self._expect(p, "pred", tokens, b, self._tokens_why(b, (ph, pw), "the caller grid"))
             made = grad_out is None
             if made:
                 grad_out = call.empty(p, p.shape)
             go = call.arg(grad_out, "grad_out", writable=True)
             if go.shape != p.shape:
                 raise ValueError(f"grad_out: shape {list(go.shape)}, expected pred's {list(p.shape)}")
-            loss = self._loss(call, loss_out)
+            loss = self._loss(call, loss_out, b)
             # The caller grid made explicit: [B, ph, pw, D] descriptors of the same memory.
             for t in (p, go):
                 t.reshape((b, ph, pw, tokens[1]))
@@ -682,19 +703,20 @@ class Bridge:
 
     def latent_loss_backward(self, latents, target, grad_out=None, *, loss_out=None):
         """Loss between bridge(latents) and `target` `[B, h*w, target_dim]` (the token grid
-        of the latents' size), and its gradient with respect to the latents. Returns
-        `(loss, grad_latents)`; the loss as in `loss_backward` (a float, or `loss_out`)."""
+        of the latents' size), with alignment's weights, and its gradient with respect to
+        the latents. Returns `(loss, grad_latents)`; the loss as in `loss_backward` (a
+        float, or `loss_out`: one element or `[B]`)."""
         with self._call() as call:
             lat = call.arg(latents, "latents")
             tgt = call.arg(target, "target")
             b, grid = self._latents(lat)
-            self._expect(tgt, "target", self._tokens(grid), b)
+            self._expect(tgt, "target", self._tokens(grid), b, self._tokens_why(b, grid, "the latents' token grid"))
             made = grad_out is None
             if made:
                 grad_out = call.empty(lat, lat.shape)
             go = call.arg(grad_out, "grad_out", writable=True)
-            self._expect(go, "grad_out", lat.shape[1:], b)
-            loss = self._loss(call, loss_out)
+            self._expect(go, "grad_out", lat.shape[1:], b, "the latents' shape")
+            loss = self._loss(call, loss_out, b)
             _check(L.lib().bridge_latent_loss_backward_dlpack(self._handle(), lat.ref, tgt.ref, go.ref, loss.ref,
                                                               call.stream_arg()))
         return (loss.value() if loss_out is None else loss_out), (call.result(grad_out, lat) if made else grad_out)
@@ -707,7 +729,7 @@ class Bridge:
             lat = call.arg(latents, "latents")
             tgt = call.arg(targets, "targets")
             b, grid = self._latents(lat)
-            self._expect(tgt, "targets", self._tokens(grid), b)
+            self._expect(tgt, "targets", self._tokens(grid), b, self._tokens_why(b, grid, "the latents' token grid"))
             stats = L.BridgeStepStats()
             stats.struct_size = ctypes.sizeof(L.BridgeStepStats)
             _check(L.lib().bridge_train_step_dlpack(self._handle(), lat.ref, tgt.ref, ctypes.byref(stats),

@@ -6,6 +6,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[3]
 
+# Alignment's weights for the fixtures' alignment and latent losses, which were made with
+# the composite loss (1, 0.25, 0.05): alignment's own default is REPA's cosine loss.
+COMPOSITE = dict(align_w_cos=1.0, align_w_norm=0.25, align_w_raw=0.05)
+
 
 def _fixtures(name: str) -> Path:
     base = Path(os.environ.get("DINO_BRIDGE_FIXTURES", ROOT.parent / "shared" / "fixtures"))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, assert_close, load
+from conftest import COMPOSITE, ROOT, assert_close, load
 
 import dino_bridge.bridge as B
 from dino_bridge import AbiMismatchError, Bridge, BridgeError, infer_caller_grid
@@ -21,7 +21,7 @@ HEADER = (ROOT / "include" / "dino_bridge.h").read_text()
 
 @pytest.fixture
 def bridge(fx):
-    with Bridge(fx / "model.safetensors", lr=1e-3, warmup_steps=0) as b:
+    with Bridge(fx / "model.safetensors", lr=1e-3, warmup_steps=0, **COMPOSITE) as b:
         yield b
 
 
@@ -233,9 +233,9 @@ def test_forward_at_every_latent_size_matches_pytorch(shapes, shapes_expected, s
 @pytest.mark.parametrize(
     "pred, grid, weights, name",
     [
-        ("pred_fine", (12, 20), dict(w_cos=1.0, w_norm=0.0, w_raw=0.0), "fine_repa"),
-        ("pred_fine", (12, 20), {}, "fine_default"),
-        ("pred_coarse", (3, 5), dict(w_cos=1.0, w_norm=0.0, w_raw=0.0), "coarse_repa"),
+        ("pred_fine", (12, 20), {}, "fine_repa"),  # alignment's default: REPA's loss
+        ("pred_fine", (12, 20), COMPOSITE, "fine_default"),
+        ("pred_coarse", (3, 5), {}, "coarse_repa"),
     ],
 )
 def test_alignment_at_a_finer_and_a_coarser_caller_grid_matches_pytorch(shapes, shapes_expected, pred, grid, weights,
@@ -254,14 +254,14 @@ def test_w_gram_and_spatial_norm_gamma_reach_the_library(shapes, shapes_expected
     lat, p = load(shapes, "latents_rect.npy"), load(shapes, f"{pred}.npy")
     gamma, gram = shapes_expected["spatial_norm_gamma"], shapes_expected["w_gram"]
     want = shapes_expected[f"loss_{case}_spatialnorm0.6_gram0.5"]
-    with Bridge(shapes / "model.safetensors") as plain:
+    with Bridge(shapes / "model.safetensors", **COMPOSITE) as plain:
         before, _ = plain.loss_backward(p, lat)
     assert abs(before - want) > 1e-2, "the options must change the loss for this check to mean anything"
-    with Bridge(shapes / "model.safetensors", w_gram=gram, spatial_norm_gamma=gamma) as b:
+    with Bridge(shapes / "model.safetensors", align_w_gram=gram, spatial_norm_gamma=gamma, **COMPOSITE) as b:
         loss, grad = b.loss_backward(p, lat)
         _close_loss(loss, want, f"{case} with spatial_norm_gamma {gamma}, w_gram {gram}")
         assert_close(grad, load(shapes, f"grad_pred_{case}_spatialnorm0.6_gram0.5.npy"), case)
-    with Bridge(shapes / "model.safetensors", w_gram=gram) as gram_only:
+    with Bridge(shapes / "model.safetensors", align_w_gram=gram, **COMPOSITE) as gram_only:
         only, _ = gram_only.loss_backward(p, lat)
     assert abs(only - before) > 1e-4 and abs(only - want) > 1e-4, "each option changes the loss on its own"
 
@@ -278,7 +278,9 @@ def test_latent_loss_and_train_step_on_rectangular_latents_match_pytorch(shapes,
     lat, tgt = load(shapes, "latents_rect.npy"), load(shapes, "target_rect.npy")
     want = shapes_expected["loss_rect_train_gram0.5"]
     # spatial_norm_gamma applies to alignment only: the latent loss and training ignore it.
-    settings = dict(w_gram=shapes_expected["w_gram"], spatial_norm_gamma=0.6, lr=1e-3, warmup_steps=0)
+    # The latent loss weighs with alignment's weights, a train step with training's.
+    gram = shapes_expected["w_gram"]
+    settings = dict(w_gram=gram, align_w_gram=gram, spatial_norm_gamma=0.6, lr=1e-3, warmup_steps=0, **COMPOSITE)
     with Bridge(shapes / "model.safetensors", **settings) as b:
         loss, grad = b.latent_loss_backward(lat, tgt)
         _close_loss(loss, want, "latent loss, rect, w_gram 0.5")
@@ -322,10 +324,10 @@ def test_rectangular_alignment_checks_run_before_c(shapes):
 
 def test_the_library_speaks_the_headers_abi():
     header = int(re.search(r"#define BRIDGE_ABI_VERSION (\d+)", HEADER).group(1))
-    assert L.ABI_VERSION == header == L.lib().bridge_abi_version() == 3
+    assert L.ABI_VERSION == header == L.lib().bridge_abi_version() == 4
 
 
-@pytest.mark.parametrize("package_version", [2, 4])
+@pytest.mark.parametrize("package_version", [3, 5])
 def test_a_library_of_another_abi_is_refused_naming_both_versions(monkeypatch, package_version):
     monkeypatch.setattr(L, "_lib", None)
     monkeypatch.setattr(L, "ABI_VERSION", package_version)
@@ -333,9 +335,9 @@ def test_a_library_of_another_abi_is_refused_naming_both_versions(monkeypatch, p
         with pytest.raises(AbiMismatchError) as e:
             attempt()
         msg = str(e.value)
-        assert f"has ABI version 3, but this dino_bridge package was written for ABI version {package_version}" in msg
+        assert f"has ABI version 4, but this dino_bridge package was written for ABI version {package_version}" in msg
         assert str(L.library_path()) in msg
-        assert (e.value.library_version, e.value.expected) == (3, package_version)
+        assert (e.value.library_version, e.value.expected) == (4, package_version)
         assert isinstance(e.value, OSError)
         assert L._lib is None, "a refused library must not be kept"
 
@@ -377,7 +379,8 @@ def test_ctypes_structs_mirror_the_header(struct):
     for (name, pt), (_, ct) in zip(py_fields, c_fields):
         assert ct in _py_type(pt), f"{struct}.{name}: C {ct}, ctypes {pt}"
     if struct == "BridgeParams":
-        assert [n for n, _ in py_fields[-2:]] == ["w_gram", "spatial_norm_gamma"]
+        assert [n for n, _ in py_fields[-6:]] == ["w_gram", "spatial_norm_gamma", "align_w_cos", "align_w_norm",
+                                                  "align_w_raw", "align_w_gram"]
 
 
 def test_the_dlpack_constants_and_the_log_callback_mirror_the_header():

@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import assert_close, load
+from conftest import COMPOSITE, assert_close, load
 
 import dino_bridge
 import dino_bridge.bridge as B
@@ -21,7 +21,7 @@ from dino_bridge import _lib as L
 
 @pytest.fixture
 def bridge(fx):
-    with Bridge(fx / "model.safetensors", lr=1e-3, warmup_steps=0) as b:
+    with Bridge(fx / "model.safetensors", lr=1e-3, warmup_steps=0, **COMPOSITE) as b:
         yield b
 
 
@@ -192,7 +192,7 @@ def test_jax_arrays_in_and_out(bridge, fx, expected):
 
 def test_capabilities_describe_this_build():
     caps = dino_bridge.capabilities()
-    assert caps["abi_version"] == L.ABI_VERSION == 3
+    assert caps["abi_version"] == L.ABI_VERSION == 4
     assert caps["buffer_dtypes"] == ["float32", "float16", "bfloat16"]
     assert "float32" in caps["compute_dtypes"]
     assert caps["dlpack_version"] == (1, 0)

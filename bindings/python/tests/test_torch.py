@@ -4,7 +4,7 @@ finer and coarser than the bridge's."""
 
 import numpy as np
 import pytest
-from conftest import assert_close, load
+from conftest import COMPOSITE, assert_close, load
 
 torch = pytest.importorskip("torch")
 
@@ -41,7 +41,7 @@ def spatial_norm(x, gamma):
 
 @pytest.fixture
 def bridge(fx):
-    with Bridge(fx / "model.safetensors") as b:
+    with Bridge(fx / "model.safetensors", **COMPOSITE) as b:
         yield b
 
 
@@ -105,7 +105,7 @@ def test_torch_tensors_are_checked(bridge, fx):
 
 @pytest.fixture
 def rect(shapes):
-    with Bridge(shapes / "model.safetensors") as b:
+    with Bridge(shapes / "model.safetensors", **COMPOSITE) as b:
         yield b
 
 
@@ -125,12 +125,15 @@ def test_forward_on_rectangular_tensors(rect, shapes):
 @pytest.mark.parametrize(
     "pred, grid, weights, name",
     [
-        ("pred_fine", (12, 20), dict(w_cos=1.0, w_norm=0.0, w_raw=0.0), "fine_repa"),
-        ("pred_fine", (12, 20), {}, "fine_default"),
-        ("pred_coarse", (3, 5), dict(w_cos=1.0, w_norm=0.0, w_raw=0.0), "coarse_repa"),
-        ("pred_fine", (12, 20), dict(w_gram=0.5, spatial_norm_gamma=0.6), "fine_spatialnorm0.6_gram0.5"),
-        ("pred_coarse", (3, 5), dict(w_gram=0.5, spatial_norm_gamma=0.6), "coarse_spatialnorm0.6_gram0.5"),
-        ("pred_same", (6, 10), dict(w_gram=0.5, spatial_norm_gamma=0.6), "same_spatialnorm0.6_gram0.5"),
+        ("pred_fine", (12, 20), {}, "fine_repa"),  # alignment's default: REPA's loss
+        ("pred_fine", (12, 20), COMPOSITE, "fine_default"),
+        ("pred_coarse", (3, 5), {}, "coarse_repa"),
+        ("pred_fine", (12, 20), dict(align_w_gram=0.5, spatial_norm_gamma=0.6, **COMPOSITE),
+         "fine_spatialnorm0.6_gram0.5"),
+        ("pred_coarse", (3, 5), dict(align_w_gram=0.5, spatial_norm_gamma=0.6, **COMPOSITE),
+         "coarse_spatialnorm0.6_gram0.5"),
+        ("pred_same", (6, 10), dict(align_w_gram=0.5, spatial_norm_gamma=0.6, **COMPOSITE),
+         "same_spatialnorm0.6_gram0.5"),
     ],
 )
 def test_align_loss_on_rectangular_latents_matches_pytorch(shapes, shapes_expected, pred, grid, weights, name):
@@ -169,7 +172,7 @@ def test_align_loss_gradient_equals_autograd_at_finer_and_coarser_grids(rect, sh
 
 def test_spatial_norm_and_gram_equal_autograd_on_a_coarse_grid(shapes):
     lat = torch.from_numpy(load(shapes, "latents_rect.npy"))
-    with Bridge(shapes / "model.safetensors", w_gram=0.5, spatial_norm_gamma=0.6) as b:
+    with Bridge(shapes / "model.safetensors", align_w_gram=0.5, spatial_norm_gamma=0.6, **COMPOSITE) as b:
         pred = torch.from_numpy(load(shapes, "pred_coarse.npy")).requires_grad_(True)
         loss = AlignLoss(b)(pred, lat)
         loss.backward()
@@ -192,7 +195,8 @@ def test_align_loss_refuses_a_token_count_no_grid_fits(rect, shapes):
 
 def test_latent_loss_and_train_step_on_rectangular_tensors(shapes, shapes_expected):
     tgt = torch.from_numpy(load(shapes, "target_rect.npy"))
-    with Bridge(shapes / "model.safetensors", w_gram=0.5, lr=1e-3, warmup_steps=0) as b:
+    with Bridge(shapes / "model.safetensors", w_gram=0.5, align_w_gram=0.5, lr=1e-3, warmup_steps=0,
+                **COMPOSITE) as b:
         lat = torch.from_numpy(load(shapes, "latents_rect.npy")).requires_grad_(True)
         loss = LatentLoss(b)(lat, tgt)
         (2.0 * loss).backward()
@@ -226,10 +230,12 @@ def test_the_ops_pass_opcheck(bridge, fx):
     lat = torch.from_numpy(load(fx, "latents.npy"))
     pred = torch.from_numpy(load(fx, "pred_grid8.npy")).requires_grad_(True)
     key = bridge_key(bridge)
-    for grid in ([], [8, 8]):
-        torch.library.opcheck(torch.ops.dino_bridge.align_loss.default, (pred, lat, key, grid))
-    torch.library.opcheck(torch.ops.dino_bridge.latent_loss.default,
-                          (lat.clone().requires_grad_(True), torch.from_numpy(load(fx, "target.npy")), key))
+    for grid, per_sample in (([], False), ([8, 8], False), ([], True)):
+        torch.library.opcheck(torch.ops.dino_bridge.align_loss.default, (pred, lat, key, grid, per_sample, False))
+    for per_sample in (False, True):
+        torch.library.opcheck(torch.ops.dino_bridge.latent_loss.default,
+                              (lat.clone().requires_grad_(True), torch.from_numpy(load(fx, "target.npy")), key,
+                               per_sample, False))
 
 
 def test_a_compiled_alignment_step_has_no_graph_break_and_matches_eager(bridge, fx):
@@ -339,7 +345,7 @@ def test_under_autocast_the_bridges_target_is_the_f32_runs(bridge, fx):
     assert abs(rounded_loss - f32_loss) > 0.1 * f32_loss
     assert abs(loss.item() - f32_loss) <= 1e-3 * f32_loss, (loss.item(), f32_loss, rounded_loss)
 
-    with Bridge(fx / "model.safetensors", w_cos=0.0, w_norm=0.0, w_raw=1.0) as raw:
+    with Bridge(fx / "model.safetensors", align_w_cos=0.0, align_w_norm=0.0, align_w_raw=1.0) as raw:
         pred = near.clone().requires_grad_(True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             (AlignLoss(raw)(pred, lat) * (pred.numel() / 2)).backward()
