@@ -244,6 +244,11 @@ typedef struct BridgeCapabilities {
   int32_t dlpack_minor;
   // The largest latent side the compute calls accept.
   int32_t max_latent_side;
+  // (ABI 4) What the CPU kernels multiply with, and why: the BLAS in use with its GEMM
+  // speed over candle's own matmul (measured when it was loaded), or "none" with the
+  // reasons each library found was passed over and how to get a fast one. A static
+  // NUL-terminated string, valid for the life of the process; do not free it.
+  const char *blas;
 } BridgeCapabilities;
 
 // (ABI 3) Receives the library's messages: `level` (`BRIDGE_LOG_*`), the message
@@ -477,8 +482,10 @@ int32_t bridge_latent_loss_backward_dlpack(const struct BridgeHandle *handle, co
 int32_t bridge_train_step_dlpack(const struct BridgeHandle *handle, const DLTensor *latents, const DLTensor *targets, struct BridgeStepStats *stats, void *stream);
 
 // (ABI 3) Describes this build: ABI version, CUDA support and visible devices, the buffer
-// and compute dtypes, the DLPack layout read, the largest latent side. Set
-// `caps->struct_size = sizeof(BridgeCapabilities)` first.
+// and compute dtypes, the DLPack layout read, the largest latent side, and (ABI 4) the
+// BLAS the CPU kernels use and why (the first call finds it, timing each library found
+// once: a fraction of a second). Set `caps->struct_size = sizeof(BridgeCapabilities)`
+// first.
 //
 // Returns `BRIDGE_OK`, `INVALID_ARGUMENT` (NULL), `ABI_MISMATCH`. Thread-safe.
 //

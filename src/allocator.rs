@@ -1,5 +1,5 @@
-//! The crate's global allocator: the system allocator, plus a cache of large
-//! blocks (1 MiB and up) that are handed back by exact size.
+//! The crate's global allocator: the system allocator, plus a cache of large blocks
+//! (128 KiB and up, mapped from the kernel directly) that are handed back by size class.
 //!
 //! A forward or train step allocates and frees the same few dozen activation buffers
 //! (6 to 75 MB) every call. glibc serves blocks that size with fresh `mmap`s and returns
@@ -8,9 +8,16 @@
 //! showed 8-18% of the time in `clear_page`, page faults and TLB flushes. Kept blocks
 //! are reused as they are (zeroed with `memset` where zeroed memory is asked for).
 //!
-//! The cache holds at most `DINO_BRIDGE_ALLOC_CACHE_MB` (default 8192; 0 turns it off)
-//! and only blocks freed by this library's code, so a host process's own allocations
-//! are untouched. It is the global allocator of the artifacts this crate builds (the
+//! Sizes are rounded up to classes, eight per doubling (at most 12.5% more than asked),
+//! so that buffers of nearly equal size (another batch, another latent size) share
+//! blocks. The cache holds no more than the large blocks that were live at once recently
+//! (the working set, measured over the last `WINDOW` frees; at least 256 MiB), and at most
+//! `DINO_BRIDGE_ALLOC_CACHE_MB` (default 8192; 0 turns it off): with exact sizes and a
+//! fixed 8 GiB bound it had held every size a step ever asked for, 4-5 GB for a working
+//! set under 1 GB (`bridge-train demo --config repa` peaked at 8.2 GB). When it is full,
+//! and for blocks not taken again within `WINDOW` frees, the oldest go back to the
+//! system first. Only blocks freed by this library's code are cached, so a host process's
+//! own allocations are untouched. It is the global allocator of the artifacts this crate builds (the
 //! cdylib, `bridge-train`, tests) and of Rust programs that link the rlib, while the
 //! default feature `caching-allocator` is on; without it, `hits_and_misses` and
 //! `cached_bytes` stay at zero.
@@ -18,9 +25,17 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+/// Blocks from this size up are mapped and cached here (smaller ones are glibc's).
 const MIN_BLOCK: usize = 1 << 20;
-/// Sizes are rounded up to this grain, so buffers of nearly equal size share blocks.
-const GRAIN: usize = 1 << 16;
+/// Size classes per doubling.
+const CLASSES_PER_OCTAVE: u32 = 8;
+
+/// `size` rounded up to its class: a multiple of 1/8 of the power of two below it.
+fn size_class(size: usize) -> Option<usize> {
+    let octave = usize::BITS - 1 - size.leading_zeros();
+    let step = 1usize << octave.saturating_sub(CLASSES_PER_OCTAVE.trailing_zeros());
+    size.checked_next_multiple_of(step)
+}
 const SLOTS: usize = 1024;
 /// The default bound on cached bytes, in MiB: above a default-config train step's
 /// working set at batch 32 (about 5 GB), so that a steady state reuses every buffer.
@@ -30,10 +45,38 @@ const BLOCK_ALIGN: usize = 64;
 
 pub struct CachingAllocator;
 
+/// A cached block: rounded size (0: a free slot), address, and the `clock` of its free.
+#[derive(Clone, Copy)]
+struct Slot {
+    size: usize,
+    addr: usize,
+    freed_at: usize,
+}
+
+const EMPTY: Slot = Slot {
+    size: 0,
+    addr: 0,
+    freed_at: 0,
+};
+
+/// Frees after which an untaken block is stale; also the window the working set is
+/// measured over.
+const WINDOW: usize = 4096;
+/// The cache may always hold this much, whatever the working set.
+const MIN_HELD: usize = 256 << 20;
+/// Blocks one `put` gives back at most (they are freed after the lock is released).
+const MAX_EVICT: usize = 32;
+
 struct Cache {
     lock: AtomicBool,
-    /// (rounded size, address); size 0 marks a free slot.
-    slots: std::cell::UnsafeCell<[(usize, usize); SLOTS]>,
+    slots: std::cell::UnsafeCell<[Slot; SLOTS]>,
+    /// Blocks put so far: the age of a slot is `clock - freed_at`.
+    clock: AtomicUsize,
+    /// Bytes of large blocks handed out and not freed, and the most of it in this window
+    /// and the last.
+    live: AtomicUsize,
+    peak: AtomicUsize,
+    last_peak: AtomicUsize,
     held: AtomicUsize,
     hits: AtomicUsize,
     misses: AtomicUsize,
@@ -46,7 +89,11 @@ unsafe impl Sync for Cache {}
 
 static CACHE: Cache = Cache {
     lock: AtomicBool::new(false),
-    slots: std::cell::UnsafeCell::new([(0, 0); SLOTS]),
+    slots: std::cell::UnsafeCell::new([EMPTY; SLOTS]),
+    clock: AtomicUsize::new(0),
+    live: AtomicUsize::new(0),
+    peak: AtomicUsize::new(0),
+    last_peak: AtomicUsize::new(0),
     held: AtomicUsize::new(0),
     hits: AtomicUsize::new(0),
     misses: AtomicUsize::new(0),
@@ -54,7 +101,7 @@ static CACHE: Cache = Cache {
 };
 
 impl Cache {
-    fn with<R>(&self, f: impl FnOnce(&mut [(usize, usize); SLOTS]) -> R) -> R {
+    fn with<R>(&self, f: impl FnOnce(&mut [Slot; SLOTS]) -> R) -> R {
         while self
             .lock
             .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
@@ -66,6 +113,21 @@ impl Cache {
         let r = f(unsafe { &mut *self.slots.get() });
         self.lock.store(false, Ordering::Release);
         r
+    }
+
+    /// A large block of `size` handed out.
+    fn lent(&self, size: usize) {
+        let live = self.live.fetch_add(size, Ordering::Relaxed) + size;
+        self.peak.fetch_max(live, Ordering::Relaxed);
+    }
+
+    /// The bytes the cache may hold now: the recent working set, within the bounds.
+    fn room(&self) -> usize {
+        let recent = self
+            .peak
+            .load(Ordering::Relaxed)
+            .max(self.last_peak.load(Ordering::Relaxed));
+        (recent * 2).max(MIN_HELD).min(self.cap())
     }
 
     fn cap(&self) -> usize {
@@ -83,9 +145,9 @@ impl Cache {
     fn take(&self, size: usize) -> *mut u8 {
         self.with(|slots| {
             for slot in slots.iter_mut() {
-                if slot.0 == size {
-                    let p = slot.1 as *mut u8;
-                    *slot = (0, 0);
+                if slot.size == size {
+                    let p = slot.addr as *mut u8;
+                    *slot = EMPTY;
                     self.held.fetch_sub(size, Ordering::Relaxed);
                     self.hits.fetch_add(1, Ordering::Relaxed);
                     return p;
@@ -96,60 +158,148 @@ impl Cache {
         })
     }
 
-    /// Keeps the block if there is room; false when the caller must free it.
+    /// Keeps the block if there is room (making it by giving back stale and then the
+    /// oldest blocks); false when the caller must free it. Given-back blocks are freed
+    /// here, after the lock is released.
     fn put(&self, size: usize, p: *mut u8) -> bool {
-        if self.held.load(Ordering::Relaxed) + size > self.cap() {
+        self.live.fetch_sub(size, Ordering::Relaxed);
+        let cap = self.room();
+        if size > cap {
             return false;
         }
-        self.with(|slots| {
-            if self.held.load(Ordering::Relaxed) + size > self.cap() {
+        let mut evicted = [EMPTY; MAX_EVICT];
+        let kept = self.with(|slots| {
+            let now = self.clock.fetch_add(1, Ordering::Relaxed) + 1;
+            if now.is_multiple_of(WINDOW) {
+                // A new window: the working set is measured afresh.
+                let peak = self
+                    .peak
+                    .swap(self.live.load(Ordering::Relaxed), Ordering::Relaxed);
+                self.last_peak.store(peak, Ordering::Relaxed);
+            }
+            let mut n = 0;
+            let mut evict = |slot: &mut Slot, n: &mut usize| {
+                evicted[*n] = *slot;
+                *n += 1;
+                self.held.fetch_sub(slot.size, Ordering::Relaxed);
+                *slot = EMPTY;
+            };
+            for slot in slots.iter_mut() {
+                if n < MAX_EVICT && slot.size != 0 && now - slot.freed_at > WINDOW {
+                    evict(slot, &mut n);
+                }
+            }
+            while n < MAX_EVICT && self.held.load(Ordering::Relaxed) + size > cap {
+                let Some(oldest) = slots
+                    .iter_mut()
+                    .filter(|s| s.size != 0)
+                    .min_by_key(|s| s.freed_at)
+                else {
+                    break;
+                };
+                evict(oldest, &mut n);
+            }
+            if self.held.load(Ordering::Relaxed) + size > cap {
                 return false;
             }
-            match slots.iter_mut().find(|s| s.0 == 0) {
+            match slots.iter_mut().find(|s| s.size == 0) {
                 Some(slot) => {
-                    *slot = (size, p as usize);
+                    *slot = Slot {
+                        size,
+                        addr: p as usize,
+                        freed_at: now,
+                    };
                     self.held.fetch_add(size, Ordering::Relaxed);
                     true
                 }
                 None => false,
             }
-        })
+        });
+        for slot in evicted.iter().filter(|s| s.size != 0) {
+            // SAFETY: the block came from `fresh` with this size, and the cache owned it
+            // alone until now.
+            unsafe { release(slot.addr as *mut u8, slot.size) };
+        }
+        kept
     }
+}
+
+/// The layout a cached block of `size` (already rounded) was allocated with.
+fn block_layout(size: usize) -> Layout {
+    let align = if size >= HUGE_PAGE {
+        HUGE_PAGE
+    } else {
+        BLOCK_ALIGN
+    };
+    // SAFETY: sizes here are size classes (multiples of 16 KiB) and the alignments powers
+    // of two.
+    unsafe { Layout::from_size_align_unchecked(size, align) }
 }
 
 fn cached(layout: &Layout) -> Option<Layout> {
     if layout.size() < MIN_BLOCK || layout.align() > BLOCK_ALIGN {
         return None;
     }
-    let size = layout.size().checked_next_multiple_of(GRAIN)?;
+    let size = size_class(layout.size())?;
     // Blocks of a huge page or more start on one, so that they can be backed by huge
-    // pages (see `fresh`).
-    let align = if size >= HUGE_PAGE {
-        HUGE_PAGE
-    } else {
-        BLOCK_ALIGN
-    };
-    Layout::from_size_align(size, align).ok()
+    // pages (see `fresh`); `block_layout` says so.
+    Layout::from_size_align(size, block_layout(size).align()).ok()
 }
 
 const HUGE_PAGE: usize = 2 << 20;
 
-/// A new block from the system. Blocks of 2 MiB and more are marked for transparent huge
-/// pages (where THP is in `madvise` mode, as on Debian): 512 times fewer page faults
-/// and TLB misses over the activation buffers. `DINO_BRIDGE_HUGEPAGES=0` turns it off.
-unsafe fn fresh(block: Layout, zeroed: bool) -> *mut u8 {
-    let p = unsafe {
-        if zeroed {
-            System.alloc_zeroed(block)
-        } else {
-            System.alloc(block)
-        }
+/// A new block, mapped from the kernel directly (not through glibc: freeing a mapped
+/// block there raises glibc's mmap threshold, after which blocks of that size come from
+/// its heap and stay in the process when freed, 0.8 GB of a small training run). Fresh
+/// pages are zero, so `zeroed` costs nothing. Blocks of 2 MiB and more start on a 2 MiB
+/// boundary and are marked for transparent huge pages (where THP is in `madvise` mode,
+/// as on Debian): 512 times fewer page faults and TLB misses over the activation buffers.
+/// `DINO_BRIDGE_HUGEPAGES=0` turns that off.
+unsafe fn fresh(block: Layout) -> *mut u8 {
+    let (size, align) = (block.size(), block.align().max(4096));
+    // Over-map by the alignment and trim both ends.
+    let span = size + align;
+    // SAFETY: an anonymous private mapping of `span` bytes; no existing memory is touched.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            span,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
     };
-    if !p.is_null() && block.size() >= HUGE_PAGE && huge_pages_wanted() {
-        // SAFETY: the range is the block just allocated; advice never changes contents.
-        unsafe { libc::madvise(p.cast(), block.size(), libc::MADV_HUGEPAGE) };
+    if base == libc::MAP_FAILED {
+        return std::ptr::null_mut();
     }
-    p
+    let start = (base as usize).next_multiple_of(align);
+    let (head, tail) = (start - base as usize, base as usize + span - (start + size));
+    // SAFETY: the trimmed ranges are whole pages of the mapping just made, outside the
+    // block handed out.
+    unsafe {
+        if head > 0 {
+            libc::munmap(base, head);
+        }
+        if tail > 0 {
+            libc::munmap((start + size) as *mut libc::c_void, tail);
+        }
+        if size >= HUGE_PAGE && huge_pages_wanted() {
+            // Advice never changes contents.
+            libc::madvise(start as *mut libc::c_void, size, libc::MADV_HUGEPAGE);
+        }
+    }
+    start as *mut u8
+}
+
+/// Gives a block from `fresh` back to the kernel.
+///
+/// # Safety
+/// `p` came from `fresh` with a layout of this `size`, and nothing uses it any more.
+unsafe fn release(p: *mut u8, size: usize) {
+    // SAFETY: the block's pages are exactly the mapping `fresh` left (sizes are multiples
+    // of the page size).
+    unsafe { libc::munmap(p.cast(), size) };
 }
 
 fn huge_pages_wanted() -> bool {
@@ -177,16 +327,19 @@ fn env_usize(name: &std::ffi::CStr) -> Option<usize> {
     std::str::from_utf8(bytes).ok()?.trim().parse().ok()
 }
 
-// SAFETY: every block comes from `System` with the layout it is returned with; cached
-// blocks are exclusively owned by the cache until handed out again.
+// SAFETY: blocks of the cached sizes come from `fresh` (mappings of their own) and go back
+// through `release` with the size `cached` gives their layout; everything else comes
+// from `System` with the layout it is returned with. Cached blocks are exclusively owned
+// by the cache until handed out again.
 unsafe impl GlobalAlloc for CachingAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         match cached(&layout) {
             None => unsafe { System.alloc(layout) },
             Some(block) => {
+                CACHE.lent(block.size());
                 let p = CACHE.take(block.size());
                 if p.is_null() {
-                    unsafe { fresh(block, false) }
+                    unsafe { fresh(block) }
                 } else {
                     p
                 }
@@ -198,9 +351,10 @@ unsafe impl GlobalAlloc for CachingAllocator {
         match cached(&layout) {
             None => unsafe { System.alloc_zeroed(layout) },
             Some(block) => {
+                CACHE.lent(block.size());
                 let p = CACHE.take(block.size());
                 if p.is_null() {
-                    unsafe { fresh(block, true) }
+                    unsafe { fresh(block) } // fresh pages are zero
                 } else {
                     unsafe { std::ptr::write_bytes(p, 0, layout.size()) };
                     p
@@ -214,7 +368,7 @@ unsafe impl GlobalAlloc for CachingAllocator {
             None => unsafe { System.dealloc(p, layout) },
             Some(block) => {
                 if !CACHE.put(block.size(), p) {
-                    unsafe { System.dealloc(p, block) }
+                    unsafe { release(p, block.size()) }
                 }
             }
         }
@@ -252,6 +406,17 @@ pub fn hits_and_misses() -> (usize, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn size_classes_waste_at_most_an_eighth() {
+        assert_eq!(size_class(1 << 20), Some(1 << 20));
+        assert_eq!(size_class((1 << 20) + 1), Some((1 << 20) + (1 << 17)));
+        for size in [(1 << 20) + 12_345, 25_165_824 + 1, 3 << 27] {
+            let c = size_class(size).unwrap();
+            assert!(c >= size && c - size <= size / 8, "{size} -> {c}");
+            assert!(c.is_multiple_of(4096), "{c} is not whole pages");
+        }
+    }
 
     #[test]
     fn large_blocks_are_reused_and_zeroed_on_request() {

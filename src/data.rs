@@ -49,11 +49,30 @@ impl NpyArray {
     fn row_elems(&self) -> usize {
         self.header.shape[1..].iter().product()
     }
-    /// Appends row `r` as f32 to `out`.
+    /// Appends row `r` as f32 to `out`, then lets the row's pages go from this process's
+    /// resident memory (they stay in the page cache, and a later read faults them back
+    /// in cheaply): a data set read through counts as no memory of the trainer's, however
+    /// large.
     pub fn read_row(&self, r: usize, out: &mut Vec<f32>) {
         let bytes = self.row_elems() * self.header.dtype.size();
         let start = self.header.data_offset + r * bytes;
         npy::to_f32(self.header.dtype, &self.map[start..start + bytes], out);
+        self.release(start, bytes);
+    }
+
+    /// Drops the whole pages of `[start, start + len)` from the process's mapping.
+    fn release(&self, start: usize, len: usize) {
+        const PAGE: usize = 4096;
+        let (from, to) = (start.next_multiple_of(PAGE), (start + len) / PAGE * PAGE);
+        if to > from {
+            // SAFETY: a read-only, private mapping of a file: DONTNEED discards the
+            // process's copy of the pages and the next access reads the file again; no
+            // slice into the range outlives `read_row`'s copy above.
+            let _ = unsafe {
+                self.map
+                    .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, from, to - from)
+            };
+        }
     }
 }
 

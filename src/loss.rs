@@ -89,6 +89,13 @@ pub fn alignment_loss(pred: &Tensor, target: &Tensor, w: &LossWeights) -> Result
 /// and `w_gram * mean((c(p) - c(t))^2)`, each mean over one sample's tokens (and
 /// channels, or token pairs). Every sample has the same count, so their mean is the mean
 /// over the batch. `target` is treated as a constant.
+///
+/// The first three terms need only three sums per token, `p.p`, `t.t` and `p.t`:
+/// `cos = p.t / (max(|p|, 1e-8) max(|t|, 1e-8))`, `mean_d (n(p) - n(t))^2 =
+/// (p.p / mp^2 + t.t / mt^2 - 2 p.t / (mp mt)) / D` with `m = max(|.|, 1e-12)`, and
+/// `mean_d (p - t)^2 = (p.p + t.t - 2 p.t) / D`. So the loss keeps three `[B, T, D]`
+/// tensors for its backward instead of a dozen (the loss dominated a small body's
+/// training memory).
 pub fn alignment_loss_per_sample(
     pred: &Tensor,
     target: &Tensor,
@@ -101,25 +108,33 @@ pub fn alignment_loss_per_sample(
             target.dims()
         )));
     }
-    // The mean of a term over everything but the batch (dims 1 and 2).
-    let per_sample = |x: Tensor| -> Result<Tensor> { Ok(x.mean((1, 2))?) };
     let target = target.detach();
+    let d = pred.dim(2)? as f64;
     let mut loss = Tensor::zeros(pred.dim(0)?, pred.dtype(), pred.device())?;
-    if w.cos != 0.0 {
-        let one_minus_cos = token_cosine(pred, &target)?.affine(-1.0, 1.0)?;
-        loss = (loss + (one_minus_cos.mean(1)? * w.cos as f64)?)?;
-    }
-    if w.norm != 0.0 {
-        let np = pred.broadcast_div(&clamped_norm(pred, 1e-12)?)?;
-        let nt = target.broadcast_div(&clamped_norm(&target, 1e-12)?)?;
-        loss = (loss + (per_sample((np - nt)?.sqr()?)? * w.norm as f64)?)?;
-    }
-    if w.raw != 0.0 {
-        loss = (loss + (per_sample((pred - &target)?.sqr()?)? * w.raw as f64)?)?;
+    if w.cos != 0.0 || w.norm != 0.0 || w.raw != 0.0 {
+        // Per token, [B, T]: p.p, t.t (a constant), p.t.
+        let pp = pred.sqr()?.sum(D::Minus1)?;
+        let tt = target.sqr()?.sum(D::Minus1)?;
+        let pt = (pred * &target)?.sum(D::Minus1)?;
+        let norm = |s: &Tensor, eps: f64| -> Result<Tensor> { Ok(s.maximum(eps * eps)?.sqrt()?) };
+        if w.cos != 0.0 {
+            let cos = (&pt / (norm(&pp, 1e-8)? * norm(&tt, 1e-8)?)?)?;
+            loss = (loss + (cos.affine(-1.0, 1.0)?.mean(1)? * w.cos as f64)?)?;
+        }
+        if w.norm != 0.0 {
+            let (mp, mt) = (norm(&pp, 1e-12)?, norm(&tt, 1e-12)?);
+            let per_token =
+                ((&pp / mp.sqr()?)? + (&tt / mt.sqr()?)? - ((&pt / (mp * mt)?)? * 2.0)?)?;
+            loss = (loss + (per_token.mean(1)? * (w.norm as f64 / d))?)?;
+        }
+        if w.raw != 0.0 {
+            let per_token = ((&pp + &tt)? - (&pt * 2.0)?)?;
+            loss = (loss + (per_token.mean(1)? * (w.raw as f64 / d))?)?;
+        }
     }
     if w.gram != 0.0 {
         let gap = (self_similarity(pred)? - self_similarity(&target)?)?;
-        loss = (loss + (per_sample(gap.sqr()?)? * w.gram as f64)?)?;
+        loss = (loss + (gap.sqr()?.mean((1, 2))? * w.gram as f64)?)?;
     }
     Ok(loss)
 }

@@ -396,10 +396,26 @@ fn demo(out: Option<PathBuf>, n: usize, epochs: usize, which: &str) -> Result<()
     Ok(())
 }
 
+/// Says on stderr, once, what the CPU's matrix products run on when it is not a fast BLAS,
+/// and how to get one (the training and evaluation on the CPU are mostly GEMMs).
+fn say_if_no_fast_blas(device: i32) {
+    let blas = dino_bridge::kernels::blas::blas_description();
+    if device < 0 && blas.starts_with("none") {
+        eprintln!("bridge-train: BLAS: {blas}");
+    }
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Train(c) => train(&train_args(c)?).map(drop),
-        Command::Eval(c) => eval(c),
+        Command::Train(c) => {
+            let args = train_args(c)?;
+            say_if_no_fast_blas(args.device);
+            train(&args).map(drop)
+        }
+        Command::Eval(c) => {
+            say_if_no_fast_blas(-1);
+            eval(c)
+        }
         Command::Synth {
             out,
             n,
@@ -426,7 +442,10 @@ fn run(cli: Cli) -> Result<()> {
             n,
             epochs,
             config,
-        } => demo(out, n, epochs, &config),
+        } => {
+            say_if_no_fast_blas(-1);
+            demo(out, n, epochs, &config)
+        }
         Command::Info { checkpoint, latent } => info(&checkpoint, latent.as_deref()),
         Command::Convert {
             from,

@@ -569,8 +569,10 @@ pub unsafe extern "C" fn bridge_train_step_dlpack(
 }
 
 /// (ABI 3) Describes this build: ABI version, CUDA support and visible devices, the buffer
-/// and compute dtypes, the DLPack layout read, the largest latent side. Set
-/// `caps->struct_size = sizeof(BridgeCapabilities)` first.
+/// and compute dtypes, the DLPack layout read, the largest latent side, and (ABI 4) the
+/// BLAS the CPU kernels use and why (the first call finds it, timing each library found
+/// once: a fraction of a second). Set `caps->struct_size = sizeof(BridgeCapabilities)`
+/// first.
 ///
 /// Returns `BRIDGE_OK`, `INVALID_ARGUMENT` (NULL), `ABI_MISMATCH`. Thread-safe.
 ///

@@ -198,7 +198,17 @@ pub fn capabilities(struct_size: usize) -> BridgeCapabilities {
         dlpack_major: 1,
         dlpack_minor: 0,
         max_latent_side: crate::config::MAX_SIDE as i32,
+        blas: blas_description().as_ptr(),
     }
+}
+
+/// The BLAS description as a C string, made once (it points into it for the process).
+fn blas_description() -> &'static std::ffi::CStr {
+    static TEXT: once_cell::sync::Lazy<std::ffi::CString> = once_cell::sync::Lazy::new(|| {
+        std::ffi::CString::new(crate::kernels::blas::blas_description().replace('\0', " "))
+            .unwrap_or_default()
+    });
+    &TEXT
 }
 
 /// CUDA devices the driver reports; 0 without CUDA support or a working driver.

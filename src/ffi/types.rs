@@ -165,7 +165,7 @@ pub type BridgeLogCallback =
 /// (ABI 3) What this build of the library can do (`bridge_get_capabilities`). Set
 /// `struct_size` before the call.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct BridgeCapabilities {
     pub struct_size: u32,
     /// `BRIDGE_ABI_VERSION` of the library.
@@ -183,4 +183,9 @@ pub struct BridgeCapabilities {
     pub dlpack_minor: i32,
     /// The largest latent side the compute calls accept.
     pub max_latent_side: i32,
+    /// (ABI 4) What the CPU kernels multiply with, and why: the BLAS in use with its GEMM
+    /// speed over candle's own matmul (measured when it was loaded), or "none" with the
+    /// reasons each library found was passed over and how to get a fast one. A static
+    /// NUL-terminated string, valid for the life of the process; do not free it.
+    pub blas: *const c_char,
 }

@@ -1,110 +1,22 @@
-//! 2-D f32 matrix products through a system BLAS (`cblas_sgemm`), loaded at run time.
+//! 2-D f32 matrix products through a BLAS (`cblas_sgemm`) loaded and checked at run time
+//! (`blas_load.rs`).
 //!
 //! candle's own CPU matmul (the `gemm` crate, AVX2 on stable Rust) reaches about a third
 //! of what OpenBLAS does on AVX-512 machines, and matmuls are most of the bridge's work.
-//! Loading the BLAS with `dlopen` keeps the build free of system libraries: where no BLAS
-//! is installed (or `DINO_BRIDGE_BLAS=off`), `matmul` is candle's. The op has a backward
-//! (two more matmuls), so training uses it too.
+//! Where no BLAS is installed, or none is faster than candle's matmul (or
+//! `DINO_BRIDGE_BLAS=off`), `matmul` is candle's. The op has a backward (two more
+//! matmuls), so training uses it too.
 
+use super::blas_load::{description, loaded};
 use super::cpu::{SendPtr, enabled, slice};
 use crate::error::Result;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
-use once_cell::sync::Lazy;
 use rayon::prelude::*;
-use std::ffi::{CString, c_int, c_void};
-
-type Sgemm = unsafe extern "C" fn(
-    layout: c_int,
-    trans_a: c_int,
-    trans_b: c_int,
-    m: c_int,
-    n: c_int,
-    k: c_int,
-    alpha: f32,
-    a: *const f32,
-    lda: c_int,
-    b: *const f32,
-    ldb: c_int,
-    beta: f32,
-    c: *mut f32,
-    ldc: c_int,
-);
+use std::ffi::c_int;
 
 const ROW_MAJOR: c_int = 101;
 const NO_TRANS: c_int = 111;
 const TRANS: c_int = 112;
-
-/// Libraries tried in order when `DINO_BRIDGE_BLAS` names none (a name or a path). MKL
-/// first: its f32 GEMM measured 15-20% faster than Debian's OpenBLAS 0.3.21 on the
-/// development machines (Sapphire Rapids), and the bridge is mostly GEMMs.
-const CANDIDATES: [&str; 5] = [
-    "libmkl_rt.so.3",
-    "libmkl_rt.so.2",
-    "libopenblas.so.0",
-    "libopenblas.so",
-    "libblis.so.4",
-];
-
-struct Blas {
-    sgemm: Sgemm,
-    name: String,
-}
-
-static BLAS: Lazy<Option<Blas>> = Lazy::new(|| {
-    let choice = std::env::var("DINO_BRIDGE_BLAS").unwrap_or_default();
-    if choice == "off" || choice == "0" {
-        return None;
-    }
-    let names: Vec<String> = if choice.is_empty() {
-        CANDIDATES.iter().map(|s| s.to_string()).collect()
-    } else {
-        vec![choice]
-    };
-    let found = names.into_iter().find_map(|name| {
-        let cname = CString::new(name.clone()).ok()?;
-        // SAFETY: dlopen/dlsym with valid C strings; the handle is kept for the process.
-        unsafe {
-            let handle = libc::dlopen(cname.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL);
-            if handle.is_null() {
-                return None;
-            }
-            let sym = libc::dlsym(handle, c"cblas_sgemm".as_ptr());
-            if sym.is_null() {
-                libc::dlclose(handle);
-                return None;
-            }
-            // Each product is split across rayon's threads and each piece runs on one
-            // thread: the library's own pool would oversubscribe the cores (its idle
-            // workers spin in sched_yield beside ours).
-            for setter in [c"openblas_set_num_threads", c"MKL_Set_Num_Threads"] {
-                let f = libc::dlsym(handle, setter.as_ptr());
-                if !f.is_null() {
-                    let set = std::mem::transmute::<*mut c_void, unsafe extern "C" fn(c_int)>(f);
-                    set(1);
-                }
-            }
-            // BLIS counts threads in its `dim_t` (64-bit).
-            let f = libc::dlsym(handle, c"bli_thread_set_num_threads".as_ptr());
-            if !f.is_null() {
-                let set = std::mem::transmute::<*mut c_void, unsafe extern "C" fn(i64)>(f);
-                set(1);
-            }
-            Some(Blas {
-                sgemm: std::mem::transmute::<*mut c_void, Sgemm>(sym),
-                name,
-            })
-        }
-    });
-    match &found {
-        Some(b) => crate::log::emit(crate::log::Level::Info, format!("BLAS: {}", b.name)),
-        None => crate::log::emit(
-            crate::log::Level::Warn,
-            "no BLAS found (MKL, OpenBLAS, BLIS): matrix products on the CPU fall back to \
-             candle's own, about 3x slower; install libopenblas0 or set DINO_BRIDGE_BLAS",
-        ),
-    }
-    found
-});
 
 /// `C = alpha * op(A) op(B) + beta * C` on raw row-major buffers, single-threaded, when a BLAS is
 /// loaded (`false` otherwise, and nothing is written).
@@ -127,7 +39,7 @@ pub(crate) unsafe fn sgemm_raw(
     c: *mut f32,
     ldc: usize,
 ) -> bool {
-    let Some(blas) = BLAS.as_ref() else {
+    let Some(blas) = loaded() else {
         return false;
     };
     let t = |x: bool| if x { TRANS } else { NO_TRANS };
@@ -155,12 +67,17 @@ pub(crate) unsafe fn sgemm_raw(
 
 /// Whether a BLAS is loaded.
 pub(crate) fn available() -> bool {
-    BLAS.is_some()
+    loaded().is_some()
 }
 
 /// The BLAS in use, if any (for benchmarks and logs).
 pub fn blas_name() -> Option<&'static str> {
-    BLAS.as_ref().map(|b| b.name.as_str())
+    loaded().map(|b| b.name.as_str())
+}
+
+/// What the kernels multiply with and why (`blas_load::description`).
+pub fn blas_description() -> &'static str {
+    description()
 }
 
 /// How one operand lies in memory, as BLAS wants to hear it: (transpose flag, leading
@@ -500,14 +417,15 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// Whether the BLAS ops take these operands (f32 on the CPU, 2-D or equal 3-D batches,
 /// sizes BLAS's 32-bit integers can hold).
 fn usable(a: &Tensor, b: &Tensor) -> bool {
-    BLAS.is_some()
-        && enabled()
+    // The BLAS is asked for last: finding it times it once, on the CPU path only.
+    enabled()
         && a.device().is_cpu()
         && a.dtype() == candle_core::DType::F32
         && b.dtype() == candle_core::DType::F32
         && a.rank() == b.rank()
         && (a.rank() == 2 || (a.rank() == 3 && a.dim(0).ok() == b.dim(0).ok()))
         && i32::try_from(a.elem_count().max(b.elem_count())).is_ok()
+        && available()
 }
 
 /// The operand as is when BLAS can read its layout, else a contiguous copy.

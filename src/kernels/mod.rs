@@ -5,6 +5,7 @@ pub mod activation;
 pub mod adamw;
 pub mod attention;
 pub mod blas;
+mod blas_load;
 pub mod conv;
 mod cpu;
 pub mod dropout;

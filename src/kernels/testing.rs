@@ -58,7 +58,8 @@ pub fn blas_or_skip(what: &str) -> bool {
     }
     assert!(
         std::env::var_os("CI").is_none(),
-        "CI runs without a system BLAS: {what} goes untested"
+        "CI runs without a usable BLAS ({}): {what} goes untested",
+        super::blas::blas_description()
     );
     eprintln!("no system BLAS here: {what} is candle's own, nothing to compare");
     false

@@ -55,5 +55,22 @@ pub fn train(args: &TrainArgs) -> Result<Vec<EpochRecord>> {
         records.push(record);
     }
     run.plot();
+    if let Some(mib) = peak_resident_mib() {
+        println!("peak memory (max resident set, mapped data pages included): {mib} MiB");
+    }
     Ok(records)
+}
+
+/// This process's peak resident memory so far (Linux's `VmHWM`), in MiB.
+fn peak_resident_mib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib / 1024)
 }

@@ -187,6 +187,7 @@ impl<'a> Run<'a> {
     /// The batches of `epoch` still to train: (folder, rows), from where the run stands.
     pub fn batches_left(&self, epoch: usize) -> Vec<(usize, Vec<usize>)> {
         let mut plan = epoch_batches(&self.data.train, self.args.batch, self.args.seed, epoch);
+        plan.truncate(self.per_epoch); // `--limit-batches` cuts an epoch short
         plan.drain(..self.position % self.per_epoch);
         plan
     }

@@ -518,3 +518,48 @@ fn info_and_convert() {
         .arg(&to));
     assert!(out.status.success(), "{}", text(&out));
 }
+
+/// Peak memory of a small training run on the REPA grid (a 0.6M-parameter body, 16x16
+/// tokens of 768: the loss's tensors are most of a step's working set), as the trainer
+/// reports it (`VmHWM`, mapped data pages included). It was 3.0 GB before the loss kept
+/// three `[B, T, D]` tensors instead of a dozen, the allocator's cache stopped keeping
+/// every size a run had asked for, and read data pages stopped counting (1.6 GB after).
+#[test]
+fn a_small_run_on_the_repa_grid_stays_within_its_memory() {
+    let dir = tmp_dir("peak-memory");
+    let config = dir.join("repa-small.json");
+    std::fs::write(
+        &config,
+        r#"{"adapter_depth": 1, "grid": 16, "adapter_mid_channels": 32,
+            "adapter_out_channels": 64, "width": 128, "depth": 2, "heads": 4, "dropout": 0.0}"#,
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let data = dir.join("data");
+    synth(&data, 400, config);
+    // The batch the demo uses; two threads, as the development and CI machines have.
+    let mut cmd = bin();
+    cmd.args([
+        "train", "--config", config, "--quiet", "--epochs", "2", "--batch", "32",
+    ])
+    .args(["--val-count", "50", "--pool", "50", "--data"])
+    .arg(&data)
+    .arg("--out")
+    .arg(dir.join("run"))
+    .env("RAYON_NUM_THREADS", "2");
+    let out = run(&mut cmd);
+    let text = text(&out);
+    assert!(out.status.success(), "{text}");
+    let mib: u64 = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("peak memory (max resident set, mapped data pages included): ")
+        })
+        .and_then(|l| l.strip_suffix(" MiB")?.parse().ok())
+        .unwrap_or_else(|| panic!("no peak memory line in:\n{text}"));
+    println!("peak memory of the small repa-grid run: {mib} MiB");
+    assert!(
+        mib < 2048,
+        "peak memory {mib} MiB (it was 1.6 GB when this test was written)"
+    );
+}

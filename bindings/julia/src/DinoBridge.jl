@@ -151,6 +151,8 @@ mutable struct BridgeCapabilities
     dlpack_major::Int32
     dlpack_minor::Int32
     max_latent_side::Int32
+    # ABI 4: what the CPU kernels multiply with, and why (a static string)
+    blas::Ptr{UInt8}
 end
 
 # DLPack 1.x descriptors, as the header declares them (immutable: passed by reference).

@@ -134,6 +134,8 @@ class BridgeCapabilities(ctypes.Structure):
         ("dlpack_major", ctypes.c_int32),
         ("dlpack_minor", ctypes.c_int32),
         ("max_latent_side", ctypes.c_int32),
+        # ABI 4: what the CPU kernels multiply with, and why (a static string)
+        ("blas", ctypes.c_char_p),
     ]
 
 
@@ -240,17 +242,34 @@ def library_path() -> Path:
     return Path(__file__).resolve().parent / "libdino_bridge.so"
 
 
-def _prefer_environment_mkl() -> None:
-    """Points the library at MKL installed in this Python environment (`pip install mkl`)
-    unless `DINO_BRIDGE_BLAS` already names a BLAS: on the machines we measured, MKL's
-    f32 GEMM ran 15-20% faster than Debian's OpenBLAS, and the bridge is mostly GEMMs."""
-    if os.environ.get("DINO_BRIDGE_BLAS"):
-        return
+def environment_blas() -> list:
+    """The BLAS libraries this Python environment holds: the OpenBLAS of the
+    `scipy-openblas32` wheel (a dependency of this package) and MKL (`pip install mkl`)."""
+    found = []
+    try:
+        import scipy_openblas32
+
+        path = Path(scipy_openblas32.get_lib_dir()) / f"lib{scipy_openblas32.get_library()}.so"
+        if path.is_file():
+            found.append(str(path))
+    except ImportError:
+        pass
     for name in ("libmkl_rt.so.3", "libmkl_rt.so.2"):
         candidate = Path(sys.prefix) / "lib" / name
         if candidate.is_file():
-            os.environ["DINO_BRIDGE_BLAS"] = str(candidate)
-            return
+            found.append(str(candidate))
+    return found
+
+
+def _offer_environment_blas() -> None:
+    """Unless `DINO_BRIDGE_BLAS` is set, offers the library this environment's BLAS
+    libraries beside its own search (`auto`): it times each one it finds against candle's
+    own matmul and uses the fastest (or none, if none is fast enough)."""
+    if os.environ.get("DINO_BRIDGE_BLAS"):
+        return
+    libs = environment_blas()
+    if libs:
+        os.environ["DINO_BRIDGE_BLAS"] = ":".join(libs + ["auto"])
 
 
 class AbiMismatchError(OSError):
@@ -269,7 +288,7 @@ class AbiMismatchError(OSError):
 def lib() -> ctypes.CDLL:
     global _lib
     if _lib is None:
-        _prefer_environment_mkl()
+        _offer_environment_blas()
         path = library_path()
         if not path.is_file():
             raise OSError(

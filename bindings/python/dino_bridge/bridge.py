@@ -403,11 +403,28 @@ def infer_caller_grid(tokens: int, bridge: Tuple[int, int]) -> Tuple[int, int]:
 # -- capabilities and logs ---------------------------------------------------------------------
 
 
+_told_blas = False
+
+
+def _say_if_no_fast_blas() -> None:
+    """Once per process, on stderr: what the CPU's matrix products run on when it is not a
+    fast BLAS, and how to get one."""
+    global _told_blas
+    if _told_blas:
+        return
+    _told_blas = True
+    blas = capabilities()["blas"]
+    if blas.startswith("none"):
+        print(f"dino_bridge: BLAS: {blas}", file=sys.stderr)
+
+
 def capabilities() -> dict:
     """What the loaded library can do (`bridge_get_capabilities`): `abi_version`, `cuda`
     (built with CUDA), `cuda_devices` (devices the driver reports), `buffer_dtypes` and
     `compute_dtypes` (names), `dlpack_version` (the `DLTensor` layout read, `(major,
-    minor)`), `max_latent_side`."""
+    minor)`), `max_latent_side`, and `blas`: what the CPU kernels multiply with and why (the
+    BLAS in use and its GEMM speed over candle's own matmul, or "none ..." with the reasons
+    and the fix; finding it times each library once, on the first call)."""
     caps = L.BridgeCapabilities()
     caps.struct_size = ctypes.sizeof(L.BridgeCapabilities)
     _check(L.lib().bridge_get_capabilities(ctypes.byref(caps)))
@@ -423,6 +440,7 @@ def capabilities() -> dict:
         "compute_dtypes": names(caps.compute_dtypes),
         "dlpack_version": (int(caps.dlpack_major), int(caps.dlpack_minor)),
         "max_latent_side": int(caps.max_latent_side),
+        "blas": (caps.blas or b"").decode("utf-8", "replace"),
     }
 
 
@@ -512,6 +530,8 @@ class Bridge:
         self._h = handle
         self._info = self._read_info()
         self._settings = {name: getattr(p, name) for name in _SETTINGS}
+        if p.device < 0:
+            _say_if_no_fast_blas()
 
     # -- lifetime --------------------------------------------------------------------
     def close(self) -> None:
