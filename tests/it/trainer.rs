@@ -563,3 +563,24 @@ fn a_small_run_on_the_repa_grid_stays_within_its_memory() {
         "peak memory {mib} MiB (it was 1.6 GB when this test was written)"
     );
 }
+
+/// `--limit-batches N` ends each epoch after N batches: the step count and the samples
+/// trained say so (the trainer's split into src/train/ once lost the cut).
+#[test]
+fn limit_batches_cuts_each_epoch_short() {
+    let dir = tmp_dir("limit-batches");
+    let data = dir.join("data");
+    synth(&data, 200, "tiny");
+    let run_dir = dir.join("run");
+    let out = run(&mut train_cmd(
+        &data,
+        &run_dir,
+        &["--epochs", "2", "--limit-batches", "3"],
+    ));
+    assert!(out.status.success(), "{}", text(&out));
+    let steps: Vec<u64> = epochs_logged(&run_dir)
+        .iter()
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [0, 3, 6], "steps after each epoch");
+}
