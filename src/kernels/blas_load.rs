@@ -147,8 +147,11 @@ fn choose() -> Choice {
     let mut passed_over = Vec::new();
     let mut best: Option<Blas> = None;
     let mut candle_rate = None;
+    // dlopen hands back the same handle for a library already loaded (a path and its
+    // file name, say): each is checked once.
+    let mut seen = Vec::new();
     for name in names {
-        let Some(lib) = open(&name) else {
+        let Some(lib) = open(&name, &mut seen) else {
             // A library named outright and missing is worth saying; a default one is not.
             if named.contains(&name.as_str()) {
                 passed_over.push(format!("{name}: not found or no cblas_sgemm"));
@@ -196,8 +199,9 @@ fn choose() -> Choice {
         None => Choice {
             blas: None,
             description: format!(
-                "none (candle's own matmul, about 3x slower than a fast BLAS){}; install MKL \
-                 (pip install mkl) or scipy-openblas32 and set DINO_BRIDGE_BLAS to its library",
+                "none (candle's own matmul: the bridge runs slower than with a fast BLAS){}; \
+                 install MKL (pip install mkl) or scipy-openblas32 (pip install \
+                 scipy-openblas32) and set DINO_BRIDGE_BLAS to its library",
                 if passed_over.is_empty() {
                     ": no BLAS found (MKL, scipy-openblas, OpenBLAS, BLIS)".to_string()
                 } else {
@@ -226,14 +230,15 @@ struct Library {
 /// `dlopen`s `name`, finds its `cblas_sgemm`, makes it single-threaded (each product is
 /// split across rayon's threads, one piece per thread: the library's own pool would
 /// oversubscribe the cores, its idle workers spinning beside ours) and says what it is.
-fn open(name: &str) -> Option<Library> {
+fn open(name: &str, seen: &mut Vec<usize>) -> Option<Library> {
     let cname = CString::new(name).ok()?;
     // SAFETY: dlopen with a valid C string; the handle stays open for the process (its
     // functions are used until exit), or is closed here when it has no cblas_sgemm.
     let handle = unsafe { libc::dlopen(cname.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
-    if handle.is_null() {
+    if handle.is_null() || seen.contains(&(handle as usize)) {
         return None;
     }
+    seen.push(handle as usize);
     let symbol = |s: &str| -> *mut c_void {
         let c = CString::new(s).expect("no NUL");
         // SAFETY: a live handle and a valid C string.
