@@ -15,6 +15,11 @@ checkpoint is published yet; its target is then arbitrary but fixed, which is en
 see the mechanics work). A checkpoint of another grid works too: with the published 8x8
 bridge the library pools the 16x16 prediction 2x2 to meet it.
 
+The alignment is REPA's own loss, `mean(1 - cos)` (AlignLoss's default; REPA logs
+`mean(-cos)`, printed here as `repa proj_loss`), computed against the bridge's tokens for
+the clean latents `x0`, never the noisy model input: the bridge stands for DINOv2 on the
+clean image.
+
 `--bf16` runs the model under `torch.autocast` (bf16): the projector's output reaches the
 bridge in bf16, the latents in f32 (each tensor keeps its dtype through DLPack).
 `--compile` compiles the loss computation with `torch.compile(fullgraph=True)`: AlignLoss
@@ -107,7 +112,9 @@ def main():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             eps, hidden = model(xt, t)
             diffusion = F.mse_loss(eps.float(), noise)
-            alignment = align(projector(hidden), x0)  # 16x16 tokens against the bridge's 16x16
+            # The clean latents x0 (REPA's `x`), not the noisy input xt: 16x16 tokens
+            # against the bridge's 16x16.
+            alignment = align(projector(hidden), x0)
         return diffusion, alignment
 
     if args.compile:
@@ -124,7 +131,8 @@ def main():
         opt.step()
         history.append(alignment.item())
         if step % 10 == 0 or step == args.steps - 1:
-            print(f"step {step:3d}  diffusion {diffusion.item():.4f}  alignment {alignment.item():.4f}")
+            print(f"step {step:3d}  diffusion {diffusion.item():.4f}  alignment {alignment.item():.4f}  "
+                  f"repa proj_loss {align.repa_logged(alignment).item():.4f}")
     first, last = sum(history[:5]) / 5, sum(history[-5:]) / 5
     print(json.dumps({"align_first": first, "align_last": last}))
     bridge.close()
