@@ -12,8 +12,10 @@
 //!   of candle's rate is passed over (the fused kernels that run on the BLAS win back a
 //!   shortfall smaller than that: see `MIN_RATE_OF_CANDLE`).
 //!
-//! Of the libraries that pass, the fastest is used; with none, the kernels use candle's
-//! matmul, so a BLAS does not make the bridge slower than no BLAS. `description()` says
+//! The first library in that order that passes is used (not the fastest: timings vary
+//! between processes, and a resumed run must compute with the library it started with);
+//! with none, the kernels use candle's matmul, so a BLAS does not make the bridge slower
+//! than no BLAS. `description()` says
 //! what was chosen and why (the C API's capabilities report it).
 //! `DINO_BRIDGE_BLAS_UNCHECKED` (any value) skips the checks, for benchmarks that compare
 //! libraries.
@@ -145,11 +147,14 @@ fn choose() -> Choice {
         .collect();
     let named: Vec<&str> = setting.split(':').filter(|s| *s != "auto").collect();
     let mut passed_over = Vec::new();
-    let mut best: Option<Blas> = None;
+    let mut chosen: Option<Blas> = None;
     let mut candle_rate = None;
     // dlopen hands back the same handle for a library already loaded (a path and its
     // file name, say): each is checked once.
     let mut seen = Vec::new();
+    // The first that passes, never the fastest: timings differ between processes, and two
+    // processes with one setting must compute with the same library (a resumed run
+    // continues bit for bit only on the GEMM it started with).
     for name in names {
         let Some(lib) = open(&name, &mut seen) else {
             // A library named outright and missing is worth saying; a default one is not.
@@ -160,25 +165,12 @@ fn choose() -> Choice {
         };
         match check(&lib, &mut candle_rate) {
             Ok(speedup) => {
-                let blas = Blas {
+                chosen = Some(Blas {
                     sgemm: lib.sgemm,
                     name: lib.name,
                     speedup,
-                };
-                if best.as_ref().is_none_or(|b| blas.speedup > b.speedup) {
-                    if let Some(b) = best.take() {
-                        passed_over.push(format!(
-                            "{} ({:.2}x): slower than another",
-                            b.name, b.speedup
-                        ));
-                    }
-                    best = Some(blas);
-                } else {
-                    passed_over.push(format!(
-                        "{} ({speedup:.2}x): slower than another",
-                        blas.name
-                    ));
-                }
+                });
+                break;
             }
             Err(why) => passed_over.push(format!("{}: {why}", lib.name)),
         }
@@ -188,7 +180,7 @@ fn choose() -> Choice {
     } else {
         format!("; passed over: {}", passed_over.join("; "))
     };
-    let choice = match best {
+    let choice = match chosen {
         Some(b) => Choice {
             description: format!(
                 "{}: GEMM {:.2}x candle's own matmul{others}",

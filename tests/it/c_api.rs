@@ -355,8 +355,15 @@ fn c_clients_are_clean_under_valgrind() {
         eprintln!("valgrind is not installed: memory checks skipped");
         return;
     }
+    let suppressions = format!(
+        "--suppressions={}",
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/c/valgrind.supp")
+            .display()
+    );
     let valgrind = [
         "valgrind",
+        suppressions.as_str(),
         "--error-exitcode=99",
         "--leak-check=full",
         "--errors-for-leak-kinds=definite,indirect",

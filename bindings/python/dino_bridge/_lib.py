@@ -243,9 +243,14 @@ def library_path() -> Path:
 
 
 def environment_blas() -> list:
-    """The BLAS libraries this Python environment holds: the OpenBLAS of the
-    `scipy-openblas32` wheel (a dependency of this package) and MKL (`pip install mkl`)."""
+    """The BLAS libraries this Python environment holds, in the order the library tries
+    them: MKL (`pip install mkl`), then the OpenBLAS of the `scipy-openblas32` wheel (a
+    dependency of this package)."""
     found = []
+    for name in ("libmkl_rt.so.3", "libmkl_rt.so.2"):
+        candidate = Path(sys.prefix) / "lib" / name
+        if candidate.is_file():
+            found.append(str(candidate))
     try:
         import scipy_openblas32
 
@@ -254,17 +259,13 @@ def environment_blas() -> list:
             found.append(str(path))
     except ImportError:
         pass
-    for name in ("libmkl_rt.so.3", "libmkl_rt.so.2"):
-        candidate = Path(sys.prefix) / "lib" / name
-        if candidate.is_file():
-            found.append(str(candidate))
     return found
 
 
 def _offer_environment_blas() -> None:
     """Unless `DINO_BRIDGE_BLAS` is set, offers the library this environment's BLAS
-    libraries beside its own search (`auto`): it times each one it finds against candle's
-    own matmul and uses the fastest (or none, if none is fast enough)."""
+    libraries before its own search (`auto`): it checks each one it finds against candle's
+    own matmul, in order, and uses the first fast enough (or none)."""
     if os.environ.get("DINO_BRIDGE_BLAS"):
         return
     libs = environment_blas()
