@@ -62,7 +62,7 @@ typedef struct {
 
 
 // ABI version: bumped when a struct or function signature changes incompatibly.
-#define BRIDGE_ABI_VERSION 4
+#define BRIDGE_ABI_VERSION 5
 
 // Success.
 #define BRIDGE_OK 0
@@ -104,6 +104,12 @@ typedef struct {
 
 // `BridgeParams.device` for the CPU.
 #define BRIDGE_DEVICE_CPU -1
+
+// Bytes of `BridgeParamInfo.name`, its NUL included.
+#define BRIDGE_PARAM_NAME_BYTES 96
+
+// Dimensions `BridgeParamInfo.shape` holds.
+#define BRIDGE_PARAM_MAX_DIMS 4
 
 // Message levels of the log callback.
 #define BRIDGE_LOG_DEBUG 1
@@ -224,6 +230,24 @@ typedef struct BridgeStepStats {
   // 1 when a non-finite loss or gradient skipped the update (weights unchanged).
   int32_t skipped;
 } BridgeStepStats;
+
+// (ABI 5) One tensor of the flat parameter vector (`bridge_param_info`). Set
+// `struct_size` before the call. Self-contained: nothing in it points into the library.
+typedef struct BridgeParamInfo {
+  uint32_t struct_size;
+  // The checkpoint key, NUL-terminated.
+  char name[BRIDGE_PARAM_NAME_BYTES];
+  // Its first element's index in the flat vector.
+  int64_t offset;
+  // Its element count.
+  int64_t numel;
+  int32_t ndim;
+  // The first `ndim` entries are its shape, the rest 0.
+  int64_t shape[BRIDGE_PARAM_MAX_DIMS];
+  // 1 when the library's AdamW applies weight decay to it (`bridge_apply_grads_dlpack`,
+  // `bridge_train_step`); a host's optimiser should do the same.
+  int32_t decays;
+} BridgeParamInfo;
 
 // (ABI 3) What this build of the library can do (`bridge_get_capabilities`). Set
 // `struct_size` before the call.
@@ -480,6 +504,99 @@ int32_t bridge_latent_loss_backward_dlpack(const struct BridgeHandle *handle, co
 // # Safety
 // As `bridge_forward_dlpack`; `stats` NULL or writable.
 int32_t bridge_train_step_dlpack(const struct BridgeHandle *handle, const DLTensor *latents, const DLTensor *targets, struct BridgeStepStats *stats, void *stream);
+
+// (ABI 5) The length of the flat parameter vector into `*count`: every model tensor in
+// f32, in the order `bridge_param_info` reports, each row-major.
+//
+// Returns `BRIDGE_OK`, `INVALID_ARGUMENT` (NULL). Thread-safe.
+//
+// # Safety
+// `count` must be NULL or writable.
+int32_t bridge_param_count(const struct BridgeHandle *handle, int64_t *count);
+
+// (ABI 5) Tensor `index` (0-based, below the count of tensors) of the flat vector: its
+// name (the checkpoint key), offset, element count, shape and whether the library's AdamW
+// decays it. Set `info->struct_size = sizeof(BridgeParamInfo)` first. Iterate from 0
+// until `BRIDGE_ERR_INVALID_ARGUMENT`, or until `offset + numel` reaches the count.
+//
+// Returns `BRIDGE_OK`, `INVALID_ARGUMENT` (NULL, index out of range), `ABI_MISMATCH`.
+// Thread-safe.
+//
+// # Safety
+// `info` must be NULL or point to `info->struct_size` writable bytes.
+int32_t bridge_param_info(const struct BridgeHandle *handle, int64_t index, struct BridgeParamInfo *info);
+
+// (ABI 5) Copies the weights into `flat`, a float32 `[n]` tensor (`bridge_param_count`)
+// where the bridge lives, ordered on `stream` as the compute calls are.
+//
+// Returns `BRIDGE_OK`, `INVALID_ARGUMENT` (NULL, a dtype other than float32, memory
+// elsewhere), `SHAPE`, `DEVICE`, `INTERNAL`. Thread-safe; sees one weight version.
+//
+// # Safety
+// As `bridge_forward_dlpack`.
+int32_t bridge_get_params_dlpack(const struct BridgeHandle *handle, const DLTensor *flat, void *stream);
+
+// (ABI 5) Replaces every weight from `flat` (float32 `[n]`, where the bridge lives),
+// excluding other calls like a train step; the optimiser's moments and step are
+// untouched (a bf16 bridge's cached weights are refreshed).
+//
+// Returns as `bridge_get_params_dlpack`, plus `NON_FINITE` (NaN/Inf anywhere; no weight
+// changed). Thread-safe.
+//
+// # Safety
+// As `bridge_forward_dlpack`.
+int32_t bridge_set_params_dlpack(const struct BridgeHandle *handle, const DLTensor *flat, void *stream);
+
+// (ABI 5) A training-mode forward of `latents` `[B, in_ch, H, W]` with dropout masks
+// drawn from `seed` (mix rank and step into it), the training loss (the bridge's `w_*`)
+// against `targets` `[B, h*w, target_dim]` into `loss` (one element, host or device),
+// and its gradient: the parameters' into `grad_params` (float32 `[n]`, overwritten) and,
+// unless `grad_latents` is NULL, the latents' (latents' shape). Nothing is updated. A
+// non-finite loss is no error: it and the gradients are written as they are (after an
+// all-reduce, `bridge_apply_grads_dlpack` skips the step on every rank alike).
+//
+// Returns `BRIDGE_OK`, `INVALID_ARGUMENT`, `SHAPE`, `DEVICE`, `INTERNAL`. Thread-safe;
+// one weight version per call (on CUDA it excludes other calls: it seeds the device's
+// RNG).
+//
+// # Safety
+// As `bridge_forward_dlpack`; `grad_latents` may be NULL.
+int32_t bridge_loss_grads_dlpack(const struct BridgeHandle *handle, const DLTensor *latents, const DLTensor *targets, const DLTensor *grad_params, const DLTensor *grad_latents, const DLTensor *loss, uint64_t seed, void *stream);
+
+// (ABI 5) Tokens `[B, h*w, target_dim]` of `latents` in training mode, with dropout
+// masks drawn from `seed` (the same seed gives `bridge_vjp_dlpack` the same masks).
+//
+// Returns as `bridge_forward_dlpack`. Thread-safe (on CUDA it excludes other calls).
+//
+// # Safety
+// As `bridge_forward_dlpack`.
+int32_t bridge_forward_train_dlpack(const struct BridgeHandle *handle, const DLTensor *latents, const DLTensor *out, uint64_t seed, void *stream);
+
+// (ABI 5) The vector-Jacobian product of `bridge_forward_train_dlpack` (same `seed`,
+// same masks) with the cotangent `grad_out` `[B, h*w, target_dim]`, for a loss the host
+// computes itself: d sum(out * grad_out) / d params into `grad_params` (float32 `[n]`,
+// overwritten) and, unless `grad_latents` is NULL, / d latents. The forward is
+// recomputed (nothing is kept between calls).
+//
+// Returns as `bridge_loss_grads_dlpack`, plus `NON_FINITE` (NaN/Inf in host inputs).
+// Thread-safe (on CUDA it excludes other calls).
+//
+// # Safety
+// As `bridge_forward_dlpack`; `grad_latents` may be NULL.
+int32_t bridge_vjp_dlpack(const struct BridgeHandle *handle, const DLTensor *latents, const DLTensor *grad_out, const DLTensor *grad_params, const DLTensor *grad_latents, uint64_t seed, void *stream);
+
+// (ABI 5) One step of the handle's own AdamW (warmup + cosine schedule, clipping, weight
+// decay by `BridgeParamInfo.decays`) with the gradient `grad_params` (float32 `[n]`,
+// e.g. after the host's all-reduce); a non-finite gradient norm skips it. `*stats` as in
+// `bridge_train_step`, with `loss` 0 (the host has it). `bridge_loss_grads_dlpack` then
+// this call on one batch is `bridge_train_step` on it (with dropout 0, or the seed the
+// step draws).
+//
+// Returns as `bridge_get_params_dlpack`. Thread-safe like `bridge_train_step`.
+//
+// # Safety
+// As `bridge_forward_dlpack`; `stats` NULL or writable.
+int32_t bridge_apply_grads_dlpack(const struct BridgeHandle *handle, const DLTensor *grad_params, struct BridgeStepStats *stats, void *stream);
 
 // (ABI 3) Describes this build: ABI version, CUDA support and visible devices, the buffer
 // and compute dtypes, the DLPack layout read, the largest latent side, and (ABI 4) the

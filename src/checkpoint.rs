@@ -27,7 +27,8 @@ pub struct TrainState {
     pub epoch: i64,
     pub best_metric: Option<f64>,
     pub seed: u64,
-    /// State of the dropout RNG, so a resumed run draws the same masks.
+    /// The seed of the next step's dropout masks, `dropout_seed(seed, step)` (written for
+    /// the record: masks are a function of seed and step, so a resumed run draws them again).
     pub rng_state: u64,
     /// Batches consumed by the trainer (skipped ones included): where a resumed run
     /// picks up its data order.

@@ -33,7 +33,7 @@ pub mod train;
 #[global_allocator]
 static GLOBAL: allocator::CachingAllocator = allocator::CachingAllocator;
 
-pub use bridge::{Bridge, BridgeOptions, ComputeDtype, StepStats};
+pub use bridge::{Bridge, BridgeOptions, ComputeDtype, FlatGrads, ParamInfo, StepStats};
 pub use config::BridgeConfig;
 pub use error::{Error, ErrorKind, Result};
 pub use loss::LossWeights;

@@ -1,4 +1,4 @@
-// dino_bridge.hpp: header-only C++17 wrapper over the dino-bridge C API (ABI version 4).
+// dino_bridge.hpp: header-only C++17 wrapper over the dino-bridge C API (ABI version 5).
 //
 //   dino_bridge::Bridge bridge = dino_bridge::Bridge::open("bridge.safetensors");
 //   std::vector<float> tokens(bridge.token_elems(batch));
@@ -25,8 +25,14 @@
 //   (each tensor its own) and devices come from the descriptors, and the library checks
 //   them. `capabilities()` describes the library; `set_log_callback` routes its messages.
 //   Including the real dlpack.h before this header is fine: its declarations serve.
+// - (ABI 5) Training in the host's own stack: the bridge as a function of one flat float32
+//   parameter vector (`param_count`, `param_info`, `get_params` / `set_params`), the
+//   training loss's gradient (`loss_grads`), a training-mode forward and its VJP
+//   (`forward_train`, `vjp`: one seed, one set of dropout masks), and one step of the
+//   handle's AdamW with a gradient the host gives (`apply_grads`, e.g. after its NCCL
+//   all-reduce). examples/data_parallel.cpp trains two handles on two threads this way.
 // - Thread-safety is the C API's: forward and loss calls may run concurrently on one
-//   Bridge; train_step excludes them.
+//   Bridge; train_step, apply_grads and set_params exclude them.
 #pragma once
 
 #include <cstddef>
@@ -41,7 +47,7 @@
 
 #include "dino_bridge.h"
 
-static_assert(BRIDGE_ABI_VERSION == 4, "dino_bridge.hpp is written for ABI version 4 of dino_bridge.h");
+static_assert(BRIDGE_ABI_VERSION == 5, "dino_bridge.hpp is written for ABI version 5 of dino_bridge.h");
 
 namespace dino_bridge {
 
@@ -407,6 +413,79 @@ public:
         stats.struct_size = sizeof stats;
         check(bridge_train_step_dlpack(handle_, &latents, &targets, &stats, stream));
         return stats;
+    }
+
+    // ---- (ABI 5) The flat parameter vector: training in the host's own stack.
+
+    /// One tensor of the flat vector.
+    struct ParamInfo {
+        std::string name;  ///< the checkpoint key
+        int64_t offset = 0, numel = 0;
+        std::vector<int64_t> shape;
+        bool decays = false;  ///< whether the library's AdamW applies weight decay to it
+    };
+    /// The flat vector's length.
+    int64_t param_count() const {
+        int64_t n = 0;
+        check(bridge_param_count(handle_, &n));
+        return n;
+    }
+    /// The flat vector's tensors, in order.
+    std::vector<ParamInfo> param_info() const {
+        std::vector<ParamInfo> out;
+        const int64_t total = param_count();
+        for (int64_t i = 0; out.empty() || out.back().offset + out.back().numel < total; ++i) {
+            BridgeParamInfo p{};
+            p.struct_size = sizeof p;
+            check(bridge_param_info(handle_, i, &p));
+            out.push_back(ParamInfo{p.name, p.offset, p.numel, std::vector<int64_t>(p.shape, p.shape + p.ndim),
+                                    p.decays != 0});
+        }
+        return out;
+    }
+    /// The weights into `flat` (float32 `[param_count()]`, where the bridge lives).
+    void get_params(const DLTensor& flat, void* stream = nullptr) const {
+        check(bridge_get_params_dlpack(handle_, &flat, stream));
+    }
+    /// A CPU bridge's weights as a vector.
+    std::vector<float> get_params() const {
+        std::vector<float> flat(static_cast<std::size_t>(param_count()));
+        get_params(Tensor(flat, {static_cast<int64_t>(flat.size())}));
+        return flat;
+    }
+    /// Every weight from `flat` (float32 `[param_count()]`); moments and step untouched.
+    void set_params(const DLTensor& flat, void* stream = nullptr) {
+        check(bridge_set_params_dlpack(handle_, &flat, stream));
+    }
+    void set_params(const std::vector<float>& flat) {
+        set_params(Tensor(flat, {static_cast<int64_t>(flat.size())}));
+    }
+    /// The training loss of a training-mode forward (dropout masks from `seed`) into
+    /// `loss` (one element), its gradient into `grad_params` (float32 `[param_count()]`)
+    /// and, unless `grad_latents` is null, into the latents' gradient. Nothing is updated.
+    void loss_grads(const DLTensor& latents, const DLTensor& targets, const DLTensor& grad_params,
+                    const DLTensor* grad_latents, const DLTensor& loss, uint64_t seed, void* stream = nullptr) const {
+        check(bridge_loss_grads_dlpack(handle_, &latents, &targets, &grad_params, grad_latents, &loss, seed, stream));
+    }
+    /// Tokens in training mode, dropout masks from `seed`.
+    void forward_train(const DLTensor& latents, const DLTensor& out, uint64_t seed, void* stream = nullptr) const {
+        check(bridge_forward_train_dlpack(handle_, &latents, &out, seed, stream));
+    }
+    /// d sum(forward_train(latents, seed) * grad_out) / d params (and / d latents).
+    void vjp(const DLTensor& latents, const DLTensor& grad_out, const DLTensor& grad_params,
+             const DLTensor* grad_latents, uint64_t seed, void* stream = nullptr) const {
+        check(bridge_vjp_dlpack(handle_, &latents, &grad_out, &grad_params, grad_latents, seed, stream));
+    }
+    /// One step of the handle's AdamW with the gradient `grad_params` (a non-finite norm
+    /// skips it; `stats.loss` is 0).
+    BridgeStepStats apply_grads(const DLTensor& grad_params, void* stream = nullptr) {
+        BridgeStepStats stats{};
+        stats.struct_size = sizeof stats;
+        check(bridge_apply_grads_dlpack(handle_, &grad_params, &stats, stream));
+        return stats;
+    }
+    BridgeStepStats apply_grads(const std::vector<float>& grad_params) {
+        return apply_grads(Tensor(grad_params, {static_cast<int64_t>(grad_params.size())}));
     }
 
     void save(const std::string& path) const { check(bridge_save(handle_, path.c_str())); }

@@ -4,9 +4,10 @@
 //! tensors' shapes, and an `_at` method that takes the call's checked shape and checks
 //! nothing again (the C boundary's path).
 
+use super::autograd::{dropout_seed, grad_of};
 use super::shape::{AlignShape, CallShape, expect_dims};
 use super::{Bridge, State, StepStats, eval_model};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::Result;
 use crate::log::{Level, emit};
 use crate::loss::{
     GridMatch, alignment_loss, alignment_loss_per_sample, pool_tokens, spatial_norm,
@@ -14,25 +15,8 @@ use crate::loss::{
 use crate::model::BridgeModel;
 use crate::optim::AdamW;
 use crate::rng::Rng;
-use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 use std::collections::HashMap;
-
-/// The seed of a GPU's dropout masks for the update with 0-based index `step`.
-fn dropout_seed(seed: u64, step: i64) -> u64 {
-    Rng::new(seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)).next_u64()
-}
-
-/// The gradient of `t` in `grads`. A tensor on the loss's path always gets one, so a
-/// missing gradient means an op without a backward cut the graph: an error, never zeros.
-fn grad_of(grads: &GradStore, t: &Tensor, what: &str) -> Result<Tensor> {
-    grads.get(t).cloned().ok_or_else(|| {
-        Error::new(
-            ErrorKind::Internal,
-            format!("no gradient reached {what}: an op on its path has no backward"),
-        )
-    })
-}
 
 impl Bridge {
     /// Predicted tokens `[B, h*w, D]` for latents `[B, C, H, W]` (evaluation mode), on the
@@ -51,7 +35,7 @@ impl Bridge {
     /// The model on `latents` in the compute dtype, f32 out: the eval model, or in
     /// training the model over the variables (in bf16, over differentiable casts of them,
     /// so that the gradient reaches the f32 masters).
-    fn run(
+    pub(super) fn run(
         &self,
         st: &State,
         train: bool,
@@ -167,8 +151,7 @@ impl Bridge {
         let shape = self.latent_shape(latents.dims())?;
         expect_dims("targets", targets, &shape.token_shape())?;
         let st = self.write();
-        let mut rng = st.rng.clone();
-        let (loss, grads) = self.loss_and_grads(&st, latents, targets, &mut rng)?;
+        let (loss, grads) = self.loss_and_grads(&st, latents, targets)?;
         let named = st
             .params
             .iter()
@@ -178,20 +161,21 @@ impl Bridge {
         Ok((loss, named))
     }
 
+    /// The training loss and every parameter's gradient, with the dropout masks of the
+    /// next step: drawn from `dropout_seed(seed, step)` (on a GPU by the device's RNG
+    /// seeded with it), so that a resumed run and `loss_grads` with `step_seed` draw the
+    /// same ones.
     fn loss_and_grads(
         &self,
         st: &State,
         latents: &Tensor,
         targets: &Tensor,
-        rng: &mut Rng,
     ) -> Result<(f32, Vec<Tensor>)> {
+        let seed = dropout_seed(st.train.seed, st.train.step);
         if self.device.is_cuda() {
-            // Dropout masks on a GPU come from the device's RNG, seeded from (seed, step)
-            // so that a resumed run draws the same ones.
-            self.device
-                .set_seed(dropout_seed(st.train.seed, st.train.step))?;
+            self.device.set_seed(seed)?;
         }
-        let pred = self.run(st, true, latents, Some(rng))?;
+        let pred = self.run(st, true, latents, Some(&mut Rng::new(seed)))?;
         let loss = alignment_loss(&pred, &targets.to_dtype(DType::F32)?, &self.loss)?;
         let loss_value = loss.to_scalar::<f32>()?;
         if !loss_value.is_finite() {
@@ -223,18 +207,9 @@ impl Bridge {
     ) -> Result<StepStats> {
         debug_assert_eq!(targets.dims(), shape.token_shape());
         let mut st = self.write();
-        let lr = self.optim_cfg.lr_at(st.train.step);
-        let mut rng = st.rng.clone();
-        let (loss, grads) = self.loss_and_grads(&st, latents, targets, &mut rng)?;
-        let skipped = |grad_norm: f32| StepStats {
-            loss,
-            grad_norm,
-            lr,
-            step: st.train.step,
-            skipped: true,
-        };
-        // (The warnings reach the host's callback once the lock is released.)
+        let (loss, grads) = self.loss_and_grads(&st, latents, targets)?;
         if !loss.is_finite() {
+            // (The warning reaches the host's callback once the lock is released.)
             emit(
                 Level::Warn,
                 format!(
@@ -242,8 +217,22 @@ impl Bridge {
                     st.train.step + 1
                 ),
             );
-            return Ok(skipped(f32::NAN));
+            return Ok(StepStats {
+                loss,
+                grad_norm: f32::NAN,
+                lr: self.optim_cfg.lr_at(st.train.step),
+                step: st.train.step,
+                skipped: true,
+            });
         }
+        self.update(&mut st, loss, &grads)
+    }
+
+    /// One AdamW update with `grads` (every parameter's, in order; frozen ones are not
+    /// updated and not in the norm): clipped to the global norm, skipped when that norm is
+    /// not finite. `loss` is only reported.
+    pub(super) fn update(&self, st: &mut State, loss: f32, grads: &[Tensor]) -> Result<StepStats> {
+        let lr = self.optim_cfg.lr_at(st.train.step);
         let trained: Vec<Tensor> = grads
             .iter()
             .zip(&st.trainable)
@@ -259,7 +248,13 @@ impl Bridge {
                     st.train.step + 1
                 ),
             );
-            return Ok(skipped(grad_norm));
+            return Ok(StepStats {
+                loss,
+                grad_norm,
+                lr,
+                step: st.train.step,
+                skipped: true,
+            });
         }
         let clip = self.optim_cfg.grad_clip;
         let scale = if clip > 0.0 && grad_norm > clip {
@@ -273,13 +268,10 @@ impl Bridge {
             params,
             trainable,
             ..
-        } = &mut *st;
-        optim.step(&self.optim_cfg, params, trainable, &grads, lr, scale, t)?;
-        if self.compute != DType::F32 {
-            st.eval_model = eval_model(&st.params, &self.config, self.compute)?;
-        }
+        } = st;
+        optim.step(&self.optim_cfg, params, trainable, grads, lr, scale, t)?;
+        self.refresh_eval_model(st)?;
         st.train.step = t;
-        st.rng = rng;
         Ok(StepStats {
             loss,
             grad_norm,
@@ -288,31 +280,13 @@ impl Bridge {
             skipped: false,
         })
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::Device;
-
-    #[test]
-    fn a_missing_gradient_is_an_internal_error_not_zeros() {
-        let x = Var::new(&[1f32, 2.0, 3.0], &Device::Cpu).unwrap();
-        let used = (x.as_tensor() * 2.0).unwrap().sum_all().unwrap();
-        let grads = used.backward().unwrap();
-        let g = grad_of(&grads, x.as_tensor(), "x").unwrap();
-        assert_eq!(g.to_vec1::<f32>().unwrap(), [2.0, 2.0, 2.0]);
-        // A graph cut (as an op without a backward makes it): no gradient reaches x.
-        let y = Var::new(0f32, &Device::Cpu).unwrap();
-        let cut = x.as_tensor().detach().sum_all().unwrap();
-        let loss = (cut + y.as_tensor()).unwrap();
-        let grads = loss.backward().unwrap();
-        let err = grad_of(&grads, x.as_tensor(), "the latents").unwrap_err();
-        assert_eq!(err.kind, ErrorKind::Internal);
-        assert!(
-            err.message.contains("no gradient reached the latents"),
-            "{}",
-            err.message
-        );
+    /// After the weights changed: bf16 compute rebuilds its eval model's copies (f32's
+    /// views see the change).
+    pub(super) fn refresh_eval_model(&self, st: &mut State) -> Result<()> {
+        if self.compute != DType::F32 {
+            st.eval_model = eval_model(&st.params, &self.config, self.compute)?;
+        }
+        Ok(())
     }
 }

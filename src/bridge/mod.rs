@@ -3,8 +3,13 @@
 //! consistent set of weights. This file makes bridges and holds their state; what they
 //! compute is in `compute.rs`, the checked shape of a call in `shape.rs`.
 
+mod autograd;
 mod compute;
+mod flat;
 pub mod shape;
+mod vector;
+
+pub use vector::{FlatGrads, ParamInfo};
 
 use crate::checkpoint::{self, Checkpoint, SaveParts, TrainState};
 use crate::config::BridgeConfig;
@@ -106,7 +111,6 @@ struct State {
     eval_model: BridgeModel,
     optim: AdamW,
     train: TrainState,
-    rng: Rng,
 }
 
 pub struct Bridge {
@@ -121,6 +125,8 @@ pub struct Bridge {
     memory: u64,
     /// The body's dtype: F32, or BF16 on CUDA (f32 master weights, f32 loss).
     compute: DType,
+    /// The flat parameter vector's layout (names and shapes never change).
+    layout: Vec<ParamInfo>,
     state: RwLock<State>,
 }
 
@@ -324,11 +330,6 @@ impl Bridge {
             seed: opts.seed,
             ..Default::default()
         });
-        let rng = if train.rng_state != 0 {
-            Rng::from_state(train.rng_state)
-        } else {
-            Rng::new(train.seed)
-        };
         let var_map: HashMap<String, Tensor> = params
             .iter()
             .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
@@ -353,9 +354,9 @@ impl Bridge {
             params,
             optim,
             train,
-            rng,
         };
         Ok(Bridge {
+            layout: vector::layout(&state.params),
             config,
             loss: opts.loss,
             align: opts.align_loss,
@@ -417,7 +418,7 @@ impl Bridge {
     pub fn train_state(&self) -> TrainState {
         let st = self.read();
         TrainState {
-            rng_state: st.rng.state(),
+            rng_state: autograd::dropout_seed(st.train.seed, st.train.step),
             ..st.train.clone()
         }
     }
@@ -465,7 +466,7 @@ impl Bridge {
             .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
             .collect();
         let train = TrainState {
-            rng_state: st.rng.state(),
+            rng_state: autograd::dropout_seed(st.train.seed, st.train.step),
             ..st.train.clone()
         };
         checkpoint::save(

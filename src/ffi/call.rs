@@ -83,6 +83,33 @@ pub unsafe fn loss_tensor(t: *const DLTensor, bridge: &Bridge) -> Result<View> {
     unsafe { dlpack::view(t, "loss", bridge, true) }
 }
 
+/// An optional tensor: `None` for NULL, else as `tensor`.
+///
+/// # Safety
+/// As `dlpack::view`.
+pub unsafe fn optional_tensor(
+    t: *const DLTensor,
+    name: &'static str,
+    bridge: &Bridge,
+) -> Result<Option<View>> {
+    if t.is_null() {
+        return Ok(None);
+    }
+    // SAFETY: forwarded contract.
+    unsafe { tensor(t, name, bridge).map(Some) }
+}
+
+/// A loss tensor of one element (the calls that give no per-sample loss).
+pub fn one_element(loss: &View) -> Result<()> {
+    if loss.numel() == Some(1) {
+        return Ok(());
+    }
+    Err(Error::shape(format!(
+        "loss has shape {:?}; expected one element",
+        loss.shape
+    )))
+}
+
 /// A loss tensor holds one element (the mean) or `[B]` (each sample's loss, ABI 4).
 pub fn check_loss(loss: &View, call: &CallShape) -> Result<()> {
     let batch = call.batch();

@@ -20,7 +20,10 @@ pub mod view;
 
 use crate::bridge::Bridge;
 use crate::error::Error;
-use call::{Buffers, PointerCall, align_shape, check_loss, loss_tensor, tensor};
+use call::{
+    Buffers, PointerCall, align_shape, check_loss, loss_tensor, one_element, optional_tensor,
+    tensor,
+};
 use dlpack::DLTensor;
 use guard::{ffi_call, lookup, struct_size, write_versioned};
 use io::Io;
@@ -562,6 +565,274 @@ pub unsafe extern "C" fn bridge_train_step_dlpack(
         let io = Io::for_bridge(&bridge, stream)?;
         // SAFETY: checked views of the call's shapes.
         let s = unsafe { ops::train_step(&bridge, &shape, &x, &t, io)? };
+        // SAFETY: `size` is the caller's struct_size, checked against ours.
+        unsafe { write_versioned(stats, size, &params::stats_of(&s, size)) };
+        Ok(())
+    })
+}
+
+/// (ABI 5) The length of the flat parameter vector into `*count`: every model tensor in
+/// f32, in the order `bridge_param_info` reports, each row-major.
+///
+/// Returns `BRIDGE_OK`, `INVALID_ARGUMENT` (NULL). Thread-safe.
+///
+/// # Safety
+/// `count` must be NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bridge_param_count(handle: *const BridgeHandle, count: *mut i64) -> i32 {
+    ffi_call("bridge_param_count", || {
+        let bridge = lookup(handle)?;
+        if count.is_null() {
+            return Err(Error::invalid("count is NULL"));
+        }
+        // SAFETY: non-NULL and writable by the contract.
+        unsafe { *count = bridge.flat_len() as i64 };
+        Ok(())
+    })
+}
+
+/// (ABI 5) Tensor `index` (0-based, below the count of tensors) of the flat vector: its
+/// name (the checkpoint key), offset, element count, shape and whether the library's AdamW
+/// decays it. Set `info->struct_size = sizeof(BridgeParamInfo)` first. Iterate from 0
+/// until `BRIDGE_ERR_INVALID_ARGUMENT`, or until `offset + numel` reaches the count.
+///
+/// Returns `BRIDGE_OK`, `INVALID_ARGUMENT` (NULL, index out of range), `ABI_MISMATCH`.
+/// Thread-safe.
+///
+/// # Safety
+/// `info` must be NULL or point to `info->struct_size` writable bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bridge_param_info(
+    handle: *const BridgeHandle,
+    index: i64,
+    info: *mut BridgeParamInfo,
+) -> i32 {
+    ffi_call("bridge_param_info", || {
+        let bridge = lookup(handle)?;
+        // SAFETY: NULL or the caller's struct (its first field is always present).
+        let size = unsafe { struct_size(info, "info", "BridgeParamInfo", OUT_MIN_SIZE)? };
+        let layout = bridge.param_layout();
+        let p = usize::try_from(index)
+            .ok()
+            .and_then(|i| layout.get(i))
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "index = {index}: the bridge has {} tensors (0..{})",
+                    layout.len(),
+                    layout.len()
+                ))
+            })?;
+        let value = params::param_info_of(p, size)?;
+        // SAFETY: `size` is the caller's struct_size, checked against ours.
+        unsafe { write_versioned(info, size, &value) };
+        Ok(())
+    })
+}
+
+/// (ABI 5) Copies the weights into `flat`, a float32 `[n]` tensor (`bridge_param_count`)
+/// where the bridge lives, ordered on `stream` as the compute calls are.
+///
+/// Returns `BRIDGE_OK`, `INVALID_ARGUMENT` (NULL, a dtype other than float32, memory
+/// elsewhere), `SHAPE`, `DEVICE`, `INTERNAL`. Thread-safe; sees one weight version.
+///
+/// # Safety
+/// As `bridge_forward_dlpack`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bridge_get_params_dlpack(
+    handle: *const BridgeHandle,
+    flat: *const DLTensor,
+    stream: *mut c_void,
+) -> i32 {
+    ffi_call("bridge_get_params_dlpack", || {
+        let bridge = lookup(handle)?;
+        // SAFETY: a descriptor per the contract above.
+        let v = unsafe { tensor(flat, "params", &bridge)? };
+        let io = Io::for_bridge(&bridge, stream)?;
+        // SAFETY: a checked view.
+        unsafe { ops::get_params(&bridge, &v, io) }
+    })
+}
+
+/// (ABI 5) Replaces every weight from `flat` (float32 `[n]`, where the bridge lives),
+/// excluding other calls like a train step; the optimiser's moments and step are
+/// untouched (a bf16 bridge's cached weights are refreshed).
+///
+/// Returns as `bridge_get_params_dlpack`, plus `NON_FINITE` (NaN/Inf anywhere; no weight
+/// changed). Thread-safe.
+///
+/// # Safety
+/// As `bridge_forward_dlpack`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bridge_set_params_dlpack(
+    handle: *const BridgeHandle,
+    flat: *const DLTensor,
+    stream: *mut c_void,
+) -> i32 {
+    ffi_call("bridge_set_params_dlpack", || {
+        let bridge = lookup(handle)?;
+        // SAFETY: a descriptor per the contract above.
+        let v = unsafe { tensor(flat, "params", &bridge)? };
+        let io = Io::for_bridge(&bridge, stream)?;
+        // SAFETY: a checked view.
+        unsafe { ops::set_params(&bridge, &v, io) }
+    })
+}
+
+/// (ABI 5) A training-mode forward of `latents` `[B, in_ch, H, W]` with dropout masks
+/// drawn from `seed` (mix rank and step into it), the training loss (the bridge's `w_*`)
+/// against `targets` `[B, h*w, target_dim]` into `loss` (one element, host or device),
+/// and its gradient: the parameters' into `grad_params` (float32 `[n]`, overwritten) and,
+/// unless `grad_latents` is NULL, the latents' (latents' shape). Nothing is updated. A
+/// non-finite loss is no error: it and the gradients are written as they are (after an
+/// all-reduce, `bridge_apply_grads_dlpack` skips the step on every rank alike).
+///
+/// Returns `BRIDGE_OK`, `INVALID_ARGUMENT`, `SHAPE`, `DEVICE`, `INTERNAL`. Thread-safe;
+/// one weight version per call (on CUDA it excludes other calls: it seeds the device's
+/// RNG).
+///
+/// # Safety
+/// As `bridge_forward_dlpack`; `grad_latents` may be NULL.
+#[unsafe(no_mangle)]
+#[allow(clippy::too_many_arguments)] // the C signature DESIGN.md gives
+pub unsafe extern "C" fn bridge_loss_grads_dlpack(
+    handle: *const BridgeHandle,
+    latents: *const DLTensor,
+    targets: *const DLTensor,
+    grad_params: *const DLTensor,
+    grad_latents: *const DLTensor,
+    loss: *const DLTensor,
+    seed: u64,
+    stream: *mut c_void,
+) -> i32 {
+    ffi_call("bridge_loss_grads_dlpack", || {
+        let bridge = lookup(handle)?;
+        // SAFETY: descriptors per the contract above.
+        let (x, t, gp, gl, l) = unsafe {
+            (
+                tensor(latents, "latents", &bridge)?,
+                tensor(targets, "targets", &bridge)?,
+                tensor(grad_params, "grad_params", &bridge)?,
+                optional_tensor(grad_latents, "grad_latents", &bridge)?,
+                loss_tensor(loss, &bridge)?,
+            )
+        };
+        let shape = bridge.latent_shape(&x.shape)?;
+        t.expect_shape(&shape.token_shape())?;
+        if let Some(g) = &gl {
+            g.expect_shape(&x.shape)?;
+        }
+        one_element(&l)?;
+        let io = Io::for_bridge(&bridge, stream)?;
+        // SAFETY: checked views of the call's shapes.
+        unsafe { ops::loss_grads(&bridge, &shape, [&x, &t], (&gp, gl.as_ref()), &l, seed, io) }
+    })
+}
+
+/// (ABI 5) Tokens `[B, h*w, target_dim]` of `latents` in training mode, with dropout
+/// masks drawn from `seed` (the same seed gives `bridge_vjp_dlpack` the same masks).
+///
+/// Returns as `bridge_forward_dlpack`. Thread-safe (on CUDA it excludes other calls).
+///
+/// # Safety
+/// As `bridge_forward_dlpack`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bridge_forward_train_dlpack(
+    handle: *const BridgeHandle,
+    latents: *const DLTensor,
+    out: *const DLTensor,
+    seed: u64,
+    stream: *mut c_void,
+) -> i32 {
+    ffi_call("bridge_forward_train_dlpack", || {
+        let bridge = lookup(handle)?;
+        // SAFETY: descriptors per the contract above.
+        let (x, y) = unsafe {
+            (
+                tensor(latents, "latents", &bridge)?,
+                tensor(out, "out", &bridge)?,
+            )
+        };
+        let shape = bridge.latent_shape(&x.shape)?;
+        y.expect_shape(&shape.token_shape())?;
+        let io = Io::for_bridge(&bridge, stream)?;
+        // SAFETY: checked views of the call's shapes.
+        unsafe { ops::forward_train(&bridge, &shape, &x, &y, seed, io) }
+    })
+}
+
+/// (ABI 5) The vector-Jacobian product of `bridge_forward_train_dlpack` (same `seed`,
+/// same masks) with the cotangent `grad_out` `[B, h*w, target_dim]`, for a loss the host
+/// computes itself: d sum(out * grad_out) / d params into `grad_params` (float32 `[n]`,
+/// overwritten) and, unless `grad_latents` is NULL, / d latents. The forward is
+/// recomputed (nothing is kept between calls).
+///
+/// Returns as `bridge_loss_grads_dlpack`, plus `NON_FINITE` (NaN/Inf in host inputs).
+/// Thread-safe (on CUDA it excludes other calls).
+///
+/// # Safety
+/// As `bridge_forward_dlpack`; `grad_latents` may be NULL.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bridge_vjp_dlpack(
+    handle: *const BridgeHandle,
+    latents: *const DLTensor,
+    grad_out: *const DLTensor,
+    grad_params: *const DLTensor,
+    grad_latents: *const DLTensor,
+    seed: u64,
+    stream: *mut c_void,
+) -> i32 {
+    ffi_call("bridge_vjp_dlpack", || {
+        let bridge = lookup(handle)?;
+        // SAFETY: descriptors per the contract above.
+        let (x, g, gp, gl) = unsafe {
+            (
+                tensor(latents, "latents", &bridge)?,
+                tensor(grad_out, "grad_out", &bridge)?,
+                tensor(grad_params, "grad_params", &bridge)?,
+                optional_tensor(grad_latents, "grad_latents", &bridge)?,
+            )
+        };
+        let shape = bridge.latent_shape(&x.shape)?;
+        g.expect_shape(&shape.token_shape())?;
+        if let Some(gl) = &gl {
+            gl.expect_shape(&x.shape)?;
+        }
+        let io = Io::for_bridge(&bridge, stream)?;
+        // SAFETY: checked views of the call's shapes.
+        unsafe { ops::vjp(&bridge, &shape, [&x, &g], (&gp, gl.as_ref()), seed, io) }
+    })
+}
+
+/// (ABI 5) One step of the handle's own AdamW (warmup + cosine schedule, clipping, weight
+/// decay by `BridgeParamInfo.decays`) with the gradient `grad_params` (float32 `[n]`,
+/// e.g. after the host's all-reduce); a non-finite gradient norm skips it. `*stats` as in
+/// `bridge_train_step`, with `loss` 0 (the host has it). `bridge_loss_grads_dlpack` then
+/// this call on one batch is `bridge_train_step` on it (with dropout 0, or the seed the
+/// step draws).
+///
+/// Returns as `bridge_get_params_dlpack`. Thread-safe like `bridge_train_step`.
+///
+/// # Safety
+/// As `bridge_forward_dlpack`; `stats` NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bridge_apply_grads_dlpack(
+    handle: *const BridgeHandle,
+    grad_params: *const DLTensor,
+    stats: *mut BridgeStepStats,
+    stream: *mut c_void,
+) -> i32 {
+    ffi_call("bridge_apply_grads_dlpack", || {
+        let bridge = lookup(handle)?;
+        // SAFETY: a descriptor per the contract above; `stats` NULL or the caller's struct.
+        let (g, size) = unsafe {
+            (
+                tensor(grad_params, "grad_params", &bridge)?,
+                struct_size(stats, "stats", "BridgeStepStats", OUT_MIN_SIZE)?,
+            )
+        };
+        let io = Io::for_bridge(&bridge, stream)?;
+        // SAFETY: a checked view.
+        let s = unsafe { ops::apply_grads(&bridge, &g, io)? };
         // SAFETY: `size` is the caller's struct_size, checked against ours.
         unsafe { write_versioned(stats, size, &params::stats_of(&s, size)) };
         Ok(())

@@ -4,9 +4,10 @@
 //! inputs, computes, and writes the results. Nothing here checks a shape again.
 
 use super::io::Io;
+use super::view::BufDtype;
 use super::view::View;
 use crate::bridge::shape::{AlignShape, CallShape};
-use crate::bridge::{Bridge, StepStats};
+use crate::bridge::{Bridge, FlatGrads, StepStats};
 use crate::error::{Error, ErrorKind, Result};
 use candle_core::Tensor;
 
@@ -94,6 +95,152 @@ pub unsafe fn train_step(
     let stats = bridge.train_step_at(shape, &x, &t)?;
     io.finish()?;
     Ok(stats)
+}
+
+/// (ABI 5) The flat parameter vector into `flat` (f32 `[n]`).
+///
+/// # Safety
+/// As `forward`.
+pub unsafe fn get_params(bridge: &Bridge, flat: &View, io: Io) -> Result<()> {
+    check_flat(bridge, flat)?;
+    io.check_output(flat)?;
+    let params = bridge.get_params()?;
+    // SAFETY: the views' contract.
+    unsafe { io.write(flat, &params)? };
+    io.finish()
+}
+
+/// (ABI 5) Every weight from `flat` (f32 `[n]`, finite).
+///
+/// # Safety
+/// As `forward`.
+pub unsafe fn set_params(bridge: &Bridge, flat: &View, io: Io) -> Result<()> {
+    check_flat(bridge, flat)?;
+    // SAFETY: the views' contract.
+    let params = unsafe { io.read(flat, true)? };
+    bridge.set_params(&params)?;
+    io.finish()
+}
+
+/// (ABI 5) The training loss with the masks of `seed` into `loss` (one element), its
+/// gradient into `grads[0]` (the flat vector) and, when given, `grads[1]` (the latents').
+///
+/// # Safety
+/// As `forward`.
+pub unsafe fn loss_grads(
+    bridge: &Bridge,
+    shape: &CallShape,
+    [latents, targets]: [&View; 2],
+    (grad_params, grad_latents): (&View, Option<&View>),
+    loss: &View,
+    seed: u64,
+    io: Io,
+) -> Result<()> {
+    check_flat(bridge, grad_params)?;
+    io.check_output(grad_params)?;
+    if let Some(g) = grad_latents {
+        io.check_output(g)?;
+    }
+    io.check_output(loss)?;
+    // SAFETY: the views' contract. (A non-finite input makes a non-finite loss: no error.)
+    let (x, t) = unsafe { (io.read(latents, false)?, io.read(targets, false)?) };
+    let (value, grads) = bridge.loss_grads_at(shape, &x, &t, seed, grad_latents.is_some())?;
+    // SAFETY: as above.
+    unsafe { write_grads(&io, &grads, grad_params, grad_latents)? };
+    // SAFETY: as above.
+    unsafe { io.write(loss, &value)? };
+    io.finish()
+}
+
+/// (ABI 5) Tokens in training mode with the masks of `seed` into `out`.
+///
+/// # Safety
+/// As `forward`.
+pub unsafe fn forward_train(
+    bridge: &Bridge,
+    shape: &CallShape,
+    latents: &View,
+    out: &View,
+    seed: u64,
+    io: Io,
+) -> Result<()> {
+    io.check_output(out)?;
+    // SAFETY: the views' contract.
+    let x = unsafe { io.read(latents, true)? };
+    let tokens = bridge.forward_train_at(shape, &x, seed)?;
+    // SAFETY: as above.
+    unsafe { io.write(out, &tokens)? };
+    io.finish()
+}
+
+/// (ABI 5) The vector-Jacobian product of the training-mode forward with the masks of
+/// `seed` and the cotangent `grad_out`: into `grad_params` and, when given, `grad_latents`.
+///
+/// # Safety
+/// As `forward`.
+pub unsafe fn vjp(
+    bridge: &Bridge,
+    shape: &CallShape,
+    [latents, grad_out]: [&View; 2],
+    (grad_params, grad_latents): (&View, Option<&View>),
+    seed: u64,
+    io: Io,
+) -> Result<()> {
+    check_flat(bridge, grad_params)?;
+    io.check_output(grad_params)?;
+    if let Some(g) = grad_latents {
+        io.check_output(g)?;
+    }
+    // SAFETY: the views' contract.
+    let (x, g) = unsafe { (io.read(latents, true)?, io.read(grad_out, true)?) };
+    let grads = bridge.vjp_at(shape, &x, &g, seed, grad_latents.is_some())?;
+    // SAFETY: as above.
+    unsafe { write_grads(&io, &grads, grad_params, grad_latents)? };
+    io.finish()
+}
+
+/// (ABI 5) One step of the bridge's AdamW with the flat gradient `grad_params`.
+///
+/// # Safety
+/// As `forward`.
+pub unsafe fn apply_grads(bridge: &Bridge, grad_params: &View, io: Io) -> Result<StepStats> {
+    check_flat(bridge, grad_params)?;
+    // SAFETY: the views' contract. (A non-finite gradient skips the step: no error.)
+    let g = unsafe { io.read(grad_params, false)? };
+    let stats = bridge.apply_grads(&g)?;
+    io.finish()?;
+    Ok(stats)
+}
+
+/// A flat parameter vector (or its gradient) is f32 `[n]`.
+fn check_flat(bridge: &Bridge, v: &View) -> Result<()> {
+    if v.dtype != BufDtype::F32 {
+        return Err(Error::invalid(format!(
+            "{} is {}; the flat parameter vector is float32",
+            v.name,
+            v.dtype.name()
+        )));
+    }
+    v.expect_shape(&[bridge.flat_len()])
+}
+
+/// Writes flat gradients: the parameters', and the latents' where asked for.
+///
+/// # Safety
+/// The views hold what they describe.
+unsafe fn write_grads(
+    io: &Io,
+    grads: &FlatGrads,
+    params: &View,
+    latents: Option<&View>,
+) -> Result<()> {
+    // SAFETY: the contract above.
+    unsafe { io.write(params, &grads.params)? };
+    if let (Some(view), Some(g)) = (latents, &grads.latents) {
+        // SAFETY: the contract above.
+        unsafe { io.write(view, g)? };
+    }
+    Ok(())
 }
 
 /// Writes a gradient and the loss: the mean of `per_sample` (`[B]`) into a one-element

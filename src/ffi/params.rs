@@ -222,3 +222,31 @@ fn cuda_devices() -> i32 {
         0
     }
 }
+
+/// (ABI 5) `bridge_param_info`'s struct for one tensor of the flat vector.
+pub fn param_info_of(p: &crate::bridge::ParamInfo, struct_size: usize) -> Result<BridgeParamInfo> {
+    let bytes = p.name.as_bytes();
+    if bytes.len() >= BRIDGE_PARAM_NAME_BYTES || p.shape.len() > BRIDGE_PARAM_MAX_DIMS {
+        return Err(Error::internal(format!(
+            "tensor `{}` of shape {:?} does not fit BridgeParamInfo",
+            p.name, p.shape
+        )));
+    }
+    let mut name = [0 as c_char; BRIDGE_PARAM_NAME_BYTES];
+    for (dst, &b) in name.iter_mut().zip(bytes) {
+        *dst = b as c_char;
+    }
+    let mut shape = [0i64; BRIDGE_PARAM_MAX_DIMS];
+    for (dst, &d) in shape.iter_mut().zip(&p.shape) {
+        *dst = d as i64;
+    }
+    Ok(BridgeParamInfo {
+        struct_size: struct_size as u32,
+        name,
+        offset: p.offset as i64,
+        numel: p.numel() as i64,
+        ndim: p.shape.len() as i32,
+        shape,
+        decays: p.decays as i32,
+    })
+}

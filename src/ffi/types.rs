@@ -5,7 +5,7 @@ use std::ffi::c_void;
 use std::os::raw::c_char;
 
 /// ABI version: bumped when a struct or function signature changes incompatibly.
-pub const BRIDGE_ABI_VERSION: u32 = 4;
+pub const BRIDGE_ABI_VERSION: u32 = 5;
 
 /// Success.
 pub const BRIDGE_OK: i32 = 0;
@@ -145,6 +145,31 @@ pub struct BridgeStepStats {
     pub step: i64,
     /// 1 when a non-finite loss or gradient skipped the update (weights unchanged).
     pub skipped: i32,
+}
+
+/// Bytes of `BridgeParamInfo.name`, its NUL included.
+pub const BRIDGE_PARAM_NAME_BYTES: usize = 96;
+/// Dimensions `BridgeParamInfo.shape` holds.
+pub const BRIDGE_PARAM_MAX_DIMS: usize = 4;
+
+/// (ABI 5) One tensor of the flat parameter vector (`bridge_param_info`). Set
+/// `struct_size` before the call. Self-contained: nothing in it points into the library.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BridgeParamInfo {
+    pub struct_size: u32,
+    /// The checkpoint key, NUL-terminated.
+    pub name: [c_char; BRIDGE_PARAM_NAME_BYTES],
+    /// Its first element's index in the flat vector.
+    pub offset: i64,
+    /// Its element count.
+    pub numel: i64,
+    pub ndim: i32,
+    /// The first `ndim` entries are its shape, the rest 0.
+    pub shape: [i64; BRIDGE_PARAM_MAX_DIMS],
+    /// 1 when the library's AdamW applies weight decay to it (`bridge_apply_grads_dlpack`,
+    /// `bridge_train_step`); a host's optimiser should do the same.
+    pub decays: i32,
 }
 
 /// Message levels of the log callback.

@@ -37,6 +37,14 @@ impl BufDtype {
         }
     }
 
+    pub fn name(self) -> &'static str {
+        match self {
+            BufDtype::F32 => "float32",
+            BufDtype::F16 => "float16",
+            BufDtype::Bf16 => "bfloat16",
+        }
+    }
+
     pub fn size(self) -> usize {
         match self {
             BufDtype::F32 => 4,

@@ -72,6 +72,8 @@ def julia_to_c(t: str) -> set:
         return {"void*", "BridgeHandle*", "BridgeLogCallback"}
     if t in ("DLTensor", "DLDevice", "DLDataType"):
         return {t}
+    if t == "Ptr{DLTensor}":  # a descriptor that may be NULL
+        return {"DLTensor*"}
     if t == "Ptr{UInt8}":
         return {"char*"}
     m = re.fullmatch(r"Ref\{(.+)\}", t)
@@ -90,7 +92,7 @@ def julia_ccalls():
 def test_every_ccall_matches_a_header_function():
     funcs = c_functions()
     calls = julia_ccalls()
-    assert len(funcs) == 18, sorted(funcs)
+    assert len(funcs) == 26, sorted(funcs)
     assert {name for name, _, _ in calls} == set(funcs), "functions without a Julia wrapper or unknown to the header"
     for name, ret, args in calls:
         c_ret, c_args = funcs[name]
@@ -102,16 +104,24 @@ def test_every_ccall_matches_a_header_function():
 
 
 def assert_fields_match(struct: str, c_body: str, jl_body: str):
-    """The Julia mirror has the C struct's fields, in order, with passing types."""
-    c_fields = [(m.group(2), canon_c(m.group(1))) for m in re.finditer(r"^\s*([\w][\w *]*?)(\w+);", c_body, re.M)]
-    jl_fields = re.findall(r"^\s*(\w+)::([\w{}]+)", jl_body, re.M)
-    assert [n for n, _ in jl_fields] == [n for n, _ in c_fields], struct
-    for (name, jt), (_, ct) in zip(jl_fields, c_fields):
+    """The Julia mirror has the C struct's fields, in order, with passing types (a C array
+    `T name[N]` as `NTuple{N,T}`)."""
+    c_fields = [(m.group(2), canon_c(m.group(1)), m.group(3))
+                for m in re.finditer(r"^\s*([\w][\w *]*?)(\w+)(?:\[(\w+)\])?;", c_body, re.M)]
+    jl_fields = re.findall(r"^\s*(\w+)::([\w{},]+)", jl_body, re.M)
+    assert [n for n, _ in jl_fields] == [n for n, _, _ in c_fields], struct
+    for (name, jt), (_, ct, length) in zip(jl_fields, c_fields):
+        if length is not None:
+            n = int(length) if length.isdigit() else int(re.search(r"#define %s (\d+)" % length, HEADER).group(1))
+            m = re.fullmatch(r"NTuple\{(\d+),(\w+)\}", jt)
+            assert m and int(m.group(1)) == n, f"{struct}.{name}: C [{length}] = {n}, Julia {jt}"
+            jt = m.group(2)
+            ct = {"char": "uint8_t"}.get(ct, ct)  # char bytes as UInt8
         assert ct in julia_to_c(jt), f"{struct}.{name}: C {ct}, Julia {jt}"
 
 
 def test_mirrored_structs_match_the_header():
-    for struct in ("BridgeParams", "BridgeInfo", "BridgeStepStats", "BridgeCapabilities"):
+    for struct in ("BridgeParams", "BridgeInfo", "BridgeStepStats", "BridgeCapabilities", "BridgeParamInfo"):
         body = re.search(r"typedef struct %s \{(.*?)\} %s;" % (struct, struct), HEADER, re.S).group(1)
         jl_body = re.search(r"mutable struct %s\n(.*?)\nend" % struct, JULIA, re.S).group(1)
         assert_fields_match(struct, body, jl_body)
@@ -136,7 +146,7 @@ def test_the_abi_2_fields_and_arguments_are_mirrored():
 
 def test_the_module_declares_and_checks_the_headers_abi_version():
     header = int(re.search(r"#define BRIDGE_ABI_VERSION (\d+)", HEADER).group(1))
-    assert header == 4
+    assert header == 5
     declared = re.search(r"^const ABI_VERSION = UInt32\((\d+)\)$", JULIA, re.M)
     assert declared and int(declared.group(1)) == header
     check = re.search(r"^function check_abi\(\)\n(.*?)^end$", JULIA, re.S | re.M).group(1)
@@ -186,7 +196,7 @@ def test_the_bindings_are_a_package():
 
 
 def test_every_ccall_goes_to_the_library_found_at_run_time():
-    assert JULIA.count("ccall(") == len(julia_ccalls()) == 18, "a ccall that does not go through library_path()"
+    assert JULIA.count("ccall(") == len(julia_ccalls()) == 26, "a ccall that does not go through library_path()"
     # nothing fixes the library when the package is precompiled
     assert not re.search(r"^const LIB\b", JULIA, re.M)
     body = re.search(r"^function find_library\(\)\n(.*?)^end$", JULIA, re.S | re.M).group(1)

@@ -48,6 +48,13 @@ typedef struct {
     int next;
     float *pred8_big, *baseline;
     BridgeCapabilities caps, caps_small, caps_big;
+    /* ABI 5: the flat parameter vector (the weights as loaded; the same with a NaN), a flat
+     * gradient buffer (an output, checked untouched), their descriptors, info structs */
+    int64_t n_params, sh_flat[1];
+    float *flat, *flat_nan, *gflat;
+    DLTensor d_flat, d_gflat;
+    BridgeParamInfo pinfo, pinfo_small, pinfo_big;
+    int64_t count;
 } Ctx;
 
 /* S: the fixture's latent side. c->lat holds 16x32 latents (LAT_BUF) so that rectangular
@@ -238,6 +245,20 @@ static const DLTensor *transposed(Ctx *c, const DLTensor *t) {
 #define LAT_LOSS(t) bridge_latent_loss_backward_dlpack(c->h, &c->d_lat, &c->d_tgt, &c->d_glat, t, NULL)
 #define STEP_LAT(t) bridge_train_step_dlpack(c->h, t, &c->d_tgt, &c->stats, NULL)
 #define STEP_TGT(t) bridge_train_step_dlpack(c->h, &c->d_lat, t, &c->stats, NULL)
+#define GET(t) bridge_get_params_dlpack(c->h, t, NULL)
+#define SET(t) bridge_set_params_dlpack(c->h, t, NULL)
+#define LG_LAT(t) bridge_loss_grads_dlpack(c->h, t, &c->d_tgt, &c->d_gflat, &c->d_glat, &c->d_loss, 1, NULL)
+#define LG_TGT(t) bridge_loss_grads_dlpack(c->h, &c->d_lat, t, &c->d_gflat, &c->d_glat, &c->d_loss, 1, NULL)
+#define LG_GP(t) bridge_loss_grads_dlpack(c->h, &c->d_lat, &c->d_tgt, t, &c->d_glat, &c->d_loss, 1, NULL)
+#define LG_GL(t) bridge_loss_grads_dlpack(c->h, &c->d_lat, &c->d_tgt, &c->d_gflat, t, &c->d_loss, 1, NULL)
+#define LG_LOSS(t) bridge_loss_grads_dlpack(c->h, &c->d_lat, &c->d_tgt, &c->d_gflat, &c->d_glat, t, 1, NULL)
+#define FT_LAT(t) bridge_forward_train_dlpack(c->h, t, &c->d_out, 1, NULL)
+#define FT_OUT(t) bridge_forward_train_dlpack(c->h, &c->d_lat, t, 1, NULL)
+#define VJP_LAT(t) bridge_vjp_dlpack(c->h, t, &c->d_tgt, &c->d_gflat, &c->d_glat, 1, NULL)
+#define VJP_GO(t) bridge_vjp_dlpack(c->h, &c->d_lat, t, &c->d_gflat, &c->d_glat, 1, NULL)
+#define VJP_GP(t) bridge_vjp_dlpack(c->h, &c->d_lat, &c->d_tgt, t, &c->d_glat, 1, NULL)
+#define VJP_GL(t) bridge_vjp_dlpack(c->h, &c->d_lat, &c->d_tgt, &c->d_gflat, t, 1, NULL)
+#define APPLY(t) bridge_apply_grads_dlpack(c->h, t, &c->stats, NULL)
 
 /* The descriptor rows of one tensor argument, named `word` in messages: `call(t)` is the
  * call with it replaced by `t`, `v` its valid descriptor. DESC_ROWS: one row per check
@@ -667,7 +688,121 @@ static int32_t get_caps_prefix(Ctx *c) {
     X(caps_small, BRIDGE_ERR_ABI_MISMATCH, "BridgeCapabilities.struct_size = 4", bridge_get_capabilities(&c->caps_small)) \
     X(caps_big, BRIDGE_ERR_ABI_MISMATCH, "BridgeCapabilities|newer", bridge_get_capabilities(&c->caps_big)) \
     X(caps_whole, ACCEPTED, "", get_caps_whole(c))                                                            \
-    X(caps_prefix, ACCEPTED, "", get_caps_prefix(c))
+    X(caps_prefix, ACCEPTED, "", get_caps_prefix(c))                                                   \
+    /* ABI 5: bridge_param_count, bridge_param_info */                                                   \
+    X(pcount_null_handle, INV, "handle is NULL", bridge_param_count(NULL, &c->count))                    \
+    X(pcount_dead, INV, "not a live bridge", bridge_param_count(c->dead, &c->count))                     \
+    X(pcount_null, INV, "count is NULL", bridge_param_count(c->h, NULL))                                 \
+    X(pinfo_null_handle, INV, "handle is NULL", bridge_param_info(NULL, 0, &c->pinfo))                   \
+    X(pinfo_neg, INV, "index = -1|55 tensors", bridge_param_info(c->h, -1, &c->pinfo))                  \
+    X(pinfo_past, INV, "index = 55|55 tensors", bridge_param_info(c->h, 55, &c->pinfo))                 \
+    X(pinfo_huge, INV, "index = 9223372036854775807", bridge_param_info(c->h, INT64_MAX, &c->pinfo))    \
+    X(pinfo_null, INV, "info is NULL", bridge_param_info(c->h, 0, NULL))                                 \
+    X(pinfo_small, BRIDGE_ERR_ABI_MISMATCH, "BridgeParamInfo.struct_size = 4",                           \
+      bridge_param_info(c->h, 0, &c->pinfo_small))                                                       \
+    X(pinfo_big, BRIDGE_ERR_ABI_MISMATCH, "BridgeParamInfo|newer", bridge_param_info(c->h, 0, &c->pinfo_big)) \
+    X(pinfo_ends, ACCEPTED, "", abi5_pinfo_ends(c))                                                           \
+    /* bridge_get_params_dlpack, bridge_set_params_dlpack */                                             \
+    X(get_null_handle, INV, "handle is NULL", bridge_get_params_dlpack(NULL, &c->d_gflat, NULL))         \
+    DESC_ROWS(X, get, "params", GET, &c->d_gflat)                                                         \
+    X(get_short, SH, "params has shape [214831]; expected [214832]", GET(SHAPED(&c->d_gflat, 214831)))  \
+    X(get_2d, SH, "params has shape [1, 214832]; expected [214832]", GET(SHAPED(&c->d_gflat, 1, 214832))) \
+    X(get_f16, INV, "params is float16|float32", GET(typed(c, &c->d_gflat, 2, 16, 1)))                  \
+    X(set_null_handle, INV, "handle is NULL", bridge_set_params_dlpack(NULL, &c->d_flat, NULL))          \
+    X(set_dead, INV, "not a live bridge", bridge_set_params_dlpack(c->dead, &c->d_flat, NULL))           \
+    DESC_ROWS(X, set, "params", SET, &c->d_flat)                                                          \
+    X(set_long, SH, "params has shape [214833]; expected [214832]", SET(SHAPED(&c->d_flat, 214833)))     \
+    X(set_bf16, INV, "params is bfloat16|float32", SET(typed(c, &c->d_flat, 4, 16, 1)))                 \
+    X(set_nan, BRIDGE_ERR_NON_FINITE, "params[214000] = NaN", SET(data_at(c, &c->d_flat, c->flat_nan)))  \
+    X(get_set_same, ACCEPTED, "", abi5_get_set_same(c))                                                       \
+    /* bridge_loss_grads_dlpack */                                                                        \
+    X(lg_null_handle, INV, "handle is NULL",                                                              \
+      bridge_loss_grads_dlpack(NULL, &c->d_lat, &c->d_tgt, &c->d_gflat, NULL, &c->d_loss, 1, NULL))      \
+    DESC_ROWS_ALL(X, lg_lat, "latents", LG_LAT, &c->d_lat)                                                \
+    DESC_STRIDE_ROWS(X, lg_tgt, "targets", LG_TGT, &c->d_tgt)                                             \
+    DESC_ROWS(X, lg_gp, "grad_params", LG_GP, &c->d_gflat)                                                \
+    X(lg_gl_cuda, INV, "grad_latents is on DLPack device type 2", LG_GL(on_device(c, &c->d_glat, DL_CUDA, 0))) \
+    X(lg_gl_f64, INV, "grad_latents has dtype code 2, 64 bits", LG_GL(typed(c, &c->d_glat, 2, 64, 1)))   \
+    DESC_ROWS(X, lg_loss, "loss", LG_LOSS, &c->d_loss)                                                    \
+    X(lg_gp_short, SH, "grad_params has shape [214831]", LG_GP(SHAPED(&c->d_gflat, 214831)))            \
+    X(lg_gp_f16, INV, "grad_params is float16", LG_GP(typed(c, &c->d_gflat, 2, 16, 1)))                 \
+    X(lg_gl_shape, SH, "grad_latents has shape [3, 4, 16, 32]; expected [3, 4, 16, 16]",                 \
+      LG_GL(SHAPED(&c->d_glat, B, 4, S, 2 * S)))                                                          \
+    X(lg_tgt_tokens, SH, "targets has shape [3, 64, 48]; expected [3, 16, 48]", LG_TGT(SHAPED(&c->d_tgt, B, 64, 48))) \
+    X(lg_lat_h18, SH, "latent height = 18", LG_LAT(SHAPED(&c->d_lat, B, 4, 18, S)))                      \
+    X(lg_loss_per_sample, SH, "loss has shape [3]; expected one element", LG_LOSS(SHAPED(&c->d_loss, B))) \
+    X(lg_nan_latents, ACCEPTED, "", abi5_lg_nan_latents(c))                                                    \
+    X(lg_no_latent_grad, ACCEPTED, "", abi5_lg_no_latent_grad(c))                                              \
+    /* bridge_forward_train_dlpack */                                                                     \
+    X(ft_null_handle, INV, "handle is NULL", bridge_forward_train_dlpack(NULL, &c->d_lat, &c->d_out, 1, NULL)) \
+    DESC_STRIDE_ROWS(X, ft_lat, "latents", FT_LAT, &c->d_lat)                                             \
+    DESC_STRIDE_ROWS(X, ft_out, "out", FT_OUT, &c->d_out)                                                 \
+    X(ft_out_tokens, SH, "out has shape [3, 64, 48]; expected [3, 16, 48]", FT_OUT(SHAPED(&c->d_out, B, 64, 48))) \
+    X(ft_nan, BRIDGE_ERR_NON_FINITE, "latents", FT_LAT(data_at(c, &c->d_lat, c->lat_nan)))               \
+    /* bridge_vjp_dlpack */                                                                               \
+    X(vjp_null_handle, INV, "handle is NULL",                                                             \
+      bridge_vjp_dlpack(NULL, &c->d_lat, &c->d_tgt, &c->d_gflat, NULL, 1, NULL))                          \
+    DESC_STRIDE_ROWS(X, vjp_lat, "latents", VJP_LAT, &c->d_lat)                                           \
+    DESC_STRIDE_ROWS(X, vjp_go, "grad_out", VJP_GO, &c->d_tgt)                                            \
+    DESC_ROWS(X, vjp_gp, "grad_params", VJP_GP, &c->d_gflat)                                              \
+    X(vjp_gl_f64, INV, "grad_latents has dtype code 2, 64 bits", VJP_GL(typed(c, &c->d_glat, 2, 64, 1))) \
+    X(vjp_go_tokens, SH, "grad_out has shape [3, 64, 48]; expected [3, 16, 48]", VJP_GO(SHAPED(&c->d_tgt, B, 64, 48))) \
+    X(vjp_gp_long, SH, "grad_params has shape [214833]", VJP_GP(SHAPED(&c->d_gflat, 214833)))           \
+    X(vjp_gl_shape, SH, "grad_latents has shape [3, 4, 256]", VJP_GL(SHAPED(&c->d_glat, B, 4, S * S)))   \
+    X(vjp_go_inf, BRIDGE_ERR_NON_FINITE, "grad_out", VJP_GO(data_at(c, &c->d_tgt, c->tgt_inf)))          \
+    /* bridge_apply_grads_dlpack */                                                                       \
+    X(apply_null_handle, INV, "handle is NULL", bridge_apply_grads_dlpack(NULL, &c->d_flat, &c->stats, NULL)) \
+    X(apply_dead, INV, "not a live bridge", bridge_apply_grads_dlpack(c->dead, &c->d_flat, &c->stats, NULL)) \
+    DESC_ROWS(X, apply, "grad_params", APPLY, &c->d_flat)                                                 \
+    X(apply_short, SH, "grad_params has shape [214831]", APPLY(SHAPED(&c->d_flat, 214831)))             \
+    X(apply_f16, INV, "grad_params is float16", APPLY(typed(c, &c->d_flat, 2, 16, 1)))                  \
+    X(apply_stats_null, INV, "stats is NULL", bridge_apply_grads_dlpack(c->h, &c->d_flat, NULL, NULL))  \
+    X(apply_stats_small, BRIDGE_ERR_ABI_MISMATCH, "BridgeStepStats",                                      \
+      bridge_apply_grads_dlpack(c->h, &c->d_flat, &c->stats_small, NULL))                                 \
+    X(apply_nan, SKIPPED, "", APPLY(data_at(c, &c->d_flat, c->flat_nan)))
+
+/* ABI 5 calls that must be accepted, into buffers of their own. */
+/* param_info of tensor 0 and of the last: names, offsets, shapes, and the count covered */
+static int32_t abi5_pinfo_ends(Ctx *c) {
+    BridgeParamInfo a = {.struct_size = sizeof a}, z = {.struct_size = sizeof z};
+    int32_t st = bridge_param_info(c->h, 0, &a);
+    if (st == BRIDGE_OK) st = bridge_param_info(c->h, 54, &z);
+    if (st != BRIDGE_OK) return st;
+    if (strcmp(a.name, "adapter.stem.weight") != 0 || a.offset != 0 || a.ndim != 4 || a.shape[0] != 32 ||
+        a.decays != 1 || z.offset + z.numel != c->n_params || strcmp(z.name, "head.bias") != 0 || z.decays != 0)
+        return fail(c, "param_info: tensor 0 or 54 is not what the fixture holds");
+    return BRIDGE_OK;
+}
+/* get_params gives the weights the set_params of the same values leaves in place */
+static int32_t abi5_get_set_same(Ctx *c) {
+    float *mine = malloc((size_t)c->n_params * sizeof(float));
+    DLTensor t = host_f32(mine, 1, c->sh_flat);
+    int32_t st = bridge_get_params_dlpack(c->h, &t, NULL);
+    if (st == BRIDGE_OK && memcmp(mine, c->flat, (size_t)c->n_params * sizeof(float)) != 0)
+        st = fail(c, "get_params: not the weights as loaded");
+    if (st == BRIDGE_OK) st = bridge_set_params_dlpack(c->h, &t, NULL);
+    free(mine);
+    return st;
+}
+/* NaN latents in loss_grads: no error, the loss written as NaN (a host's all-reduce then
+ * carries it to every rank, and apply_grads skips the step on all) */
+static int32_t abi5_lg_nan_latents(Ctx *c) {
+    float loss = 0, *g = malloc((size_t)c->n_params * sizeof(float));
+    DLTensor tg = host_f32(g, 1, c->sh_flat), tl = host_f32(&loss, 1, c->sh_one);
+    int32_t st = bridge_loss_grads_dlpack(c->h, data_at(c, &c->d_lat, c->lat_nan), &c->d_tgt, &tg, NULL, &tl, 1, NULL);
+    if (st == BRIDGE_OK && !isnan(loss)) st = fail(c, "loss_grads on NaN latents: the loss is not NaN");
+    free(g);
+    return st;
+}
+/* loss_grads with no latent gradient (NULL), a 0-d loss */
+static int32_t abi5_lg_no_latent_grad(Ctx *c) {
+    float loss = NAN, *g = malloc((size_t)c->n_params * sizeof(float));
+    DLTensor tg = host_f32(g, 1, c->sh_flat), tl = host_f32(&loss, 0, NULL);
+    int32_t st = bridge_loss_grads_dlpack(c->h, &c->d_lat, &c->d_tgt, &tg, NULL, &tl, 1, NULL);
+    if (st == BRIDGE_OK && !(loss > 0 && isfinite(loss))) st = fail(c, "loss_grads: no finite loss written");
+    free(g);
+    return st;
+}
 
 /* A non-finite train step is not an error: OK with stats.skipped = 1, nothing updated. */
 #define SKIPPED (-1)
@@ -841,6 +976,21 @@ int main(int argc, char **argv) {
     c->d_tgt = host_f32(c->tgt, 3, c->sh_tok);
     c->d_glat = host_f32(c->glat, 4, c->sh_lat);
     c->d_loss = host_f32(&c->loss, 1, c->sh_one);
+    if (bridge_param_count(c->h, &c->n_params) != BRIDGE_OK || c->n_params != 214832) {
+        fprintf(stderr, "param count %lld (the fixture has 214832)\n", (long long)c->n_params);
+        return 1;
+    }
+    c->sh_flat[0] = c->n_params;
+    c->flat = malloc((size_t)c->n_params * sizeof(float));
+    c->gflat = malloc((size_t)c->n_params * sizeof(float));
+    c->d_flat = host_f32(c->flat, 1, c->sh_flat);
+    c->d_gflat = host_f32(c->gflat, 1, c->sh_flat);
+    if (bridge_get_params_dlpack(c->h, &c->d_flat, NULL) != BRIDGE_OK) return 1;
+    c->flat_nan = copy(c->flat, (size_t)c->n_params);
+    c->flat_nan[214000] = NAN;
+    c->pinfo.struct_size = sizeof c->pinfo;
+    c->pinfo_small.struct_size = 4;
+    c->pinfo_big.struct_size = sizeof c->pinfo + 8;
 
     float *baseline = malloc(TOK * sizeof(float)), *now = malloc(TOK * sizeof(float));
     if (bridge_forward(c->h, c->lat, baseline, B, S, S, BRIDGE_DTYPE_F32) != BRIDGE_OK) return 1;
@@ -855,6 +1005,7 @@ int main(int argc, char **argv) {
         memset(c->grad8, 0x7f, TOK8 * sizeof(float));
         memset(c->glat, 0x7f, LAT * sizeof(float));
         memset(&c->loss, 0x7f, sizeof c->loss);
+        memset(c->gflat, 0x7f, (size_t)c->n_params * sizeof(float));
         int32_t got = k->call(c);
         const char *msg = c->why[0] ? c->why : bridge_last_error();
         int ok;
@@ -867,7 +1018,8 @@ int main(int argc, char **argv) {
         }
         /* no output buffer was written: not on an error, nor by a skipped step */
         ok &= untouched(c->out, TOK * sizeof(float)) && untouched(c->grad8, TOK8 * sizeof(float)) &&
-              untouched(c->glat, LAT * sizeof(float)) && untouched(&c->loss, sizeof c->loss);
+              untouched(c->glat, LAT * sizeof(float)) && untouched(&c->loss, sizeof c->loss) &&
+              untouched(c->gflat, (size_t)c->n_params * sizeof(float));
         /* the handle still works, with the weights it had */
         BridgeInfo info;
         info.struct_size = sizeof info;
@@ -889,7 +1041,7 @@ int main(int argc, char **argv) {
     bridge_destroy(c->hg);
     free(c->lat); free(c->lat_nan); free(c->lat_inf); free(c->tgt); free(c->tgt_inf);
     free(c->pred8); free(c->pred8_nan); free(c->pred8_big); free(c->out); free(c->grad8); free(c->glat);
-    free(baseline); free(now);
+    free(baseline); free(now); free(c->flat); free(c->flat_nan); free(c->gflat);
     if (failures) {
         fprintf(stderr, "%d of %d bad-input cases failed\n", failures, n);
         return 1;

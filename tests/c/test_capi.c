@@ -255,7 +255,7 @@ static void dlpack_calls(BridgeHandle *h, const BridgeParams *params, const floa
     memset(&caps, 0xab, sizeof caps);
     caps.struct_size = sizeof caps;
     EXPECT_OK(bridge_get_capabilities(&caps));
-    CHECK(caps.struct_size == sizeof caps && caps.abi_version == 4 && caps.dlpack_major == 1 &&
+    CHECK(caps.struct_size == sizeof caps && caps.abi_version == 5 && caps.dlpack_major == 1 &&
               caps.dlpack_minor == 0 && caps.max_latent_side == 16384,
           "capabilities: abi %u dlpack %d.%d max side %d", caps.abi_version, caps.dlpack_major, caps.dlpack_minor,
           caps.max_latent_side);
@@ -282,7 +282,7 @@ int main(int argc, char **argv) {
     double want_loss_grid8 = atof(argv[3]), want_loss_latents = atof(argv[4]);
     char path[4096];
 
-    CHECK(bridge_abi_version() == BRIDGE_ABI_VERSION && BRIDGE_ABI_VERSION == 4, "ABI version %u",
+    CHECK(bridge_abi_version() == BRIDGE_ABI_VERSION && BRIDGE_ABI_VERSION == 5, "ABI version %u",
           bridge_abi_version());
 
     BridgeParams params;

@@ -4,6 +4,7 @@
 //        test_cpp --expect-abi-mismatch CHECKPOINT   (run with a library reporting another ABI)
 #include "dino_bridge.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -122,7 +123,7 @@ int main(int argc, char** argv) {
         using dino_bridge::DType;
         using dino_bridge::Tensor;
         const auto caps = dino_bridge::capabilities();
-        CHECK(caps.abi_version == 4 && caps.dlpack_major == 1 && caps.dlpack_minor == 0 &&
+        CHECK(caps.abi_version == 5 && caps.dlpack_major == 1 && caps.dlpack_minor == 0 &&
                   caps.buffer_dtypes == 7u && caps.max_latent_side == 16384,
               "capabilities: abi " << caps.abi_version << " dlpack " << caps.dlpack_major << "."
                                    << caps.dlpack_minor);
@@ -174,6 +175,34 @@ int main(int argc, char** argv) {
         Tensor copy = lat_t;  // a copy holds its own shape
         CHECK(copy.dl().shape != lat_t.dl().shape && copy.dl().shape[3] == 16, "Tensor copy");
         CHECK(out_dl == out, "out written by a refused call");
+
+        // (ABI 5) The flat parameter vector: layout, get/set, gradients, apply.
+        Bridge h = Bridge::open(fx + "/model.safetensors"), lib = Bridge::open(fx + "/model.safetensors");
+        const auto layout = h.param_info();
+        const int64_t n = h.param_count();
+        CHECK(layout.size() == 55 && layout.front().name == "adapter.stem.weight" && layout.front().decays &&
+                  layout.front().shape == (std::vector<int64_t>{32, 4, 3, 3}) &&
+                  layout.back().offset + layout.back().numel == n && n == h.info().param_count,
+              "param_info: " << layout.size() << " tensors, " << n << " parameters");
+        const std::vector<float> w = h.get_params();
+        h.set_params(w);
+        CHECK(h.get_params() == w && h.forward(lat, 3) == out, "get/set round trip");
+        std::vector<float> gp(static_cast<std::size_t>(n)), gl(lat.size());
+        float lg = 0;
+        const Tensor gl_t(gl, {3, 4, 16, 16});
+        h.loss_grads(lat_t, Tensor(target, {3, 16, 48}), Tensor(gp, {n}), &gl_t.dl(), Tensor(&lg, {}), 7);
+        CHECK(std::fabs(lg - sa.loss) <= 1e-6f && close_to(gl, npy(fx + "/grad_latents.npy")),
+              "loss_grads: loss " << lg << " vs the train step's " << sa.loss);
+        const auto applied = h.apply_grads(gp);
+        const auto stepped = lib.train_step(lat, target, 3);
+        CHECK(applied.step == 1 && applied.grad_norm == stepped.grad_norm && h.get_params() == lib.get_params(),
+              "loss_grads + apply_grads = train_step, bit for bit");
+        std::vector<float> tok(out.size()), gv(static_cast<std::size_t>(n));
+        h.forward_train(lat_t, Tensor(tok, {3, 16, 48}), 7);
+        CHECK(close_to(tok, h.forward(lat, 3)), "dropout 0: forward_train is forward (the differentiable ops)");
+        h.vjp(lat_t, Tensor(npy(fx + "/cotangent.npy"), {3, 16, 48}), Tensor(gv, {n}), nullptr, 7);
+        CHECK(std::any_of(gv.begin(), gv.end(), [](float v) { return v != 0.0f; }), "vjp");
+        CHECK(status_of([&] { h.set_params(std::vector<float>(10)); }) == BRIDGE_ERR_SHAPE, "set_params [10]");
     }
 
     std::vector<float> glat(lat.size());

@@ -56,7 +56,7 @@ fn compile(
         .arg(out)
         .arg(format!("-L{}", lib_dir.display()))
         .arg(format!("-Wl,-rpath,{}", lib_dir.display()))
-        .args(["-ldino_bridge", "-lm"])
+        .args(["-ldino_bridge", "-lm", "-pthread"])
         .status()
         .unwrap_or_else(|e| panic!("cannot run {compiler}: {e}"));
     assert!(status.success(), "{compiler} failed on {srcs:?}");
@@ -582,6 +582,24 @@ fn cpp_wrapper_refuses_a_library_of_another_abi() {
         out.status.success() && text.contains("refused: [ABI_MISMATCH]"),
         "{text}"
     );
+}
+
+/// Two handles on two threads, their gradients averaged by hand and applied by each
+/// (ABI 5): the ranks stay bit-identical and compute what one handle trained on the whole
+/// batch computes.
+#[test]
+fn the_cpp_data_parallel_example_keeps_its_ranks_identical() {
+    let args = [os(fixtures().join("model.safetensors")), os("5")];
+    let (ok, text) = build_and_run(
+        "data_parallel",
+        "examples/data_parallel.cpp",
+        "g++",
+        "c++17",
+        &args,
+    );
+    assert!(ok, "{text}");
+    assert!(text.contains("ranks identical: yes"), "{text}");
+    assert_eq!(text.matches("step ").count(), 5, "{text}");
 }
 
 #[test]

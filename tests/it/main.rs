@@ -8,6 +8,7 @@ mod common;
 mod fixtures;
 mod gpu_path;
 mod header;
+mod host_training;
 mod memory;
 mod metrics;
 mod pause;

@@ -60,7 +60,7 @@ end
 __init__() = (LIB_PATH[] = ""; nothing)
 
 # The header's BRIDGE_ABI_VERSION these declarations were written for.
-const ABI_VERSION = UInt32(4)
+const ABI_VERSION = UInt32(5)
 
 const BRIDGE_OK = Int32(0)
 const STATUS_NAMES = Dict{Int32,String}(1 => "INVALID_ARGUMENT", 2 => "SHAPE", 3 => "IO", 4 => "CHECKPOINT",
@@ -138,6 +138,17 @@ mutable struct BridgeStepStats
     lr::Float32
     step::Int64
     skipped::Int32
+end
+
+# ABI 5: one tensor of the flat parameter vector (`name` NUL-terminated in 96 bytes)
+mutable struct BridgeParamInfo
+    struct_size::UInt32
+    name::NTuple{96,UInt8}
+    offset::Int64
+    numel::Int64
+    ndim::Int32
+    shape::NTuple{4,Int64}
+    decays::Int32
 end
 
 # ABI 3
@@ -495,6 +506,133 @@ function set_log_callback(f)
     LOG_HANDLER[] = f
     cb = f === nothing ? C_NULL : @cfunction(log_trampoline, Cvoid, (Int32, Cstring, Ptr{Cvoid}))
     check(ccall((:bridge_set_log_callback, library_path()), Int32, (Ptr{Cvoid}, Ptr{Cvoid}), cb, C_NULL))
+end
+
+# ---- ABI 5: the flat parameter vector, for training in the host's own stack ----
+#
+# The bridge as a differentiable function of one Float32 vector (every model tensor in
+# order, each row-major as in C): its gradient, a training-mode forward and its VJP (one
+# seed, one set of dropout masks), and one step of the handle's AdamW with a gradient the
+# host gives (e.g. after its own all-reduce).
+
+"""The flat parameter vector's length."""
+function param_count(b::Bridge)
+    n = Ref{Int64}(0)
+    check(ccall((:bridge_param_count, library_path()), Int32, (Ptr{Cvoid}, Ref{Int64}), handle(b), n))
+    n[]
+end
+
+"""The flat vector's tensors, in order: `(name, offset, numel, shape, decays)` (`shape` in
+C's row-major order; `offset` 0-based)."""
+function param_info(b::Bridge)
+    out, total = NamedTuple[], param_count(b)
+    i = 0
+    while isempty(out) || out[end].offset + out[end].numel < total
+        p = zeroed(BridgeParamInfo)
+        p.struct_size = UInt32(sizeof(BridgeParamInfo))
+        check(ccall((:bridge_param_info, library_path()), Int32, (Ptr{Cvoid}, Int64, Ref{BridgeParamInfo}),
+            handle(b), i, p))
+        bytes = collect(p.name)
+        name = String(bytes[1:findfirst(==(0x00), bytes)-1])
+        push!(out, (name=name, offset=p.offset, numel=p.numel, shape=collect(p.shape[1:p.ndim]),
+                    decays=p.decays != 0))
+        i += 1
+    end
+    out
+end
+
+flat_tensor(x::Vector{Float32}, shape::Vector{Int64}) = dltensor(x, shape)
+
+"""The weights as the flat vector."""
+function get_params(b::Bridge)
+    flat = Vector{Float32}(undef, param_count(b))
+    fs = Int64[length(flat)]
+    GC.@preserve flat fs begin
+        check(ccall((:bridge_get_params_dlpack, library_path()), Int32, (Ptr{Cvoid}, Ref{DLTensor}, Ptr{Cvoid}),
+            handle(b), flat_tensor(flat, fs), C_NULL))
+    end
+    flat
+end
+
+"""Replaces every weight from the flat vector (optimiser moments and step untouched)."""
+function set_params!(b::Bridge, flat::Vector{Float32})
+    fs = Int64[length(flat)]
+    GC.@preserve flat fs begin
+        check(ccall((:bridge_set_params_dlpack, library_path()), Int32, (Ptr{Cvoid}, Ref{DLTensor}, Ptr{Cvoid}),
+            handle(b), flat_tensor(flat, fs), C_NULL))
+    end
+    nothing
+end
+
+"""
+    loss_grads(b, latents, targets; seed=0, want_latents=false)
+
+The training loss of a training-mode forward (dropout masks from `seed`) and its gradient:
+`(loss, grad_params, grad_latents)` (`grad_latents` is `nothing` unless asked for)."""
+function loss_grads(b::Bridge, latents::Array{Float32,4}, targets::Array{Float32,3}; seed::Integer=0,
+                    want_latents::Bool=false)
+    grad, loss = Vector{Float32}(undef, param_count(b)), zeros(Float32, 1)
+    gl = want_latents ? similar(latents) : nothing
+    ls, ts, gs, ss = c_shape(latents), c_shape(targets), Int64[length(grad)], Int64[1]
+    gls = gl === nothing ? Int64[] : c_shape(gl)
+    GC.@preserve latents targets grad loss gl ls ts gs ss gls begin
+        glt = gl === nothing ? nothing : Ref(dltensor(gl, gls))
+        GC.@preserve glt begin
+            check(ccall((:bridge_loss_grads_dlpack, library_path()), Int32,
+                (Ptr{Cvoid}, Ref{DLTensor}, Ref{DLTensor}, Ref{DLTensor}, Ptr{DLTensor}, Ref{DLTensor}, UInt64, Ptr{Cvoid}),
+                handle(b), dltensor(latents, ls), dltensor(targets, ts), flat_tensor(grad, gs),
+                glt === nothing ? Ptr{DLTensor}(C_NULL) : Base.unsafe_convert(Ptr{DLTensor}, glt),
+                dltensor(loss, ss), UInt64(seed), C_NULL))
+        end
+    end
+    loss[1], grad, gl
+end
+
+"""Tokens in training mode, dropout masks from `seed`."""
+function forward_train(b::Bridge, latents::Array{Float32,4}; seed::Integer=0)
+    batch, _, _, grid = latent_shape(b, latents)
+    out = Array{Float32}(undef, token_dims(b, batch, grid))
+    ls, os = c_shape(latents), c_shape(out)
+    GC.@preserve latents out ls os begin
+        check(ccall((:bridge_forward_train_dlpack, library_path()), Int32,
+            (Ptr{Cvoid}, Ref{DLTensor}, Ref{DLTensor}, UInt64, Ptr{Cvoid}),
+            handle(b), dltensor(latents, ls), dltensor(out, os), UInt64(seed), C_NULL))
+    end
+    out
+end
+
+"""The vector-Jacobian product of `forward_train(b, latents; seed)` with `grad_out`:
+`(grad_params, grad_latents)` (`grad_latents` is `nothing` unless asked for)."""
+function vjp(b::Bridge, latents::Array{Float32,4}, grad_out::Array{Float32,3}; seed::Integer=0,
+             want_latents::Bool=false)
+    grad = Vector{Float32}(undef, param_count(b))
+    gl = want_latents ? similar(latents) : nothing
+    ls, os, gs = c_shape(latents), c_shape(grad_out), Int64[length(grad)]
+    gls = gl === nothing ? Int64[] : c_shape(gl)
+    GC.@preserve latents grad_out grad gl ls os gs gls begin
+        glt = gl === nothing ? nothing : Ref(dltensor(gl, gls))
+        GC.@preserve glt begin
+            check(ccall((:bridge_vjp_dlpack, library_path()), Int32,
+                (Ptr{Cvoid}, Ref{DLTensor}, Ref{DLTensor}, Ref{DLTensor}, Ptr{DLTensor}, UInt64, Ptr{Cvoid}),
+                handle(b), dltensor(latents, ls), dltensor(grad_out, os), flat_tensor(grad, gs),
+                glt === nothing ? Ptr{DLTensor}(C_NULL) : Base.unsafe_convert(Ptr{DLTensor}, glt),
+                UInt64(seed), C_NULL))
+        end
+    end
+    grad, gl
+end
+
+"""One step of the handle's AdamW with the flat gradient `grad` (a non-finite norm skips it)."""
+function apply_grads!(b::Bridge, grad::Vector{Float32})
+    stats = zeroed(BridgeStepStats)
+    stats.struct_size = UInt32(sizeof(BridgeStepStats))
+    gs = Int64[length(grad)]
+    GC.@preserve grad gs begin
+        check(ccall((:bridge_apply_grads_dlpack, library_path()), Int32,
+            (Ptr{Cvoid}, Ref{DLTensor}, Ref{BridgeStepStats}, Ptr{Cvoid}),
+            handle(b), flat_tensor(grad, gs), stats, C_NULL))
+    end
+    stats
 end
 
 """Atomic checkpoint write."""

@@ -1,4 +1,4 @@
-"""ctypes declarations of the C API in include/dino_bridge.h (ABI version 4), and finding
+"""ctypes declarations of the C API in include/dino_bridge.h (ABI version 5), and finding
 the library. `lib()` refuses a library whose `bridge_abi_version()` differs from
 `ABI_VERSION`: the structs and signatures below are only right for that version.
 
@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 OK = 0
 STATUS_NAMES = {
@@ -118,6 +118,24 @@ class BridgeStepStats(ctypes.Structure):
         ("lr", ctypes.c_float),
         ("step", ctypes.c_int64),
         ("skipped", ctypes.c_int32),
+    ]
+
+
+PARAM_NAME_BYTES = 96
+PARAM_MAX_DIMS = 4
+
+
+class BridgeParamInfo(ctypes.Structure):
+    """(ABI 5) `bridge_param_info`: one tensor of the flat parameter vector."""
+
+    _fields_ = [
+        ("struct_size", ctypes.c_uint32),
+        ("name", ctypes.c_char * PARAM_NAME_BYTES),
+        ("offset", ctypes.c_int64),
+        ("numel", ctypes.c_int64),
+        ("ndim", ctypes.c_int32),
+        ("shape", ctypes.c_int64 * PARAM_MAX_DIMS),
+        ("decays", ctypes.c_int32),
     ]
 
 
@@ -227,6 +245,20 @@ _SIGNATURES = {
     # handle, latents, targets, &stats, stream
     "bridge_train_step_dlpack": (_I32, [_P, _DLT, _DLT, ctypes.POINTER(BridgeStepStats), _P]),
     "bridge_get_capabilities": (_I32, [ctypes.POINTER(BridgeCapabilities)]),
+    # ABI 5: the flat parameter vector. handle, &count / handle, index, &info
+    "bridge_param_count": (_I32, [_P, ctypes.POINTER(_I64)]),
+    "bridge_param_info": (_I32, [_P, _I64, ctypes.POINTER(BridgeParamInfo)]),
+    # handle, flat, stream
+    "bridge_get_params_dlpack": (_I32, [_P, _DLT, _P]),
+    "bridge_set_params_dlpack": (_I32, [_P, _DLT, _P]),
+    # handle, latents, targets, grad_params, grad_latents (or NULL), loss, seed, stream
+    "bridge_loss_grads_dlpack": (_I32, [_P, _DLT, _DLT, _DLT, _DLT, _DLT, ctypes.c_uint64, _P]),
+    # handle, latents, out, seed, stream
+    "bridge_forward_train_dlpack": (_I32, [_P, _DLT, _DLT, ctypes.c_uint64, _P]),
+    # handle, latents, grad_out, grad_params, grad_latents (or NULL), seed, stream
+    "bridge_vjp_dlpack": (_I32, [_P, _DLT, _DLT, _DLT, _DLT, ctypes.c_uint64, _P]),
+    # handle, grad_params, &stats, stream
+    "bridge_apply_grads_dlpack": (_I32, [_P, _DLT, ctypes.POINTER(BridgeStepStats), _P]),
     "bridge_set_log_callback": (_I32, [BridgeLogCallback, _P]),
 }
 

@@ -530,6 +530,7 @@ class Bridge:
         self._h = handle
         self._info = self._read_info()
         self._settings = {name: getattr(p, name) for name in _SETTINGS}
+        self._made_with = {"compute_dtype": compute_dtype, "seed": int(seed)}
         if p.device < 0:
             _say_if_no_fast_blas()
 
@@ -625,6 +626,13 @@ class Bridge:
             raise ValueError(f"{name}: shape {list(shape)}, expected [{b}, {c}, H, W]")
         b, _, height, width = shape
         return b, self.token_grid(height, width)
+
+    def _latents_shape(self, latents) -> Tuple[int, Tuple[int, int]]:
+        """(batch, token grid) of an array of latents `[B, in_ch, H, W]` by its shape."""
+        shape, c = tuple(latents.shape), self._info["in_ch"]
+        if len(shape) != 4 or shape[1] != c or shape[0] < 1:
+            raise ValueError(f"latents: shape {list(shape)}, expected [B, {c}, H, W]")
+        return shape[0], self.token_grid(shape[2], shape[3])
 
     def _tokens(self, grid: Tuple[int, int]) -> tuple:
         return (grid[0] * grid[1], self._info["target_dim"])
@@ -754,6 +762,148 @@ class Bridge:
             stats.struct_size = ctypes.sizeof(L.BridgeStepStats)
             _check(L.lib().bridge_train_step_dlpack(self._handle(), lat.ref, tgt.ref, ctypes.byref(stats),
                                                     call.stream_arg()))
+        return {"loss": stats.loss, "grad_norm": stats.grad_norm, "lr": stats.lr, "step": stats.step,
+                "skipped": bool(stats.skipped)}
+
+    # -- the flat parameter vector (ABI 5): training in the host's own stack -----------
+    def param_count(self) -> int:
+        """The length of the flat parameter vector (every model tensor in f32, in
+        `param_info()` order, each row-major)."""
+        n = ctypes.c_int64()
+        _check(L.lib().bridge_param_count(self._handle(), ctypes.byref(n)))
+        return n.value
+
+    def param_info(self) -> list:
+        """The flat vector's tensors, in order: dicts with `name` (the checkpoint key),
+        `offset`, `numel`, `shape` and `decays` (whether the library's AdamW applies weight
+        decay to it)."""
+        if getattr(self, "_param_info", None) is None:
+            out, i = [], 0
+            total = self.param_count()
+            while not out or out[-1]["offset"] + out[-1]["numel"] < total:
+                info = L.BridgeParamInfo()
+                info.struct_size = ctypes.sizeof(L.BridgeParamInfo)
+                _check(L.lib().bridge_param_info(self._handle(), i, ctypes.byref(info)))
+                out.append({"name": info.name.decode(), "offset": info.offset, "numel": info.numel,
+                            "shape": tuple(info.shape[:info.ndim]), "decays": bool(info.decays)})
+                i += 1
+            self._param_info = out
+        return self._param_info
+
+    def _flat(self, call: _Call, flat, name: str, like=None, writable: bool = True):
+        """A float32 `[n]` argument (an output made where the bridge lives when `flat` is
+        None)."""
+        if flat is None:
+            flat = self._empty_f32(call, like, (self.param_count(),))
+        t = call.arg(flat, name, writable=writable)
+        n = self.param_count()
+        if t.shape != (n,) or t.code != L.DTYPE_F32:
+            raise ValueError(f"{name}: {L.DTYPE_NAMES[t.code]} {list(t.shape)}, expected float32 [{n}] (the flat "
+                             f"parameter vector, param_count())")
+        return flat, t
+
+    def _empty_f32(self, call: _Call, like, shape):
+        """A new float32 output: like `like`'s kind and device (torch), else numpy on the
+        host; a CUDA bridge's outputs need torch."""
+        if like is not None and like.kind == "torch":
+            import torch
+
+            return torch.empty(shape, dtype=torch.float32, device=like.obj.device)
+        if self._info["device"] < 0:
+            import numpy as np
+
+            return np.empty(shape, dtype=np.float32)
+        import torch
+
+        return torch.empty(shape, dtype=torch.float32, device=f"cuda:{self._info['device']}")
+
+    def get_params(self, out=None):
+        """The weights as the flat float32 vector `[n]` (written into `out` when given;
+        else numpy on a CPU bridge, torch on a CUDA one)."""
+        with self._call() as call:
+            out, t = self._flat(call, out, "out")
+            _check(L.lib().bridge_get_params_dlpack(self._handle(), t.ref, call.stream_arg()))
+        return out
+
+    def set_params(self, flat) -> None:
+        """Replaces every weight from the flat float32 vector `[n]` (optimiser moments and
+        step untouched). NaN or Inf anywhere raises `BridgeError` with nothing changed."""
+        with self._call() as call:
+            _, t = self._flat(call, flat, "params", writable=False)
+            _check(L.lib().bridge_set_params_dlpack(self._handle(), t.ref, call.stream_arg()))
+
+    def loss_grads(self, latents, targets, seed: int, *, grad_params=None, grad_latents=None,
+                   want_latents: bool = False, loss_out=None):
+        """A training-mode forward (dropout masks from `seed`), the training loss (the
+        bridge's `w_*`) against `targets` and its gradient; nothing is updated. Returns
+        `(loss, grad_params, grad_latents)`: the loss a float (or `loss_out`, one element,
+        written in place), the flat float32 gradient `[n]` (into `grad_params` when given),
+        the latents' gradient (into `grad_latents`, or made when `want_latents`; else
+        None). A non-finite loss is returned as it is (no error)."""
+        with self._call() as call:
+            lat = call.arg(latents, "latents")
+            tgt = call.arg(targets, "targets")
+            b, grid = self._latents(lat)
+            self._expect(tgt, "targets", self._tokens(grid), b, self._tokens_why(b, grid, "the latents' token grid"))
+            grad_params, gp = self._flat(call, grad_params, "grad_params", lat)
+            grad_latents, gl = self._latent_grad(call, lat, grad_latents, want_latents)
+            loss = _Tensor.host_scalar("loss") if loss_out is None else call.arg(loss_out, "loss_out", writable=True,
+                                                                                  host_ok=True)
+            if math.prod(loss.shape) != 1:
+                raise ValueError(f"loss_out: shape {list(loss.shape)}, expected one element")
+            _check(L.lib().bridge_loss_grads_dlpack(self._handle(), lat.ref, tgt.ref, gp.ref,
+                                                    gl.ref if gl is not None else None, loss.ref,
+                                                    ctypes.c_uint64(seed % 2**64), call.stream_arg()))
+        return (loss.value() if loss_out is None else loss_out), grad_params, grad_latents
+
+    def _latent_grad(self, call: _Call, lat: _Tensor, grad_latents, want: bool):
+        if grad_latents is None and not want:
+            return None, None
+        if grad_latents is None:
+            grad_latents = self._empty_f32(call, lat, lat.shape)
+        g = call.arg(grad_latents, "grad_latents", writable=True)
+        if g.shape != lat.shape:
+            raise ValueError(f"grad_latents: shape {list(g.shape)}, expected the latents' {list(lat.shape)}")
+        return grad_latents, g
+
+    def forward_train(self, latents, seed: int, out=None):
+        """Tokens `[B, h*w, target_dim]` in training mode, dropout masks from `seed` (the
+        same seed gives `vjp` the same masks)."""
+        with self._call() as call:
+            lat = call.arg(latents, "latents")
+            b, grid = self._latents(lat)
+            if out is None:
+                out = self._empty_f32(call, lat, (b,) + self._tokens(grid))
+            o = call.arg(out, "out", writable=True)
+            self._expect(o, "out", self._tokens(grid), b, self._tokens_why(b, grid, "the latents' token grid"))
+            _check(L.lib().bridge_forward_train_dlpack(self._handle(), lat.ref, o.ref, ctypes.c_uint64(seed % 2**64),
+                                                       call.stream_arg()))
+        return out
+
+    def vjp(self, latents, grad_out, seed: int, *, grad_params=None, grad_latents=None, want_latents: bool = False):
+        """The vector-Jacobian product of `forward_train(latents, seed)` with the cotangent
+        `grad_out` `[B, h*w, target_dim]`: `(grad_params, grad_latents)` as in
+        `loss_grads`."""
+        with self._call() as call:
+            lat = call.arg(latents, "latents")
+            g = call.arg(grad_out, "grad_out")
+            b, grid = self._latents(lat)
+            self._expect(g, "grad_out", self._tokens(grid), b, self._tokens_why(b, grid, "the latents' token grid"))
+            grad_params, gp = self._flat(call, grad_params, "grad_params", lat)
+            grad_latents, gl = self._latent_grad(call, lat, grad_latents, want_latents)
+            _check(L.lib().bridge_vjp_dlpack(self._handle(), lat.ref, g.ref, gp.ref, gl.ref if gl is not None else None,
+                                             ctypes.c_uint64(seed % 2**64), call.stream_arg()))
+        return grad_params, grad_latents
+
+    def apply_grads(self, grad_params) -> dict:
+        """One step of the bridge's AdamW (schedule, clipping; a non-finite gradient skips
+        it) with the flat gradient `[n]` (e.g. after the host's all-reduce). Returns the
+        stats of `train_step` (`loss` is 0: the host has it)."""
+        with self._call() as call:
+            _, g = self._flat(call, grad_params, "grad_params", writable=False)
+            stats = L.BridgeStepStats()
+            stats.struct_size = ctypes.sizeof(L.BridgeStepStats)
+            _check(L.lib().bridge_apply_grads_dlpack(self._handle(), g.ref, ctypes.byref(stats), call.stream_arg()))
         return {"loss": stats.loss, "grad_norm": stats.grad_norm, "lr": stats.lr, "step": stats.step,
                 "skipped": bool(stats.skipped)}
 

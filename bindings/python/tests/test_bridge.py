@@ -324,10 +324,10 @@ def test_rectangular_alignment_checks_run_before_c(shapes):
 
 def test_the_library_speaks_the_headers_abi():
     header = int(re.search(r"#define BRIDGE_ABI_VERSION (\d+)", HEADER).group(1))
-    assert L.ABI_VERSION == header == L.lib().bridge_abi_version() == 4
+    assert L.ABI_VERSION == header == L.lib().bridge_abi_version() == 5
 
 
-@pytest.mark.parametrize("package_version", [3, 5])
+@pytest.mark.parametrize("package_version", [4, 6])
 def test_a_library_of_another_abi_is_refused_naming_both_versions(monkeypatch, package_version):
     monkeypatch.setattr(L, "_lib", None)
     monkeypatch.setattr(L, "ABI_VERSION", package_version)
@@ -335,16 +335,16 @@ def test_a_library_of_another_abi_is_refused_naming_both_versions(monkeypatch, p
         with pytest.raises(AbiMismatchError) as e:
             attempt()
         msg = str(e.value)
-        assert f"has ABI version 4, but this dino_bridge package was written for ABI version {package_version}" in msg
+        assert f"has ABI version 5, but this dino_bridge package was written for ABI version {package_version}" in msg
         assert str(L.library_path()) in msg
-        assert (e.value.library_version, e.value.expected) == (4, package_version)
+        assert (e.value.library_version, e.value.expected) == (5, package_version)
         assert isinstance(e.value, OSError)
         assert L._lib is None, "a refused library must not be kept"
 
 
 _CTYPES = {ctypes.c_uint32: "uint32_t", ctypes.c_int32: "int32_t", ctypes.c_int64: "int64_t",
            ctypes.c_uint64: "uint64_t", ctypes.c_float: "float", ctypes.c_char_p: "char*", ctypes.c_void_p: "void*",
-           ctypes.c_uint8: "uint8_t", ctypes.c_uint16: "uint16_t"}
+           ctypes.c_uint8: "uint8_t", ctypes.c_uint16: "uint16_t", ctypes.c_char: "char"}
 
 
 def _c_type(t: str) -> str:
@@ -366,17 +366,22 @@ def _py_type(t) -> set:
     raise AssertionError(f"unmapped ctypes type {t}")
 
 
-@pytest.mark.parametrize("struct", ["BridgeParams", "BridgeInfo", "BridgeStepStats", "BridgeCapabilities", "DLDevice",
-                                    "DLDataType", "DLTensor"])
+@pytest.mark.parametrize("struct", ["BridgeParams", "BridgeInfo", "BridgeStepStats", "BridgeCapabilities",
+                                    "BridgeParamInfo", "DLDevice", "DLDataType", "DLTensor"])
 def test_ctypes_structs_mirror_the_header(struct):
     # BridgeX is `typedef struct BridgeX {...} BridgeX;`, the DLPack ones `typedef struct {...} DLX;`.
     body = re.search(r"typedef struct (?:%s )?\{([^{}]*)\} %s;" % (struct, struct), HEADER).group(1)
     body = re.sub(r"/\*.*?\*/", "", body)
-    c_fields = [(m.group(2), _c_type(m.group(1))) for m in re.finditer(r"^\s*([\w][\w *]*?)(\w+);\s*$", body, re.M)]
+    c_fields = [(m.group(2), _c_type(m.group(1)), m.group(3))
+                for m in re.finditer(r"^\s*([\w][\w *]*?)(\w+)(?:\[(\w+)\])?;\s*$", body, re.M)]
     assert c_fields, struct
     py_fields = getattr(L, struct)._fields_
-    assert [n for n, _ in py_fields] == [n for n, _ in c_fields]
-    for (name, pt), (_, ct) in zip(py_fields, c_fields):
+    assert [n for n, _ in py_fields] == [n for n, _, _ in c_fields]
+    for (name, pt), (_, ct, length) in zip(py_fields, c_fields):
+        if length is not None:  # an array: `T name[LEN]`, LEN a #define of the header
+            n = int(re.search(r"#define %s (\d+)" % length, HEADER).group(1)) if not length.isdigit() else int(length)
+            assert getattr(pt, "_length_", None) == n, f"{struct}.{name}: C [{length}] = {n}, ctypes {pt}"
+            pt = pt._type_
         assert ct in _py_type(pt), f"{struct}.{name}: C {ct}, ctypes {pt}"
     if struct == "BridgeParams":
         assert [n for n, _ in py_fields[-6:]] == ["w_gram", "spatial_norm_gamma", "align_w_cos", "align_w_norm",

@@ -87,3 +87,93 @@ def test_ddp_gradients_over_two_ranks_equal_one_process_on_the_whole_batch(tmp_p
         assert len(r["grads"]) == len(want)
         for got, ref in zip(r["grads"], want):
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7, msg=lambda m: f"rank {rank}: {m}")
+
+
+# -- BridgeModule under DDP: the bridge itself trained by the host ---------------------------------
+
+STEPS = 3
+MODULE_BATCH = 8
+MODULE_OPTIM = dict(lr=1e-3, weight_decay=0.05, grad_clip=0.1, warmup_steps=1, total_steps=10)
+
+
+def module_batches():
+    gen = torch.Generator().manual_seed(9)
+    return [(torch.randn(MODULE_BATCH, 4, 16, 16, generator=gen), torch.randn(MODULE_BATCH, 16, 48, generator=gen))
+            for _ in range(STEPS)]
+
+
+def train_module(module, batches, part=slice(None)):
+    """torch AdamW with the library's decay groups, clipping and schedule, on `part` of
+    each batch."""
+    inner = getattr(module, "module", module)  # the BridgeModule inside DDP
+    opt = torch.optim.AdamW(inner.param_groups(MODULE_OPTIM["weight_decay"]), lr=MODULE_OPTIM["lr"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, inner.lr_lambda)
+    for x, t in batches:
+        opt.zero_grad()
+        module(x[part], t[part]).backward()  # DDP averages the gradients over the ranks here
+        torch.nn.utils.clip_grad_norm_(module.parameters(), MODULE_OPTIM["grad_clip"])
+        opt.step()
+        sched.step()
+
+
+def _module_worker(rank, world, init_file, ckpt, out_dir):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from dino_bridge.torch import BridgeModule
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        module = DDP(BridgeModule(Bridge(ckpt, **MODULE_OPTIM)))
+        share = MODULE_BATCH // world
+        train_module(module, module_batches(), slice(rank * share, (rank + 1) * share))
+        torch.save({n: p.detach().clone() for n, p in module.module.named_parameters()},
+                   os.path.join(out_dir, f"module{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+WORLDS = [2, 4] if os.environ.get("DINO_BRIDGE_FULL") == "1" else [2]
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_ddp_trains_a_bridge_module_as_one_process_on_the_whole_batch(world, tmp_path, monkeypatch):
+    from dino_bridge.torch import BridgeModule
+
+    ckpt = tmp_path / "tiny.safetensors"
+    with tiny_bridge(seed=11) as b:  # dropout 0: the ranks' masks cannot differ
+        b.save(ckpt)
+    if "GLOO_SOCKET_IFNAME" not in os.environ:
+        monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    start = time.monotonic()
+    ctx = mp.spawn(_module_worker, args=(world, str(tmp_path / "store"), str(ckpt), str(tmp_path)), nprocs=world,
+                   join=False)
+    while not ctx.join(timeout=1):
+        if time.monotonic() - start > TIMEOUT_S:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.terminate()
+            pytest.fail(f"the DDP ranks did not finish in {TIMEOUT_S} s")
+    whole = BridgeModule(Bridge(ckpt, **MODULE_OPTIM))
+    before = {n: p.detach().clone() for n, p in whole.named_parameters()}
+    train_module(whole, module_batches())
+    # The loss does not depend on a few elements (a bias before a normalisation, the keys'
+    # bias): float noise in their gradient moves them by up to Adam's step; the rest must
+    # agree to 1e-5 of each tensor's scale.
+    noise_bound = 2 * STEPS * MODULE_OPTIM["lr"]
+    for rank in range(world):
+        got = torch.load(tmp_path / f"module{rank}.pt")
+        moved = 0
+        for name, p in whole.named_parameters():
+            err = (got[name] - p.detach()).abs()
+            scale = p.detach().abs().max()
+            assert err.max() <= noise_bound, f"rank {rank}: {name} differs by {err.max()}"
+            moved += int((err > 1e-5 * scale).sum())
+            assert not torch.equal(p.detach(), before[name]) or name.endswith("bias"), f"{name} did not train"
+        assert moved <= 0.01 * sum(p.numel() for p in whole.parameters()), f"rank {rank}: {moved} elements differ"
+    with torch.no_grad():
+        x = module_batches()[0][0]
+        ranks = BridgeModule(Bridge(ckpt))
+        ranks.load_state_dict(torch.load(tmp_path / "module0.pt"))
+        torch.testing.assert_close(ranks(x), whole(x), rtol=1e-4, atol=1e-5)

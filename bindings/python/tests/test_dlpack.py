@@ -192,7 +192,7 @@ def test_jax_arrays_in_and_out(bridge, fx, expected):
 
 def test_capabilities_describe_this_build():
     caps = dino_bridge.capabilities()
-    assert caps["abi_version"] == L.ABI_VERSION == 4
+    assert caps["abi_version"] == L.ABI_VERSION == 5
     assert caps["buffer_dtypes"] == ["float32", "float16", "bfloat16"]
     assert "float32" in caps["compute_dtypes"]
     assert caps["dlpack_version"] == (1, 0)

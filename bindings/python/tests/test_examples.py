@@ -33,3 +33,26 @@ def test_repa_example_compiles_in_one_graph_under_bf16_autocast():
     # 10 steps: the first and last five (the windows the example averages) do not overlap.
     result, out = run_example("--steps", "10", "--bf16", "--compile", "aot_eager")
     assert result["align_last"] < result["align_first"], out
+
+
+def run_ddp_example(out, nproc):
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "bindings" / "python"), OMP_NUM_THREADS="1",
+               GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
+    script = str(ROOT / "examples" / "ddp_train.py")
+    launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                  "--nproc-per-node", str(nproc)]
+    run = subprocess.run([*launch, script, "--steps", "20", "--batch", "16", "--warmup", "5", "--out", str(out)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return json.loads(run.stdout.strip().splitlines()[-1]), run.stdout
+
+
+def test_the_ddp_example_trains_the_same_run_on_one_and_two_ranks(tmp_path):
+    one, out1 = run_ddp_example(tmp_path / "one", 1)
+    two, out2 = run_ddp_example(tmp_path / "two", 2)
+    assert one["last_loss"] < 0.5 * one["first_loss"], out1
+    assert abs(two["last_loss"] - one["last_loss"]) <= 1e-4 * one["last_loss"], (out1, out2)
+    from dino_bridge import Bridge
+
+    resumed = Bridge(two["checkpoint"])
+    assert resumed.info()["step"] == 20
