@@ -17,7 +17,8 @@ loss written into a device tensor with no host sync (the host returns while the 
 still busy behind torch.cuda._sleep, and the result is still right: the library waited on
 the stream), calls on the legacy default stream (`__dlpack__(stream=1)`, NULL to the
 library), and AlignLoss / LatentLoss as custom ops under torch.compile(fullgraph=True) on
-CUDA tensors, against eager. Speed: forward, loss_backward and train step against PyTorch
+CUDA tensors, against eager. ABI 5: the flat-vector calls (loss_grads, VJP, get/set)
+against the CPU, and BridgeModule under DDP (NCCL, one process) against the CPU module. Speed: forward, loss_backward and train step against PyTorch
 eager with the same weights. Prints one line per check and exits non-zero if any check fails.
 
     python tests/gpu/check_gpu.py FIXTURES_DIR [--quick] [--dry-run]
@@ -461,6 +462,63 @@ def throughput(ckpt, batches, iters):
               flush=True)
 
 
+def host_training(ckpt, batch):
+    """ABI 5 on the device: the flat-vector calls against the CPU path, and BridgeModule
+    with torch AdamW under DDP (NCCL, one process; gloo in the dry run) against the same
+    steps on the CPU."""
+    cpu, gpu = Bridge(ckpt, device=-1), Bridge(ckpt, device=DEVICE)
+    info = cpu.info()
+    g, d, s = info["grid"], info["target_dim"], info["latent_size"]
+    gen = torch.Generator().manual_seed(6)
+    lat, tgt = torch.randn(batch, info["in_ch"], s, s, generator=gen), torch.randn(batch, g * g, d, generator=gen)
+    cot = torch.randn(batch, g * g, d, generator=gen)
+    side = new_stream()
+    with on(side):
+        lat_d, tgt_d, cot_d = lat.to(TDEV), tgt.to(TDEV), cot.to(TDEV)
+        loss_d = torch.empty((), device=TDEV)
+        _, gp_d, gl_d = gpu.loss_grads(lat_d, tgt_d, 3, want_latents=True, loss_out=loss_d)
+        vp_d, vl_d = gpu.vjp(lat_d, cot_d, 3, want_latents=True)
+        flat_d = torch.empty(gpu.param_count(), device=TDEV)
+        gpu.get_params(flat_d)
+        gpu.set_params(flat_d)
+        again_d = torch.empty_like(flat_d)
+        gpu.get_params(again_d)
+    sync(side)
+    loss_c, gp_c, gl_c = cpu.loss_grads(lat, tgt, 3, want_latents=True)
+    vp_c, vl_c = cpu.vjp(lat, cot, 3, want_latents=True)
+    check("ABI 5: loss_grads (loss, flat gradient, latents' gradient) against the CPU",
+          close_loss(loss_d.item(), loss_c, 1e-4) and rel(gp_d, gp_c) < 1e-3 and rel(gl_d, gl_c) < 1e-3,
+          f"loss {loss_d.item():.6f} vs {loss_c:.6f}, grad rel {rel(gp_d, gp_c):.2e}, latents {rel(gl_d, gl_c):.2e}")
+    check("ABI 5: the VJP against the CPU", rel(vp_d, vp_c) < 1e-3 and rel(vl_d, vl_c) < 1e-3,
+          f"params rel {rel(vp_d, vp_c):.2e}, latents {rel(vl_d, vl_c):.2e}")
+    check("ABI 5: get/set round trip on the device", torch.equal(flat_d, again_d)
+          and rel(flat_d, torch.from_numpy(cpu.get_params())) == 0)
+    # BridgeModule under DDP, one process, against the same 3 steps on the CPU.
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from dino_bridge.torch import BridgeModule
+
+    store = os.path.join(tempfile.mkdtemp(), "store")
+    dist.init_process_group("gloo" if DRY else "nccl", init_method=f"file://{store}", rank=0, world_size=1)
+    try:
+        weights = {}
+        for where, ordinal in (("cpu", -1), (TDEV, DEVICE)):
+            module = BridgeModule(Bridge(ckpt, device=ordinal, lr=1e-3, warmup_steps=1))
+            model = DDP(module) if where == TDEV else module
+            opt = torch.optim.AdamW(module.param_groups(0.05), lr=1e-3, fused=not DRY and where != "cpu")
+            for _ in range(3):
+                opt.zero_grad()
+                model(lat.to(where), tgt.to(where)).backward()
+                torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+                opt.step()
+            weights[where] = torch.cat([p.detach().flatten().cpu() for p in module.parameters()])
+        check("ABI 5: BridgeModule under DDP on the device = the CPU module", rel(weights[TDEV], weights["cpu"]) < 1e-4,
+              f"rel {rel(weights[TDEV], weights['cpu']):.2e}")
+    finally:
+        dist.destroy_process_group()
+
+
 def main():
     fx = Path(next(a for a in sys.argv[1:] if not a.startswith("--")))
     quick = "--quick" in sys.argv or DRY
@@ -486,6 +544,7 @@ def main():
     repa_alignment(repa, 2 if DRY else 8, 1e-3)
     dlpack_calls(model, 4)
     compiled_losses(model, 4)
+    host_training(model, 4)
     if DRY:
         throughput(ckpt, [2], 1)
     else:

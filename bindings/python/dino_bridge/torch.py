@@ -641,6 +641,15 @@ class BridgeModule(torch.nn.Module):
                              f"has one step")
         return out, (steps.pop() if steps else 0)
 
+    @staticmethod
+    def read_ema(path) -> "dict | None":
+        """The moving average a checkpoint carries (`ema.<name>`, as `bridge-train --ema`
+        and `save(ema=...)` write it), by parameter name, or None without one."""
+        from . import checkpoint
+
+        _, tensors = checkpoint.read(path, prefix="ema.")
+        return {name[len("ema."):]: torch.from_numpy(t) for name, t in tensors.items()} or None
+
     def load_optimizer_state(self, optimizer, path) -> int:
         """Sets torch AdamW's state for this module's parameters from a library checkpoint:
         `exp_avg` / `exp_avg_sq` from its moments, `step` from its train state (the

@@ -216,7 +216,11 @@ def test_the_module_and_the_library_continue_each_others_checkpoints(fx, tmp_pat
     opt, sched = torch_adamw(module)
     for x, t in data[:5]:
         host_step(module, opt, sched, x, t)
-    module.save(tmp_path / "module.safetensors", optimizer=opt)
+    ema = {n: p.detach() * 0.5 for n, p in module.named_parameters()}
+    module.save(tmp_path / "module.safetensors", optimizer=opt, ema=ema)
+    back = BridgeModule.read_ema(tmp_path / "module.safetensors")
+    assert set(back) == set(ema) and all(torch.equal(back[n], ema[n]) for n in ema)
+    assert BridgeModule.read_ema(fx / "model.safetensors") is None
     resumed = Bridge(tmp_path / "module.safetensors", **OPTIM)
     assert resumed.info()["step"] == 5
     for x, t in data[5:]:
