@@ -130,6 +130,28 @@ impl BridgeConfig {
             "flux" => BridgeConfig { in_ch: 16, ..d },
             "repa" => repa,
             "repa-flux" => BridgeConfig { in_ch: 16, ..repa },
+            // The `repa` grid for teachers of other widths (DESIGN.md, "Teachers"): the body
+            // stays; the head maps to the teacher's width.
+            "repa-384" => BridgeConfig {
+                target_dim: 384,
+                ..repa
+            },
+            "repa-1024" => BridgeConfig {
+                target_dim: 1024,
+                ..repa
+            },
+            "repa-1152" => BridgeConfig {
+                target_dim: 1152,
+                ..repa
+            },
+            "repa-1280" => BridgeConfig {
+                target_dim: 1280,
+                ..repa
+            },
+            "repa-1536" => BridgeConfig {
+                target_dim: 1536,
+                ..repa
+            },
             "small" => BridgeConfig {
                 adapter_mid_channels: 32,
                 adapter_out_channels: 64,
@@ -174,8 +196,19 @@ impl BridgeConfig {
     }
 
     /// The preset names, for messages.
-    pub const PRESETS: [&'static str; 6] =
-        ["default", "repa", "flux", "repa-flux", "small", "tiny"];
+    pub const PRESETS: [&'static str; 11] = [
+        "default",
+        "repa",
+        "flux",
+        "repa-flux",
+        "repa-384",
+        "repa-1024",
+        "repa-1152",
+        "repa-1280",
+        "repa-1536",
+        "small",
+        "tiny",
+    ];
 
     /// Tokens of the stored grid (`pos_embed`), `grid * grid`.
     pub fn tokens(&self) -> usize {

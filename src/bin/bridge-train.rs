@@ -36,7 +36,7 @@ enum Command {
         out: PathBuf,
         #[arg(long, default_value_t = 1000)]
         n: usize,
-        /// Preset (default, repa, flux, repa-flux, small, tiny) or a JSON config file.
+        /// Preset (default, repa, flux, repa-flux, repa-384/1024/1152/1280/1536, small, tiny) or a JSON config file.
         #[arg(long, default_value = "default")]
         config: String,
         /// Latent size HxW (default: the config's latent_size, square).
@@ -60,9 +60,14 @@ enum Command {
         #[arg(long, default_value = "small")]
         config: String,
     },
-    /// Describe a checkpoint, and the token grid it gives for a latent size.
+    /// Describe a checkpoint (or a preset or config file: --config), and the token grid
+    /// and cost it gives for a latent size.
     Info {
-        checkpoint: PathBuf,
+        #[arg(required_unless_present = "config", conflicts_with = "config")]
+        checkpoint: Option<PathBuf>,
+        /// A preset (e.g. repa-1024 for a 1024-wide teacher) or JSON config instead of a checkpoint.
+        #[arg(long)]
+        config: Option<String>,
         /// Latent size HxW to report the token grid and cost for.
         #[arg(long)]
         latent: Option<String>,
@@ -89,7 +94,7 @@ struct TrainCli {
     data: Vec<PathBuf>,
     #[arg(long)]
     out: PathBuf,
-    /// Preset (default, repa, flux, repa-flux, small, tiny) or a JSON config file.
+    /// Preset (default, repa, flux, repa-flux, repa-384/1024/1152/1280/1536, small, tiny) or a JSON config file.
     #[arg(long, default_value = "default")]
     config: String,
     #[arg(long, default_value_t = 10)]
@@ -246,26 +251,8 @@ fn eval(c: EvalCli) -> Result<()> {
 
 fn info(path: &Path, latent: Option<&str>) -> Result<()> {
     let ckpt = checkpoint::load(path, None, None)?;
-    let c = &ckpt.config;
     println!("{}", path.display());
-    println!("  config: {}", c.to_json());
-    let (h, w) = match latent {
-        Some(s) => parse_size(s)?,
-        None => (c.latent_size, c.latent_size),
-    };
-    let (gh, gw) = c.token_grid(h as i64, w as i64)?;
-    println!(
-        "  {:.2}M parameters in {} tensors",
-        dino_bridge::model::param_count(c)? as f64 / 1e6,
-        ckpt.weights.len()
-    );
-    println!(
-        "  {h}x{w} latents -> {gh}x{gw} tokens ({} per sample; stored grid {}x{}), {:.2} GFLOP/sample forward",
-        gh * gw,
-        c.grid,
-        c.grid,
-        c.forward_flops_at(h, w) as f64 / 1e9
-    );
+    describe_config(&ckpt.config, latent)?;
     println!(
         "  optimiser state: {}",
         if ckpt.optim.is_some() { "yes" } else { "no" }
@@ -280,6 +267,39 @@ fn info(path: &Path, latent: Option<&str>) -> Result<()> {
             serde_json::to_string(&ts).expect("serialises")
         );
     }
+    Ok(())
+}
+
+/// `info` of a preset or a JSON config: what a bridge of it would be.
+fn info_of_config(spec: &str, latent: Option<&str>) -> Result<()> {
+    let config = BridgeConfig::from_preset_or_file(spec)?;
+    println!("--config {spec}");
+    describe_config(&config, latent)
+}
+
+/// The config, its parameters, and the token grid and cost at a latent size (the stored one
+/// by default).
+fn describe_config(c: &BridgeConfig, latent: Option<&str>) -> Result<()> {
+    println!("  config: {}", c.to_json());
+    let (h, w) = match latent {
+        Some(s) => parse_size(s)?,
+        None => (c.latent_size, c.latent_size),
+    };
+    let (gh, gw) = c.token_grid(h as i64, w as i64)?;
+    let specs = dino_bridge::model::param_specs(c)?;
+    println!(
+        "  {:.2}M parameters in {} tensors; target_dim {} (the teacher's width)",
+        dino_bridge::model::param_count(c)? as f64 / 1e6,
+        specs.len(),
+        c.target_dim
+    );
+    println!(
+        "  {h}x{w} latents -> {gh}x{gw} tokens ({} per sample; stored grid {}x{}), {:.2} GFLOP/sample forward",
+        gh * gw,
+        c.grid,
+        c.grid,
+        c.forward_flops_at(h, w) as f64 / 1e9
+    );
     Ok(())
 }
 
@@ -446,7 +466,17 @@ fn run(cli: Cli) -> Result<()> {
             say_if_no_fast_blas(-1);
             demo(out, n, epochs, &config)
         }
-        Command::Info { checkpoint, latent } => info(&checkpoint, latent.as_deref()),
+        Command::Info {
+            checkpoint: Some(path),
+            latent,
+            ..
+        } => info(&path, latent.as_deref()),
+        Command::Info {
+            config: Some(spec),
+            latent,
+            ..
+        } => info_of_config(&spec, latent.as_deref()),
+        Command::Info { .. } => Err(Error::invalid("info: give a checkpoint or --config")),
         Command::Convert {
             from,
             to,

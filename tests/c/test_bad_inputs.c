@@ -1,7 +1,8 @@
 /* The bad-input matrix: every C entry point against every kind of bad argument it can
  * get. Each row names the status it must return and the words its message must contain
- * ("a|b": both); after every row no output buffer was written, and the handle gives
- * bit-identical output and the same step count (nothing half-applied). A few rows are
+ * ("a|b": both); after every row no output buffer was written, and the handle holds
+ * bit-identical weights and the same step count (nothing half-applied; every 25th row a
+ * forward also gives the same bits). A few rows are
  * calls that must be accepted (ACCEPTED: an ABI 1 BridgeParams; DLPack descriptors with
  * free strides, compact strides, a byte offset, pinned-host memory, a 0-d loss). Built
  * and run by tests/it/c_api.rs, also under valgrind.
@@ -995,6 +996,10 @@ int main(int argc, char **argv) {
     float *baseline = malloc(TOK * sizeof(float)), *now = malloc(TOK * sizeof(float));
     if (bridge_forward(c->h, c->lat, baseline, B, S, S, BRIDGE_DTYPE_F32) != BRIDGE_OK) return 1;
     c->baseline = baseline;
+    /* After every row the handle holds the weights it had, bit for bit (the flat vector,
+     * ABI 5), and every 25th row (and the last) a forward gives the same bits again. */
+    float *weights_now = malloc((size_t)c->n_params * sizeof(float));
+    DLTensor d_weights_now = host_f32(weights_now, 1, c->sh_flat);
     int n = (int)(sizeof cases / sizeof cases[0]);
     for (int i = 0; i < n; i++) {
         const Case *k = &cases[i];
@@ -1023,9 +1028,12 @@ int main(int argc, char **argv) {
         /* the handle still works, with the weights it had */
         BridgeInfo info;
         info.struct_size = sizeof info;
-        int usable = bridge_forward(c->h, c->lat, now, B, S, S, BRIDGE_DTYPE_F32) == BRIDGE_OK &&
-                     memcmp(now, baseline, TOK * sizeof(float)) == 0 &&
+        int usable = bridge_get_params_dlpack(c->h, &d_weights_now, NULL) == BRIDGE_OK &&
+                     memcmp(weights_now, c->flat, (size_t)c->n_params * sizeof(float)) == 0 &&
                      bridge_get_info(c->h, &info) == BRIDGE_OK && info.step == 0;
+        if (usable && (i % 25 == 0 || i == n - 1))
+            usable = bridge_forward(c->h, c->lat, now, B, S, S, BRIDGE_DTYPE_F32) == BRIDGE_OK &&
+                     memcmp(now, baseline, TOK * sizeof(float)) == 0;
         checks++;
         if (!ok || !usable) {
             failures++;
@@ -1041,7 +1049,7 @@ int main(int argc, char **argv) {
     bridge_destroy(c->hg);
     free(c->lat); free(c->lat_nan); free(c->lat_inf); free(c->tgt); free(c->tgt_inf);
     free(c->pred8); free(c->pred8_nan); free(c->pred8_big); free(c->out); free(c->grad8); free(c->glat);
-    free(baseline); free(now); free(c->flat); free(c->flat_nan); free(c->gflat);
+    free(baseline); free(weights_now); free(now); free(c->flat); free(c->flat_nan); free(c->gflat);
     if (failures) {
         fprintf(stderr, "%d of %d bad-input cases failed\n", failures, n);
         return 1;

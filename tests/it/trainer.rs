@@ -519,6 +519,47 @@ fn info_and_convert() {
     assert!(out.status.success(), "{}", text(&out));
 }
 
+/// `info --config` describes a preset without a checkpoint: the teacher-width presets
+/// differ from `repa` only in the head (its width is the teacher's).
+#[test]
+fn info_describes_the_teacher_width_presets() {
+    let params = |preset: &str| -> f64 {
+        let out = run(bin().args(["info", "--config", preset, "--latent", "32x32"]));
+        let t = text(&out);
+        assert!(out.status.success() && t.contains("16x16 tokens"), "{t}");
+        t.split("M parameters")
+            .next()
+            .unwrap()
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let repa = params("repa");
+    for (preset, dim) in [
+        ("repa-384", 384.0),
+        ("repa-1024", 1024.0),
+        ("repa-1152", 1152.0),
+        ("repa-1280", 1280.0),
+        ("repa-1536", 1536.0),
+    ] {
+        // The head is Linear(768 -> dim) with a bias.
+        let want = repa + 769.0 * (dim - 768.0) / 1e6;
+        assert!(
+            (params(preset) - want).abs() < 0.011,
+            "{preset}: {} vs {want}",
+            params(preset)
+        );
+    }
+    let out = run(bin().args(["info", "--config", "repa-999"]));
+    assert!(
+        !out.status.success() && text(&out).contains("repa-1536"),
+        "{}",
+        text(&out)
+    );
+}
+
 /// Peak memory of a small training run on the REPA grid (a 0.6M-parameter body, 16x16
 /// tokens of 768: the loss's tensors are most of a step's working set), as the trainer
 /// reports it (`VmHWM`, mapped data pages included). It was 3.0 GB before the loss kept

@@ -1,16 +1,29 @@
 """Make a `bridge-train` data folder from a folder of images.
 
     python -m dino_bridge.prepare --images DIR --out DIR [--size HxW] [--grid default|repa] \
-        [--vae stabilityai/sd-vae-ft-ema | PATH] [--dino facebook/dinov2-base | PATH]
+        [--vae stabilityai/sd-vae-ft-ema | PATH] \
+        [--teacher dinov2|dinov2-reg|dinov3|siglip2] [--teacher-model ID | PATH] [--cls]
 
 Writes, for N images (sorted by path) and `--size HxW` (default 256x256):
   latents.npy  [N, C, H/8, W/8] float16: the VAE posterior mean of the HxW crop, times the
                VAE's scaling factor (recorded in meta.json), as diffusion trainers use them;
-  targets.npy  [N, gh*gw, 768] float16: DINOv2 patch tokens (final layer norm, no CLS) of the
-               same crop resized to (gh*14, gw*14) pixels, so that DINOv2's patch grid is
-               exactly the token grid (gh, gw); row-major, token t = row*gw + col;
-  meta.json    the models, the scaling factor, the geometry (image_size, latent_shape,
-               token_grid, grid, dino_input) and the image list.
+  targets.npy  [N, gh*gw, D] float16: the teacher's final patch tokens (CLS and registers
+               left out) of the same crop at (gh*patch, gw*patch) pixels, so that its patch
+               grid is exactly the token grid (gh, gw); row-major, token t = row*gw + col;
+               D is the teacher's width (the bridge's target_dim);
+  cls.npy      [N, D] float16, with --cls: the teacher's class token (SigLIP: its
+               attention-pool output);
+  meta.json    the VAE, the scaling factor, the geometry (image_size, latent_shape,
+               token_grid, grid, teacher_input), the teacher and everything needed to make
+               the same targets again (family, model, patch, registers dropped, mean and
+               std and where they came from, preprocessing, position handling), the image
+               list.
+
+Teachers (`--teacher`, see dino_bridge/teachers.py): `dinov2` (default,
+facebook/dinov2-base), `dinov2-reg`, `dinov3` (ViTs), `siglip2` (fixed-resolution
+checkpoints), from a hub id or a local `save_pretrained` folder (`--teacher-model`; `--dino`
+is its old name). Pixels and positions follow REPA: `x / 255`, normalised, resized
+bicubically without antialiasing; a DINOv2's position embedding resampled once to the grid.
 
 The token grid is the latent grid divided by 2^adapter_depth of the bridge the data is for:
 `--grid default` (the published bridge, adapter_depth 2) gives (H/32, W/32), e.g. 8x8 tokens
@@ -20,9 +33,10 @@ multiples of 32 (default) or 16 (repa). Non-square sizes make one aspect bucket 
 
 Images are resized to cover HxW (aspect kept, bicubic) and centre-cropped to exactly HxW.
 Both models run in batches with a progress bar; the arrays are written through memory maps
-as they fill, so N may exceed memory. `--vae-config` / `--dino-config` build randomly
+as they fill, so N may exceed memory. `--vae-config` / `--teacher-config` build randomly
 initialised models from JSON configs instead of loading weights (for tests; no download).
-A model that cannot be loaded ends the run with a one-line error and exit status 2.
+A model that cannot be loaded, an unknown family or a model of another family ends the run
+with a one-line error and exit status 2.
 """
 
 from __future__ import annotations
@@ -38,8 +52,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # The SD / SD3 / FLUX VAEs all downsample 8x; a VAE that does not is caught on the first batch.
 VAE_FACTOR = 8
 # adapter_depth of the bridge preset each grid is for (DESIGN.md, "Model"): tokens are the
@@ -156,28 +168,43 @@ def build_vae(spec: str | None, config: str | None, device):
     return vae.to(device).eval()
 
 
-def build_dino(spec: str | None, config: str | None, device):
-    from transformers import Dinov2Config, Dinov2Model
+def build_teacher(family: str, spec: str | None, config: str | None, device):
+    """The teacher of `family`: loaded from `spec`, or random from a JSON config."""
+    from . import teachers
 
+    if family not in teachers.FAMILIES:
+        fail(f"--teacher {family!r}: unknown family; known: {', '.join(teachers.FAMILIES)}")
+    fam = teachers.FAMILIES[family]
     if config:
-        model = from_config("DINOv2", "--dino", config, lambda c: Dinov2Model(Dinov2Config(**c)))
-    else:
-        model = load_pretrained("DINOv2", "--dino", spec, Dinov2Model.from_pretrained)
-    return model.to(device).eval()
+        import transformers
+
+        config_class = getattr(transformers, fam.model_class.replace("Model", "Config"))
+        model = from_config("teacher", "--teacher", config,
+                            lambda c: getattr(transformers, fam.model_class)(config_class(**c)))
+        return teachers.Teacher(fam, "random:" + config, model.to(device).eval(), fam.mean, fam.std,
+                                f"the published values of {family}")
+    try:
+        with held_back_library_output():
+            return teachers.load_teacher(family, spec, device)
+    except teachers.TeacherError as e:
+        message = str(e)
+        if message.startswith("cannot load"):
+            message += (f"; pass --teacher-model PATH, a local folder with its weights, or --teacher-config JSON "
+                        f"for a randomly initialised teacher")
+        fail(message)
 
 
-def geometry(size: tuple[int, int], grid: str, vae, dino) -> dict:
+def geometry(size: tuple[int, int], grid: str, vae, teacher) -> dict:
     h, w = size
     depth = ADAPTER_DEPTH[grid]
     lh, lw = h // VAE_FACTOR, w // VAE_FACTOR
     gh, gw = lh >> depth, lw >> depth
-    patch = dino.config.patch_size  # 14 for every DINOv2
     return {
         "image_size": [h, w],
         "latent_shape": [vae.config.latent_channels, lh, lw],
         "token_grid": [gh, gw],
         "grid": grid,
-        "dino_input": [gh * patch, gw * patch],
+        "teacher_input": list(teacher.input_size(gh, gw)),
     }
 
 
@@ -213,56 +240,54 @@ def prepare(args) -> dict:
     images = list_images(Path(args.images))
     device = torch.device(args.device)
     vae = build_vae(args.vae, args.vae_config, device)
-    dino = build_dino(args.dino, args.dino_config, device)
+    teacher = build_teacher(args.teacher, args.teacher_model, args.teacher_config, device)
     # Only now: a model that does not load leaves no empty folder behind.
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     scaling = float(getattr(vae.config, "scaling_factor", 0.18215))
-    geo = geometry(size, args.grid, vae, dino)
-    n, (gh, gw), dino_hw = len(images), geo["token_grid"], tuple(geo["dino_input"])
-    dim = dino.config.hidden_size
+    geo = geometry(size, args.grid, vae, teacher)
+    n, (gh, gw), dim = len(images), geo["token_grid"], teacher.width
+    teacher.fit_grid(gh, gw)
     # Written under temporary names and renamed at the end: a killed run leaves no
     # half-filled array that bridge-train would take for data.
-    lat_tmp, tgt_tmp = out / "latents.npy.partial", out / "targets.npy.partial"
-    latents = np.lib.format.open_memmap(lat_tmp, mode="w+", dtype=np.float16, shape=(n, *geo["latent_shape"]))
-    targets = np.lib.format.open_memmap(tgt_tmp, mode="w+", dtype=np.float16, shape=(n, gh * gw, dim))
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    names = ["latents", "targets"] + (["cls"] if args.cls else [])
+    shapes = {"latents": (n, *geo["latent_shape"]), "targets": (n, gh * gw, dim), "cls": (n, dim)}
+    arrays = {k: np.lib.format.open_memmap(out / f"{k}.npy.partial", mode="w+", dtype=np.float16, shape=shapes[k])
+              for k in names}
     bar = progress(n, not args.quiet)
     with torch.no_grad():
         for start in range(0, n, args.batch):
             batch = images[start : start + args.batch]
-            pixels = np.stack([np.asarray(load_crop(p, *size), dtype=np.float32) / 255.0 for p in batch])
-            x = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(device)  # [B, 3, H, W] in [0, 1]
-            z = vae.encode(x * 2.0 - 1.0).latent_dist.mean * scaling
+            pixels = np.stack([np.asarray(load_crop(p, *size), dtype=np.float32) for p in batch])
+            x = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(device)  # [B, 3, H, W] in 0..255
+            z = vae.encode(x / 127.5 - 1.0).latent_dist.mean * scaling
             if list(z.shape[1:]) != geo["latent_shape"]:
                 fail(f"the VAE gave latents {list(z.shape[1:])} for {size[0]}x{size[1]} images, expected "
                      f"{geo['latent_shape']} (this tool assumes a VAE that downsamples {VAE_FACTOR}x)")
-            small = F.interpolate(x, size=dino_hw, mode="bicubic", align_corners=False, antialias=True)
-            # Dinov2Model resizes its position embeddings itself (bicubic, in
-            # Dinov2Embeddings.interpolate_pos_encoding) whenever the patch grid differs from
-            # config.image_size / patch_size or is not square; no flag is needed. The check
-            # below is what proves it ran: a model that used its stored grid, or cropped,
-            # would give a different token count.
-            tokens = dino(pixel_values=((small.clamp(0, 1) - mean) / std)).last_hidden_state[:, 1:, :]
-            if tokens.shape[1] != gh * gw:
-                fail(f"DINOv2 gave {tokens.shape[1]} patch tokens for a {dino_hw[0]}x{dino_hw[1]} input, "
-                     f"expected {gh}x{gw} = {gh * gw}")
-            latents[start : start + len(batch)] = z.float().cpu().numpy().astype(np.float16)
-            targets[start : start + len(batch)] = tokens.float().cpu().numpy().astype(np.float16)
+            try:
+                tokens, cls = teacher.tokens(x)
+            except ValueError as e:  # TeacherError: a token count that does not fit the grid
+                fail(str(e))
+            rows = slice(start, start + len(batch))
+            arrays["latents"][rows] = z.float().cpu().numpy().astype(np.float16)
+            arrays["targets"][rows] = tokens.float().cpu().numpy().astype(np.float16)
+            if args.cls:
+                arrays["cls"][rows] = cls.float().cpu().numpy().astype(np.float16)
             bar.update(len(batch))
     bar.close()
-    latents.flush()
-    targets.flush()
-    del latents, targets
-    os.replace(lat_tmp, out / "latents.npy")
-    os.replace(tgt_tmp, out / "targets.npy")
+    for k in names:
+        arrays[k].flush()
+    del arrays
+    for k in names:
+        os.replace(out / f"{k}.npy.partial", out / f"{k}.npy")
     meta = {
         "count": n,
         "vae": args.vae_config and "random:" + args.vae_config or args.vae,
-        "dino": args.dino_config and "random:" + args.dino_config or args.dino,
         "scaling_factor": scaling,
         **geo,
+        "target_dim": dim,
+        "cls": bool(args.cls),
+        "teacher": teacher.describe(),
         "images": [str(p.relative_to(args.images)) for p in images],
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -274,9 +299,14 @@ def main(argv=None):
     ap.add_argument("--images", required=True, help="folder of images (searched recursively)")
     ap.add_argument("--out", required=True, help="data folder to write")
     ap.add_argument("--vae", default="stabilityai/sd-vae-ft-ema", help="diffusers AutoencoderKL: hub id or local path (SD or E2E-SD VAE)")
-    ap.add_argument("--dino", default="facebook/dinov2-base", help="transformers Dinov2Model: hub id or local path")
+    ap.add_argument("--teacher", default="dinov2", help="teacher family: dinov2, dinov2-reg, dinov3, siglip2")
+    ap.add_argument("--teacher-model", "--dino", dest="teacher_model", default=None,
+                    help="the teacher: hub id or local save_pretrained folder (default: facebook/dinov2-base for "
+                         "--teacher dinov2; required for the others)")
+    ap.add_argument("--cls", action="store_true", help="also write cls.npy, the teacher's class token")
     ap.add_argument("--vae-config", help="JSON config: a randomly initialised VAE instead of --vae")
-    ap.add_argument("--dino-config", help="JSON config: a randomly initialised DINOv2 instead of --dino")
+    ap.add_argument("--teacher-config", "--dino-config", dest="teacher_config",
+                    help="JSON config: a randomly initialised teacher of --teacher instead of --teacher-model")
     ap.add_argument("--size", default="256x256", help="crop size HxW in pixels (H rows, W columns); multiples of 32, or 16 with --grid repa")
     ap.add_argument("--grid", choices=sorted(ADAPTER_DEPTH), default="default",
                     help="token grid: default = latents/4 (H/32 x W/32, the published bridge), repa = latents/2 (H/16 x W/16, REPA's target)")
@@ -284,10 +314,15 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
+    if args.teacher_model is None and args.teacher_config is None:
+        if args.teacher != "dinov2":
+            fail(f"--teacher {args.teacher} needs --teacher-model (a hub id or a local folder)")
+        args.teacher_model = "facebook/dinov2-base"
     meta = prepare(args)
-    (gh, gw), (dh, dw) = meta["token_grid"], meta["dino_input"]
-    print(f"wrote {meta['count']} rows to {args.out}: latents {meta['latent_shape']}, {gh}x{gw} tokens "
-          f"(DINOv2 at {dh}x{dw}), VAE scaling factor {meta['scaling_factor']}")
+    (gh, gw), (th, tw) = meta["token_grid"], meta["teacher_input"]
+    print(f"wrote {meta['count']} rows to {args.out}: latents {meta['latent_shape']}, {gh}x{gw} tokens of "
+          f"{meta['target_dim']} ({meta['teacher']['family']} at {th}x{tw}){', cls.npy' if args.cls else ''}, "
+          f"VAE scaling factor {meta['scaling_factor']}")
 
 
 def _cuda_available() -> bool:
