@@ -48,13 +48,11 @@ impl Bridge {
     pub fn set_params(&self, flat: &Tensor) -> Result<()> {
         expect_dims("params", flat, &[self.flat_len()])?;
         let flat = flat.to_dtype(DType::F32)?;
-        // 0 * x is 0 for every finite x and NaN otherwise, so the sum is 0 exactly when
-        // all are finite. Checked before the lock is taken and any weight changes.
-        let any_bad = flat.affine(0.0, 0.0)?.sum_all()?.to_scalar::<f32>()?;
-        if any_bad != 0.0 {
+        // Checked before the lock is taken and any weight changes.
+        if let Some((i, v)) = first_non_finite(&flat)? {
             return Err(Error::new(
                 crate::error::ErrorKind::NonFinite,
-                "params holds NaN or Inf; no weight was changed",
+                format!("params[{i}] = {v}; no weight was changed"),
             ));
         }
         let parts = self.split(&flat)?;
@@ -171,10 +169,16 @@ impl Bridge {
         want_latents: bool,
         objective: impl FnOnce(&Tensor) -> Result<Tensor>,
     ) -> Result<(Tensor, FlatGrads)> {
-        let latents = Var::from_tensor(&latents.to_dtype(DType::F32)?)?;
+        // A variable only when its gradient is wanted: the backward then stops at the first
+        // convolution's weights instead of going on to its input.
+        let latents = latents.to_dtype(DType::F32)?;
+        let var = want_latents
+            .then(|| Var::from_tensor(&latents))
+            .transpose()?;
+        let input = var.as_ref().map_or(&latents, |v| v.as_tensor());
         let st = self.lock_for_masks(seed)?;
         let mut rng = Rng::new(seed);
-        let pred = self.run(&st, true, latents.as_tensor(), Some(&mut rng))?;
+        let pred = self.run(&st, true, input, Some(&mut rng))?;
         let value = objective(&pred)?;
         let grads = value.backward()?;
         let params = st
@@ -182,11 +186,9 @@ impl Bridge {
             .iter()
             .map(|(name, v)| grad_of(&grads, v.as_tensor(), name))
             .collect::<Result<Vec<_>>>()?;
-        let latents = if want_latents {
-            Some(grad_of(&grads, latents.as_tensor(), "the latents")?)
-        } else {
-            None
-        };
+        let latents = var
+            .map(|v| grad_of(&grads, v.as_tensor(), "the latents"))
+            .transpose()?;
         Ok((
             value.detach(),
             FlatGrads {
@@ -235,4 +237,18 @@ impl std::ops::Deref for Locked<'_> {
             Locked::Write(w) => w,
         }
     }
+}
+
+/// The index and value of `flat`'s first NaN or Inf, if any. One reduction on the usual
+/// path (0 * x is 0 for every finite x and NaN otherwise, so the sum is 0 exactly when all
+/// are finite); the values are read back only to name the bad one.
+fn first_non_finite(flat: &Tensor) -> Result<Option<(usize, f32)>> {
+    if flat.affine(0.0, 0.0)?.sum_all()?.to_scalar::<f32>()? == 0.0 {
+        return Ok(None);
+    }
+    let values = flat.flatten_all()?.to_vec1::<f32>()?;
+    Ok(values
+        .iter()
+        .position(|v| !v.is_finite())
+        .map(|i| (i, values[i])))
 }

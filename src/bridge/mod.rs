@@ -405,12 +405,7 @@ impl Bridge {
     }
     /// Parameters (elements of all weight tensors).
     pub fn param_count(&self) -> u64 {
-        self.state
-            .read()
-            .params
-            .iter()
-            .map(|(_, v)| v.elem_count() as u64)
-            .sum()
+        self.flat_len() as u64
     }
     pub fn step(&self) -> i64 {
         self.read().train.step

@@ -6,6 +6,7 @@
 
 use super::dlpack::{self, DLTensor};
 use super::guard::lookup;
+use super::io::Io;
 use super::types::BridgeHandle;
 use super::view::{BufDtype, View, positive_batch};
 use crate::bridge::Bridge;
@@ -81,6 +82,25 @@ pub unsafe fn tensor(t: *const DLTensor, name: &'static str, bridge: &Bridge) ->
 pub unsafe fn loss_tensor(t: *const DLTensor, bridge: &Bridge) -> Result<View> {
     // SAFETY: forwarded contract.
     unsafe { dlpack::view(t, "loss", bridge, true) }
+}
+
+/// A call on the flat parameter vector `flat` alone (`bridge_get/set_params_dlpack`):
+/// the bridge, the view and the caller's stream, handed to `op`.
+///
+/// # Safety
+/// As `dlpack::view`, and `op`'s contract for a checked view.
+pub unsafe fn flat_call(
+    handle: *const BridgeHandle,
+    flat: *const DLTensor,
+    stream: *mut c_void,
+    op: unsafe fn(&Bridge, &View, Io) -> Result<()>,
+) -> Result<()> {
+    let bridge = lookup(handle)?;
+    // SAFETY: forwarded contract.
+    let v = unsafe { tensor(flat, "params", &bridge)? };
+    let io = Io::for_bridge(&bridge, stream)?;
+    // SAFETY: a checked view, per the contract.
+    unsafe { op(&bridge, &v, io) }
 }
 
 /// An optional tensor: `None` for NULL, else as `tensor`.

@@ -21,8 +21,8 @@ pub mod view;
 use crate::bridge::Bridge;
 use crate::error::Error;
 use call::{
-    Buffers, PointerCall, align_shape, check_loss, loss_tensor, one_element, optional_tensor,
-    tensor,
+    Buffers, PointerCall, align_shape, check_loss, flat_call, loss_tensor, one_element,
+    optional_tensor, tensor,
 };
 use dlpack::DLTensor;
 use guard::{ffi_call, lookup, struct_size, write_versioned};
@@ -644,12 +644,8 @@ pub unsafe extern "C" fn bridge_get_params_dlpack(
     stream: *mut c_void,
 ) -> i32 {
     ffi_call("bridge_get_params_dlpack", || {
-        let bridge = lookup(handle)?;
-        // SAFETY: a descriptor per the contract above.
-        let v = unsafe { tensor(flat, "params", &bridge)? };
-        let io = Io::for_bridge(&bridge, stream)?;
-        // SAFETY: a checked view.
-        unsafe { ops::get_params(&bridge, &v, io) }
+        // SAFETY: the contract above.
+        unsafe { flat_call(handle, flat, stream, ops::get_params) }
     })
 }
 
@@ -669,12 +665,8 @@ pub unsafe extern "C" fn bridge_set_params_dlpack(
     stream: *mut c_void,
 ) -> i32 {
     ffi_call("bridge_set_params_dlpack", || {
-        let bridge = lookup(handle)?;
-        // SAFETY: a descriptor per the contract above.
-        let v = unsafe { tensor(flat, "params", &bridge)? };
-        let io = Io::for_bridge(&bridge, stream)?;
-        // SAFETY: a checked view.
-        unsafe { ops::set_params(&bridge, &v, io) }
+        // SAFETY: the contract above.
+        unsafe { flat_call(handle, flat, stream, ops::set_params) }
     })
 }
 

@@ -116,8 +116,8 @@ pub unsafe fn get_params(bridge: &Bridge, flat: &View, io: Io) -> Result<()> {
 /// As `forward`.
 pub unsafe fn set_params(bridge: &Bridge, flat: &View, io: Io) -> Result<()> {
     check_flat(bridge, flat)?;
-    // SAFETY: the views' contract.
-    let params = unsafe { io.read(flat, true)? };
+    // SAFETY: the views' contract. (`Bridge::set_params` checks the values, on any device.)
+    let params = unsafe { io.read(flat, false)? };
     bridge.set_params(&params)?;
     io.finish()
 }
@@ -136,11 +136,7 @@ pub unsafe fn loss_grads(
     seed: u64,
     io: Io,
 ) -> Result<()> {
-    check_flat(bridge, grad_params)?;
-    io.check_output(grad_params)?;
-    if let Some(g) = grad_latents {
-        io.check_output(g)?;
-    }
+    check_grad_outputs(bridge, &io, grad_params, grad_latents)?;
     io.check_output(loss)?;
     // SAFETY: the views' contract. (A non-finite input makes a non-finite loss: no error.)
     let (x, t) = unsafe { (io.read(latents, false)?, io.read(targets, false)?) };
@@ -186,11 +182,7 @@ pub unsafe fn vjp(
     seed: u64,
     io: Io,
 ) -> Result<()> {
-    check_flat(bridge, grad_params)?;
-    io.check_output(grad_params)?;
-    if let Some(g) = grad_latents {
-        io.check_output(g)?;
-    }
+    check_grad_outputs(bridge, &io, grad_params, grad_latents)?;
     // SAFETY: the views' contract.
     let (x, g) = unsafe { (io.read(latents, true)?, io.read(grad_out, true)?) };
     let grads = bridge.vjp_at(shape, &x, &g, seed, grad_latents.is_some())?;
@@ -222,6 +214,18 @@ fn check_flat(bridge: &Bridge, v: &View) -> Result<()> {
         )));
     }
     v.expect_shape(&[bridge.flat_len()])
+}
+
+/// The gradient outputs of `loss_grads` and `vjp`, checked before any work.
+fn check_grad_outputs(
+    bridge: &Bridge,
+    io: &Io,
+    grad_params: &View,
+    grad_latents: Option<&View>,
+) -> Result<()> {
+    check_flat(bridge, grad_params)?;
+    io.check_output(grad_params)?;
+    grad_latents.map_or(Ok(()), |g| io.check_output(g))
 }
 
 /// Writes flat gradients: the parameters', and the latents' where asked for.

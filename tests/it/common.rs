@@ -83,3 +83,20 @@ pub fn tmp_dir(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// The fixtures' tiny config with `dropout`.
+pub fn tiny_config(dropout: f32) -> dino_bridge::BridgeConfig {
+    let text = std::fs::read_to_string(fixtures().join("config.json")).unwrap();
+    dino_bridge::BridgeConfig {
+        dropout,
+        ..dino_bridge::BridgeConfig::from_json(&text).unwrap()
+    }
+}
+
+/// Standard normal values of `shape` from `Rng::new(seed)`, on the CPU.
+pub fn random(shape: &[usize], seed: u64) -> Tensor {
+    let mut rng = dino_bridge::rng::Rng::new(seed);
+    let n = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}

@@ -7,8 +7,7 @@ use crate::common;
 
 use candle_core::{Device, Tensor};
 use common::*;
-use dino_bridge::rng::Rng;
-use dino_bridge::{Bridge, BridgeConfig, BridgeOptions, ErrorKind, OptimConfig};
+use dino_bridge::{Bridge, BridgeOptions, ErrorKind, OptimConfig};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -18,13 +17,6 @@ fn fixture_bridge() -> Bridge {
         &BridgeOptions::default(),
     )
     .unwrap()
-}
-
-fn random(shape: &[usize], seed: u64) -> Tensor {
-    let mut rng = Rng::new(seed);
-    let n = shape.iter().product();
-    let v: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
 /// Each tensor of the flat gradient `flat` against the reference's tensor of that name,
@@ -157,12 +149,8 @@ fn bad_vectors_are_refused_and_change_nothing() {
 }
 
 fn tiny_options(dropout: f32) -> BridgeOptions {
-    let text = std::fs::read_to_string(fixtures().join("config.json")).unwrap();
     BridgeOptions {
-        config: BridgeConfig {
-            dropout,
-            ..BridgeConfig::from_json(&text).unwrap()
-        },
+        config: tiny_config(dropout),
         optim: OptimConfig {
             lr: 1e-3,
             warmup_steps: 2,

@@ -5,27 +5,7 @@ use crate::common;
 
 use candle_core::{Device, Tensor};
 use common::*;
-use dino_bridge::rng::Rng;
 use dino_bridge::{Bridge, BridgeConfig, BridgeOptions, OptimConfig};
-
-fn tiny_config(dropout: f32) -> BridgeConfig {
-    let text = std::fs::read_to_string(fixtures().join("config.json")).unwrap();
-    BridgeConfig {
-        dropout,
-        ..BridgeConfig::from_json(&text).unwrap()
-    }
-}
-
-fn random(shape: &[usize], seed: u64) -> Tensor {
-    let mut rng = Rng::new(seed);
-    let n = shape.iter().product();
-    Tensor::from_vec(
-        (0..n).map(|_| rng.normal()).collect::<Vec<f32>>(),
-        shape,
-        &Device::Cpu,
-    )
-    .unwrap()
-}
 
 fn batch(cfg: &BridgeConfig, b: usize, seed: u64) -> (Tensor, Tensor) {
     (

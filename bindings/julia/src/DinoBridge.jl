@@ -541,7 +541,8 @@ function param_info(b::Bridge)
     out
 end
 
-flat_tensor(x::Vector{Float32}, shape::Vector{Int64}) = dltensor(x, shape)
+"""A descriptor that may be NULL: a pointer to `r`, or NULL for `nothing`."""
+ptr_or_null(r) = r === nothing ? Ptr{DLTensor}(C_NULL) : Base.unsafe_convert(Ptr{DLTensor}, r)
 
 """The weights as the flat vector."""
 function get_params(b::Bridge)
@@ -549,7 +550,7 @@ function get_params(b::Bridge)
     fs = Int64[length(flat)]
     GC.@preserve flat fs begin
         check(ccall((:bridge_get_params_dlpack, library_path()), Int32, (Ptr{Cvoid}, Ref{DLTensor}, Ptr{Cvoid}),
-            handle(b), flat_tensor(flat, fs), C_NULL))
+            handle(b), dltensor(flat, fs), C_NULL))
     end
     flat
 end
@@ -559,7 +560,7 @@ function set_params!(b::Bridge, flat::Vector{Float32})
     fs = Int64[length(flat)]
     GC.@preserve flat fs begin
         check(ccall((:bridge_set_params_dlpack, library_path()), Int32, (Ptr{Cvoid}, Ref{DLTensor}, Ptr{Cvoid}),
-            handle(b), flat_tensor(flat, fs), C_NULL))
+            handle(b), dltensor(flat, fs), C_NULL))
     end
     nothing
 end
@@ -580,8 +581,8 @@ function loss_grads(b::Bridge, latents::Array{Float32,4}, targets::Array{Float32
         GC.@preserve glt begin
             check(ccall((:bridge_loss_grads_dlpack, library_path()), Int32,
                 (Ptr{Cvoid}, Ref{DLTensor}, Ref{DLTensor}, Ref{DLTensor}, Ptr{DLTensor}, Ref{DLTensor}, UInt64, Ptr{Cvoid}),
-                handle(b), dltensor(latents, ls), dltensor(targets, ts), flat_tensor(grad, gs),
-                glt === nothing ? Ptr{DLTensor}(C_NULL) : Base.unsafe_convert(Ptr{DLTensor}, glt),
+                handle(b), dltensor(latents, ls), dltensor(targets, ts), dltensor(grad, gs),
+                ptr_or_null(glt),
                 dltensor(loss, ss), UInt64(seed), C_NULL))
         end
     end
@@ -614,8 +615,8 @@ function vjp(b::Bridge, latents::Array{Float32,4}, grad_out::Array{Float32,3}; s
         GC.@preserve glt begin
             check(ccall((:bridge_vjp_dlpack, library_path()), Int32,
                 (Ptr{Cvoid}, Ref{DLTensor}, Ref{DLTensor}, Ref{DLTensor}, Ptr{DLTensor}, UInt64, Ptr{Cvoid}),
-                handle(b), dltensor(latents, ls), dltensor(grad_out, os), flat_tensor(grad, gs),
-                glt === nothing ? Ptr{DLTensor}(C_NULL) : Base.unsafe_convert(Ptr{DLTensor}, glt),
+                handle(b), dltensor(latents, ls), dltensor(grad_out, os), dltensor(grad, gs),
+                ptr_or_null(glt),
                 UInt64(seed), C_NULL))
         end
     end
@@ -630,7 +631,7 @@ function apply_grads!(b::Bridge, grad::Vector{Float32})
     GC.@preserve grad gs begin
         check(ccall((:bridge_apply_grads_dlpack, library_path()), Int32,
             (Ptr{Cvoid}, Ref{DLTensor}, Ref{BridgeStepStats}, Ptr{Cvoid}),
-            handle(b), flat_tensor(grad, gs), stats, C_NULL))
+            handle(b), dltensor(grad, gs), stats, C_NULL))
     end
     stats
 end

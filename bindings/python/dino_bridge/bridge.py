@@ -793,10 +793,10 @@ class Bridge:
     def _flat(self, call: _Call, flat, name: str, like=None, writable: bool = True):
         """A float32 `[n]` argument (an output made where the bridge lives when `flat` is
         None)."""
+        n = self._info["param_count"]  # the flat vector's length (bridge_param_count)
         if flat is None:
-            flat = self._empty_f32(call, like, (self.param_count(),))
+            flat = self._empty_f32(call, like, (n,))
         t = call.arg(flat, name, writable=writable)
-        n = self.param_count()
         if t.shape != (n,) or t.code != L.DTYPE_F32:
             raise ValueError(f"{name}: {L.DTYPE_NAMES[t.code]} {list(t.shape)}, expected float32 [{n}] (the flat "
                              f"parameter vector, param_count())")
@@ -841,12 +841,8 @@ class Bridge:
         the latents' gradient (into `grad_latents`, or made when `want_latents`; else
         None). A non-finite loss is returned as it is (no error)."""
         with self._call() as call:
-            lat = call.arg(latents, "latents")
-            tgt = call.arg(targets, "targets")
-            b, grid = self._latents(lat)
-            self._expect(tgt, "targets", self._tokens(grid), b, self._tokens_why(b, grid, "the latents' token grid"))
-            grad_params, gp = self._flat(call, grad_params, "grad_params", lat)
-            grad_latents, gl = self._latent_grad(call, lat, grad_latents, want_latents)
+            lat, tgt, (grad_params, gp), (grad_latents, gl) = self._gradient_args(
+                call, latents, targets, "targets", grad_params, grad_latents, want_latents)
             loss = _Tensor.host_scalar("loss") if loss_out is None else call.arg(loss_out, "loss_out", writable=True,
                                                                                   host_ok=True)
             if math.prod(loss.shape) != 1:
@@ -855,6 +851,17 @@ class Bridge:
                                                     gl.ref if gl is not None else None, loss.ref,
                                                     ctypes.c_uint64(seed % 2**64), call.stream_arg()))
         return (loss.value() if loss_out is None else loss_out), grad_params, grad_latents
+
+    def _gradient_args(self, call: _Call, latents, tokens, name: str, grad_params, grad_latents, want: bool):
+        """What `loss_grads` and `vjp` take: the latents, a token tensor on their grid
+        (`name`: targets or grad_out), the flat gradient output and the latents' (or
+        None), each as (array, descriptor)."""
+        lat = call.arg(latents, "latents")
+        tok = call.arg(tokens, name)
+        b, grid = self._latents(lat)
+        self._expect(tok, name, self._tokens(grid), b, self._tokens_why(b, grid, "the latents' token grid"))
+        return (lat, tok, self._flat(call, grad_params, "grad_params", lat),
+                self._latent_grad(call, lat, grad_latents, want))
 
     def _latent_grad(self, call: _Call, lat: _Tensor, grad_latents, want: bool):
         if grad_latents is None and not want:
@@ -885,12 +892,8 @@ class Bridge:
         `grad_out` `[B, h*w, target_dim]`: `(grad_params, grad_latents)` as in
         `loss_grads`."""
         with self._call() as call:
-            lat = call.arg(latents, "latents")
-            g = call.arg(grad_out, "grad_out")
-            b, grid = self._latents(lat)
-            self._expect(g, "grad_out", self._tokens(grid), b, self._tokens_why(b, grid, "the latents' token grid"))
-            grad_params, gp = self._flat(call, grad_params, "grad_params", lat)
-            grad_latents, gl = self._latent_grad(call, lat, grad_latents, want_latents)
+            lat, g, (grad_params, gp), (grad_latents, gl) = self._gradient_args(
+                call, latents, grad_out, "grad_out", grad_params, grad_latents, want_latents)
             _check(L.lib().bridge_vjp_dlpack(self._handle(), lat.ref, g.ref, gp.ref, gl.ref if gl is not None else None,
                                              ctypes.c_uint64(seed % 2**64), call.stream_arg()))
         return grad_params, grad_latents

@@ -289,12 +289,12 @@ def _module(key: int) -> "BridgeModule":
     return m
 
 
-def _grads_of_params(grad: torch.Tensor, params: List[torch.Tensor]) -> List[torch.Tensor]:
+def _grads_of_params(grad: torch.Tensor, shapes: List[torch.Size]) -> List[torch.Tensor]:
     """The flat gradient cut into the parameters' shapes (views of it, in order)."""
     out, offset = [], 0
-    for p in params:
-        n = p.numel()
-        out.append(grad[offset:offset + n].view(p.shape))
+    for shape in shapes:
+        n = math.prod(shape)
+        out.append(grad[offset:offset + n].view(shape))
         offset += n
     return out
 
@@ -336,7 +336,7 @@ def _train_loss_context(ctx, inputs, output):
 def _train_loss_backward(ctx, grad_loss, _g, _gl):
     grad, grad_latents = ctx.saved_tensors
     g = grad * grad_loss.to(grad.dtype)
-    params = _grads_of_params(g, [torch.empty(s, device="meta") for s in ctx.shapes])
+    params = _grads_of_params(g, ctx.shapes)
     gl = (grad_latents * grad_loss).to(ctx.latents_dtype) if ctx.want_latents else None
     return params, gl, None, None, None, None
 
@@ -402,7 +402,7 @@ def _train_tokens_backward(ctx, grad_out, _used):
     grad, grad_latents = torch.ops.dino_bridge.train_vjp(params, latents, grad_out, ctx.module, used,
                                                          ctx.latents_grad)
     gl = grad_latents.to(latents.dtype) if ctx.latents_grad else None
-    return _grads_of_params(grad, params), gl, None, None
+    return _grads_of_params(grad, [p.shape for p in params]), gl, None, None
 
 
 train_tokens.register_autograd(_train_tokens_backward, setup_context=_train_tokens_context)
@@ -659,11 +659,11 @@ class BridgeModule(torch.nn.Module):
 
         meta, tensors = checkpoint.read(path, prefix="optim.")
         step = int(json.loads(meta.get("train_state", "{}")).get("step", 0))
+        fused = any(g.get("fused") for g in optimizer.param_groups)  # its step lives on the device
         for name, p in self.named_parameters():
             m, v = tensors.get(f"optim.m.{name}"), tensors.get(f"optim.v.{name}")
             if m is None or v is None:
                 raise ValueError(f"{path} has no optimiser moments for {name}: not a training checkpoint")
-            fused = any(g.get("fused") for g in optimizer.param_groups)
             optimizer.state[p] = {
                 "step": torch.tensor(float(step), device=p.device if fused else "cpu"),
                 "exp_avg": torch.from_numpy(m).to(p.device),

@@ -59,20 +59,27 @@ def _worker(rank, init_file, ckpt, out_dir):
         dist.destroy_process_group()
 
 
-def test_ddp_gradients_over_two_ranks_equal_one_process_on_the_whole_batch(tmp_path, monkeypatch):
-    ckpt = tmp_path / "tiny.safetensors"
-    with tiny_bridge(seed=11) as b:
-        b.save(ckpt)
+def run_ranks(monkeypatch, worker, world: int, args: tuple) -> None:
+    """`worker(rank, *args)` in `world` processes, talking over loopback; fails the test
+    when they have not all finished in TIMEOUT_S (a rank that died takes the others down
+    with mp.spawn's error)."""
     if "GLOO_SOCKET_IFNAME" not in os.environ:  # the ranks talk over loopback only
         monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
     start = time.monotonic()
-    ctx = mp.spawn(_worker, args=(str(tmp_path / "store"), str(ckpt), str(tmp_path)), nprocs=WORLD, join=False)
+    ctx = mp.spawn(worker, args=args, nprocs=world, join=False)
     while not ctx.join(timeout=1):
         if time.monotonic() - start > TIMEOUT_S:
             for p in ctx.processes:
                 if p.is_alive():
                     p.terminate()
             pytest.fail(f"the DDP ranks did not finish in {TIMEOUT_S} s")
+
+
+def test_ddp_gradients_over_two_ranks_equal_one_process_on_the_whole_batch(tmp_path, monkeypatch):
+    ckpt = tmp_path / "tiny.safetensors"
+    with tiny_bridge(seed=11) as b:
+        b.save(ckpt)
+    run_ranks(monkeypatch, _worker, WORLD, (str(tmp_path / "store"), str(ckpt), str(tmp_path)))
 
     hidden, latents = data()
     proj = projector()
@@ -144,17 +151,7 @@ def test_ddp_trains_a_bridge_module_as_one_process_on_the_whole_batch(world, tmp
     ckpt = tmp_path / "tiny.safetensors"
     with tiny_bridge(seed=11) as b:  # dropout 0: the ranks' masks cannot differ
         b.save(ckpt)
-    if "GLOO_SOCKET_IFNAME" not in os.environ:
-        monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    start = time.monotonic()
-    ctx = mp.spawn(_module_worker, args=(world, str(tmp_path / "store"), str(ckpt), str(tmp_path)), nprocs=world,
-                   join=False)
-    while not ctx.join(timeout=1):
-        if time.monotonic() - start > TIMEOUT_S:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-            pytest.fail(f"the DDP ranks did not finish in {TIMEOUT_S} s")
+    run_ranks(monkeypatch, _module_worker, world, (world, str(tmp_path / "store"), str(ckpt), str(tmp_path)))
     whole = BridgeModule(Bridge(ckpt, **MODULE_OPTIM))
     before = {n: p.detach().clone() for n, p in whole.named_parameters()}
     train_module(whole, module_batches())
